@@ -1,0 +1,67 @@
+"""`LayerEntry`: one tar member of a layer, as the tar scan yields it and the ext4 engine applies it.
+
+This is the contract between `obdconv.oci.tarscan` (producer), `obdconv.ext4` (consumer) and the
+pipeline (which moves entry lists between workers, so they must serialise compactly).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class EntryType(enum.Enum):
+    FILE = "f"
+    DIR = "d"
+    SYMLINK = "l"
+    HARDLINK = "h"  # `link_target` is the cleaned path of the link's target (this layer or lower)
+    CHAR = "c"
+    BLOCK = "b"
+    FIFO = "p"
+    WHITEOUT = "w"  # `.wh.NAME`: `path` is the path to delete (recursively)
+    OPAQUE = "o"  # `.wh..wh..opq`: `path` is the directory whose lower children are hidden
+
+
+@dataclass(slots=True)
+class LayerEntry:
+    """One entry, in tar order.
+
+    path: lexically cleaned, relative to the root, no leading "/", never empty, never escaping.
+    mode: permission bits incl. setuid/setgid/sticky (`& 0o7777`); the type is in `type`.
+    mtime_ns: nanoseconds since the epoch; may be negative or beyond 2038 (PAX sub-second times kept).
+    size: regular files only (bytes of content).
+    link_target: symlink target as stored (not cleaned), or hardlink target path (cleaned).
+    xattrs: (name, value) in tar order, from PAX `SCHILY.xattr.*`.
+    tar_offset: byte offset of a regular file's content in the *uncompressed* tar stream (turboOCI).
+    data_offset: byte offset of a regular file's content in the layer's data area (native);
+        4 KiB aligned; -1 when the file has no bytes there (empty file).
+    """
+
+    path: str
+    type: EntryType
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    link_target: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: list[tuple[str, bytes]] = field(default_factory=list)
+    tar_offset: int = -1
+    data_offset: int = -1
+
+    def to_list(self) -> list:
+        """Compact JSON/msgpack-able form (positional), for moving entry lists through the broker."""
+        return [
+            self.path, self.type.value, self.mode, self.uid, self.gid, self.mtime_ns, self.size,
+            self.link_target, self.devmajor, self.devminor,
+            [[k, v.hex()] for k, v in self.xattrs], self.tar_offset, self.data_offset,
+        ]
+
+    @classmethod
+    def from_list(cls, row: list) -> LayerEntry:
+        return cls(
+            row[0], EntryType(row[1]), row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+            [(k, bytes.fromhex(v)) for k, v in row[10]], row[11], row[12],
+        )

@@ -1,0 +1,91 @@
+"""What a conversion is asked to do, as plain data: shared by `obdconv convert`, the local runner,
+`obdconv submit` and the Celery tasks (so it must stay JSON-serialisable and free of secrets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ENGINE_VERSION = "obdconv-1"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionProfile:
+    """Everything that changes the bytes of a converted layer. Part of every dedup key, so a result
+    made one way is never reused for a request made another way."""
+
+    format: str = "native"  # "native" (overlaybd) or "turbo" (overlaybd-turboOCI)
+    fstype: str = "ext4"
+    vsize_gb: int = 64
+    mkfs: bool = True
+    algorithm: str = "lz4"  # ZFile block codec: "lz4" or "zstd"
+    block_size: int = 4096  # ZFile raw block size
+    engine_version: str = ENGINE_VERSION
+
+    def key(self) -> str:
+        """A short stable string naming this profile (for dedup rows and spool paths)."""
+        return (
+            f"{self.format}/{self.fstype}/v{self.vsize_gb}/{'mkfs' if self.mkfs else 'base'}/"
+            f"{self.algorithm}-{self.block_size // 1024}k/{self.engine_version}"
+        )
+
+
+@dataclass(slots=True)
+class RegistryAccess:
+    """How to reach registries. `credential_ref` names credentials that the *worker* resolves from
+    its own configuration; secrets themselves never travel in a request."""
+
+    plain: bool = False
+    insecure: bool = False
+    root_ca: list[str] = field(default_factory=list)
+    cert_dir: list[str] = field(default_factory=list)
+    client_cert: list[str] = field(default_factory=list)
+    credential_ref: str = ""
+
+
+@dataclass(slots=True)
+class ConversionRequest:
+    """The reference convertor's flags (spec reference-convertor.md §1), plus obdconv's extras."""
+
+    repository: str  # "host[:port]/name" or "oci:PATH"
+    input_tag: str = ""
+    input_digest: str = ""
+    overlaybd_tag: str = ""  # --overlaybd (or -o when neither output flag is given)
+    turbo_tag: str = ""  # --turboOCI / --fastoci
+    output_repository: str = ""  # obdconv extra: write somewhere else ("" = same repository)
+    oci: bool = False
+    referrer: bool = False
+    mkfs: bool = True
+    vsize_gb: int = 64
+    fstype: str = "ext4"
+    algorithm: str = "lz4"
+    block_size: int = 4096
+    disable_sparse: bool = False
+    platforms: list[str] = field(default_factory=list)
+    concurrency_limit: int = 4
+    no_upload: bool = False
+    dump_manifest: bool = False
+    reserve: bool = False
+    workdir: str = "tmp_conv"
+    db_type: str = ""
+    db_str_ref: str = ""  # a reference the worker resolves (the CLI passes the DSN locally)
+    db_required: bool = False
+    access: RegistryAccess = field(default_factory=RegistryAccess)
+
+    def profiles(self) -> list[ConversionProfile]:
+        out = []
+        if self.overlaybd_tag:
+            out.append(ConversionProfile("native", "ext4", self.vsize_gb, self.mkfs, self.algorithm, self.block_size))
+        if self.turbo_tag:
+            out.append(ConversionProfile("turbo", self.fstype, self.vsize_gb, self.mkfs, self.algorithm, self.block_size))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConversionRequest:
+        d = dict(d)
+        d["access"] = RegistryAccess(**d.get("access", {}))
+        return cls(**d)
