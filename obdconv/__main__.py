@@ -1,0 +1,3 @@
+from obdconv.cli.main import main
+
+raise SystemExit(main())

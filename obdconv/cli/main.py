@@ -1,0 +1,56 @@
+"""`obdconv` command line: one sub-command module per area, each exposing `register(subparsers)`.
+
+Every module's `register` adds its parser and sets `func` (args -> exit code). Errors derived from
+`ObdconvError` are printed as one clear line and mapped to their class's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from obdconv.errors import ObdconvError
+
+# Sub-command modules, in help order.
+COMMAND_MODULES = [
+    "obdconv.cli.convert",  # convert (the reference convertor's flags), verify
+    "obdconv.cli.inspect",  # inspect FILE
+    "obdconv.cli.db",  # db init
+    "obdconv.cli.fleet",  # submit, status, wait, worker, fleet
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="obdconv", description="Convert container images to overlaybd.")
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real import error inside the module: surface it
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ObdconvError as e:
+        print(f"obdconv: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("obdconv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
