@@ -15,7 +15,8 @@ from obdconv.errors import ObdconvError
 
 # Sub-command modules, in help order.
 COMMAND_MODULES = [
-    "obdconv.cli.convert",  # convert (the reference convertor's flags), verify
+    "obdconv.cli.convert",  # convert (the reference convertor's flags)
+    "obdconv.cli.verify",  # verify REF
     "obdconv.cli.inspect",  # inspect FILE
     "obdconv.cli.db",  # db init
     "obdconv.cli.fleet",  # submit, status, wait, worker, fleet
