@@ -1,0 +1,262 @@
+"""End-to-end conversion benchmark of a realistic multi-layer image, against a baseline of the same run.
+
+1. Builds (or reuses) the benchmark image (benchmarks/build_image.py: Debian bookworm minbase + pip
+   package layers, >= 1 GiB uncompressed, tens of thousands of files), cached in benchmarks/.cache/.
+2. Starts a local docker-registry on 127.0.0.1 (tests/services/registry.py) and pushes the image with skopeo.
+3. Baseline, on the same layer blobs: stream-decompress + sha256 + LZ4-compress in 4 KiB blocks, with the
+   same decompressor the pipeline uses, one process per layer over the same number of CPUs.
+4. Runs the pipeline's local runner (`obdconv.pipeline.runner.convert`) for native (and turbo), timing each
+   stage and the total, sampling peak RSS of this process plus all its children (psutil).
+5. Prints seconds per stage, total, baseline, ratio (target <= 1.5x) and peak RSS (target < 1 GiB).
+
+Usage: python benchmarks/bench_convert.py [--formats native,turbo] [--skip-convert] [--verify] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import build_image  # noqa: E402  (benchmarks/ is not a package)
+
+BLOCK = 4096
+READ_CHUNK = 1 << 20
+TARGET_RATIO = 1.5
+TARGET_RSS = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------- RSS
+
+
+class PeakRSS:
+    """Samples RSS of this process + all descendants every `interval` s; `.peak` in bytes."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def _decompressor(head: bytes) -> Callable[[bytes], bytes]:
+    """The pipeline's own streaming decompressor (same library, same speed) for a fair baseline."""
+    from obdconv.oci.decompress import Decompressor, sniff
+
+    d = Decompressor(sniff(head))
+    return d.feed
+
+
+def baseline_layer(path: str) -> tuple[float, int, str]:
+    """Decompress + sha256 + LZ4 in 4 KiB blocks over one layer blob. Returns (seconds, raw bytes, diff_id)."""
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    carry = b""
+    raw = 0
+    with open(path, "rb") as f:
+        first = f.read(READ_CHUNK)
+        feed = _decompressor(first)
+        chunk = first
+        while chunk:
+            out = feed(chunk)
+            if out:
+                h.update(out)
+                raw += len(out)
+                data = memoryview(carry + out) if carry else memoryview(out)
+                whole = len(data) - len(data) % BLOCK
+                for i in range(0, whole, BLOCK):
+                    lz4.block.compress(data[i:i + BLOCK], store_size=False)
+                carry = bytes(data[whole:])
+            chunk = f.read(READ_CHUNK)
+    if carry:
+        lz4.block.compress(carry, store_size=False)
+    return time.perf_counter() - t0, raw, "sha256:" + h.hexdigest()
+
+
+def run_baseline(paths: list[Path], workers: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(baseline_layer, [str(p) for p in paths]))
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "cpu_sum_s": sum(r[0] for r in results), "raw_bytes": sum(r[1] for r in results),
+            "diff_ids": [r[2] for r in results], "workers": workers}
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+@contextmanager
+def local_registry(workdir: Path) -> Iterator[Any]:
+    from tests.services.registry import start_registry
+
+    service = start_registry(workdir / "registry")
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def push_image(layout: Path, tag: str, dest: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
+                    f"docker://{dest}"], check=True)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def run_conversion(repository: str, input_tag: str, fmt: str, workdir: Path) -> dict[str, Any]:
+    """One conversion through the local runner; returns total seconds and the runner's stage timings."""
+    from obdconv.pipeline import runner
+    from obdconv.pipeline.request import ConversionRequest, RegistryAccess
+
+    out_tag = f"{input_tag}-{fmt}"
+    request = ConversionRequest(
+        repository=repository, input_tag=input_tag, oci=True,
+        overlaybd_tag=out_tag if fmt == "native" else "", turbo_tag=out_tag if fmt == "turbo" else "",
+        workdir=str(workdir / f"conv-{fmt}"), access=RegistryAccess(plain=True))
+    t0 = time.perf_counter()
+    result = runner.convert(request)
+    total = time.perf_counter() - t0
+    return {"format": fmt, "output_tag": out_tag, "total_s": total, "stages": _stage_times(result)}
+
+
+def _stage_times(result: Any) -> dict[str, float]:
+    """Stage seconds as the runner reports them (`timings`/`stage_seconds` mapping, on the result or
+    on each per-profile result); empty when the runner reports none."""
+    candidates = [result]
+    if isinstance(result, (list, tuple)):
+        candidates = list(result)
+    elif isinstance(result, dict):
+        candidates = [result, *result.values()]
+    out: dict[str, float] = {}
+    for c in candidates:
+        for attr in ("timings", "stage_seconds", "stages"):
+            t = c.get(attr) if isinstance(c, dict) else getattr(c, attr, None)
+            if isinstance(t, dict):
+                for k, v in t.items():
+                    if isinstance(v, (int, float)):
+                        out[k] = out.get(k, 0.0) + float(v)
+    return out
+
+
+def run_verify(registry_host: str, input_tag: str, fmt: str) -> dict[str, Any]:
+    from obdconv.registry.options import RegistryOptions
+    from obdconv.verify import verify_reference
+
+    t0 = time.perf_counter()
+    report = verify_reference(f"{registry_host}/bench:{input_tag}-{fmt}", f"{registry_host}/bench:{input_tag}",
+                              RegistryOptions(plain=True))
+    return {"ok": report.ok, "seconds": time.perf_counter() - t0,
+            "summary": report.format_text(max_diff_lines=20).splitlines()[:40]}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default="native,turbo", help="comma list of native, turbo")
+    ap.add_argument("--skip-convert", action="store_true", help="image + registry + baseline only")
+    ap.add_argument("--verify", action="store_true", help="also run `obdconv verify` on each result (slow)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="baseline processes")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    args = ap.parse_args()
+
+    summary = build_image.build(build_image.DEFAULT_CACHE, 1 << 30)
+    layout = Path(summary["layout"])
+    blobs = [layout / "blobs" / "sha256" / layer["digest"].split(":", 1)[1] for layer in summary["layers"]]
+    results: dict[str, Any] = {
+        "image": {k: summary[k] for k in ("rootfs_origin", "uncompressed_bytes", "compressed_bytes", "members")}
+                 | {"layers": len(blobs)}}
+    print(f"image: {len(blobs)} layers, {summary['uncompressed_bytes'] / 2**30:.2f} GiB uncompressed, "
+          f"{summary['compressed_bytes'] / 2**20:.0f} MiB gzip, {summary['members']} tar entries; "
+          f"rootfs: {summary['rootfs_origin']}")
+
+    base = run_baseline(blobs, args.workers)
+    expected = [layer["diff_id"] for layer in summary["layers"]]
+    if base["diff_ids"] != expected:
+        print("error: baseline diff_ids differ from the image's", file=sys.stderr)
+        return 1
+    results["baseline"] = base
+    print(f"baseline (decompress + sha256 + LZ4 4 KiB, {base['workers']} procs): {base['wall_s']:.2f} s wall, "
+          f"{base['cpu_sum_s']:.2f} s summed over layers, {base['raw_bytes'] / base['wall_s'] / 2**20:.0f} MiB/s")
+
+    with tempfile.TemporaryDirectory(prefix="obdconv-bench-") as tmp, local_registry(Path(tmp)) as reg:
+        push_s = push_image(layout, summary["tag"], f"{reg.host}/bench:src")
+        results["push_source_s"] = push_s
+        print(f"pushed source image to {reg.host}/bench:src in {push_s:.2f} s")
+        if args.skip_convert:
+            print("conversion skipped (--skip-convert)")
+        else:
+            results["conversions"] = []
+            for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+                with PeakRSS() as rss:
+                    conv = run_conversion(f"{reg.host}/bench", "src", fmt, Path(tmp))
+                conv["peak_rss_bytes"] = rss.peak
+                conv["ratio"] = conv["total_s"] / base["wall_s"]
+                results["conversions"].append(conv)
+                stages = ", ".join(f"{k} {v:.2f} s" for k, v in conv["stages"].items()) or "no stage timings reported"
+                verdict = "OK" if conv["ratio"] <= TARGET_RATIO and rss.peak < TARGET_RSS else "MISSES TARGET"
+                print(f"{fmt}: total {conv['total_s']:.2f} s ({stages}); ratio to baseline {conv['ratio']:.2f}x "
+                      f"(target <= {TARGET_RATIO}x); peak RSS {rss.peak / 2**20:.0f} MiB (target < 1024 MiB): {verdict}")
+                if args.verify:
+                    v = run_verify(reg.host, "src", fmt)
+                    conv["verify"] = v
+                    print(f"{fmt}: verify {'OK' if v['ok'] else 'FAILED'} in {v['seconds']:.1f} s")
+                    if not v["ok"]:
+                        print("\n".join("    " + line for line in v["summary"]))
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Fleet settings: documented defaults, overridden by an optional TOML file, overridden by the
+environment (`OBDCONV_*`). Workers, the client and the CLI all read them through `load_settings()`.
+
+| setting              | env                            | default                                   |
+|----------------------|--------------------------------|-------------------------------------------|
+| broker_url           | OBDCONV_BROKER_URL             | redis://127.0.0.1:6379/0                  |
+| result_backend       | OBDCONV_RESULT_BACKEND         | redis://127.0.0.1:6379/1                  |
+| db_type              | OBDCONV_DB_TYPE                | sqlite  ("sqlite" or "mysql"; "" = none)  |
+| db_str               | OBDCONV_DB_STR                 | /var/lib/obdconv/obdconv.sqlite           |
+| spool_dir            | OBDCONV_SPOOL_DIR              | /var/tmp/obdconv/spool                    |
+| credentials_file     | OBDCONV_CREDENTIALS_FILE       | /etc/obdconv/credentials.json (optional)  |
+| task_time_limit      | OBDCONV_TASK_TIME_LIMIT        | 7200 s (hard limit of the longest task)   |
+| lease_seconds        | OBDCONV_LEASE_SECONDS          | 30 s (broker redelivery of a dead worker) |
+| result_expires       | OBDCONV_RESULT_EXPIRES         | 86400 s                                   |
+| retry_max            | OBDCONV_RETRY_MAX              | 5 retries of a NetworkError               |
+| retry_backoff_max    | OBDCONV_RETRY_BACKOFF_MAX      | 120 s                                     |
+| worker_concurrency   | OBDCONV_WORKER_CONCURRENCY     | 0 (= number of CPUs)                      |
+| claim_timeout        | OBDCONV_CLAIM_TIMEOUT          | 600 s (dedup claim expiry)                |
+
+The file is TOML with the same names as keys (top level or under `[obdconv]`); its path comes from
+`OBDCONV_CONFIG_FILE` or the `path` argument. Secrets do not belong here: registry credentials live
+in the credentials file (see config/credentials.py), database passwords in `db_str` of the worker's
+own environment/file only.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from obdconv.errors import UsageError
+
+ENV_PREFIX = "OBDCONV_"
+CONFIG_FILE_ENV = "OBDCONV_CONFIG_FILE"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    db_type: str = "sqlite"
+    db_str: str = "/var/lib/obdconv/obdconv.sqlite"
+    spool_dir: str = "/var/tmp/obdconv/spool"
+    credentials_file: str = "/etc/obdconv/credentials.json"
+    task_time_limit: int = 7200
+    lease_seconds: int = 30
+    result_expires: int = 86400
+    retry_max: int = 5
+    retry_backoff_max: int = 120
+    worker_concurrency: int = 0
+    claim_timeout: int = 600
+
+    @property
+    def visibility_timeout(self) -> int:
+        """The broker's visibility timeout = the lease a worker renews while it holds a message
+        (workers/lease.py). A held message is never redelivered however long its task runs; a
+        message held by a dead worker is redelivered `lease_seconds` after its last renewal."""
+        return self.lease_seconds
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    if kind is int:
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise UsageError(f"setting {name}: expected an integer, got {raw!r}") from None
+    return str(raw)
+
+
+def _field_types() -> dict[str, type]:
+    # `from __future__ import annotations` makes field.type a string; map it back.
+    return {f.name: int if f.type in ("int", int) else str for f in fields(Settings)}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Defaults <- TOML file (`path` or $OBDCONV_CONFIG_FILE, if given) <- environment."""
+    env = os.environ if env is None else env
+    types = _field_types()
+    values: dict[str, Any] = {}
+    file_path = path or env.get(CONFIG_FILE_ENV)
+    if file_path:
+        try:
+            data = tomllib.loads(Path(file_path).read_text())
+        except FileNotFoundError:
+            raise UsageError(f"settings file {file_path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"settings file {file_path} is not valid TOML: {e}") from None
+        section = data.get("obdconv", data)
+        for key, raw in section.items():
+            if key not in types:
+                raise UsageError(f"settings file {file_path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw, types[key])
+    for name, kind in types.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw, kind)
+    return Settings(**values)

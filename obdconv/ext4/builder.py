@@ -1,0 +1,574 @@
+"""`Ext4Builder`: the metadata pass. mkfs once, then apply each layer's entry list with libext2fs.
+
+Per layer: open the metadata image through libext2fs's test_io manager (every written block is
+recorded), apply the entries (whiteouts, dirs, inodes, links, xattrs, modes, times), *allocate*
+regular files' blocks with ext2fs_fallocate(FORCE_INIT) without writing data, read back each live
+file's extents, close, then read the captured blocks from the image. The layer's segment is the
+captured set minus the blocks owned by files of this layer that are live at its end (a metadata
+block freed within the layer may be reused as file data; the file's bytes own it then).
+
+Failures: an entry list that is wrong in itself (bad path, type, owner, device number, symlink
+target, xattr) is rejected before anything is written, and the builder is unchanged. An error that
+depends on the filesystem (a parent that is a symlink or a file, a missing hardlink target, the
+image running out of space) is found while applying; the builder is then *unusable* (every later
+call raises) until `mkfs()` or `load_parents()` starts it again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from obdconv.entries import EntryType, LayerEntry
+from obdconv.errors import BadInputError, ObdconvError, UnsafePathError
+from obdconv.ext4 import fields
+from obdconv.ext4 import libext2fs as L
+from obdconv.ext4.capture import WriteCapture
+from obdconv.ext4.dirs import DirIndex
+from obdconv.ext4.mkfs import FAKE_TIME, data_blocks, mkfs
+from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
+
+ROOT = L.EXT2_ROOT_INO
+NO_GOAL = (1 << 64) - 1  # ~0ULL: let libext2fs pick the goal (ext2fs_find_inode_goal)
+MAX_NAME = 255
+MAX_SYMLINK = BLOCK_SIZE - 1
+# xattr namespaces the kernel's ext4 accepts from tar (as the reference: others are skipped).
+XATTR_PREFIXES = ("user.", "trusted.", "security.")
+XATTR_SYSTEM_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+# Room in one external EA block: 32-byte header, 4-byte end marker; per entry 16 bytes + padded name/value.
+XATTR_BLOCK_ROOM = BLOCK_SIZE - 32 - 4
+
+_FTYPE = {
+    EntryType.FILE: L.EXT2_FT_REG_FILE, EntryType.DIR: L.EXT2_FT_DIR, EntryType.SYMLINK: L.EXT2_FT_SYMLINK,
+    EntryType.CHAR: L.EXT2_FT_CHRDEV, EntryType.BLOCK: L.EXT2_FT_BLKDEV, EntryType.FIFO: L.EXT2_FT_FIFO,
+}
+_IFMT = {
+    EntryType.FILE: L.LINUX_S_IFREG, EntryType.DIR: L.LINUX_S_IFDIR, EntryType.SYMLINK: L.LINUX_S_IFLNK,
+    EntryType.CHAR: L.LINUX_S_IFCHR, EntryType.BLOCK: L.LINUX_S_IFBLK, EntryType.FIFO: L.LINUX_S_IFIFO,
+}
+
+
+class BlockDevice(Protocol):
+    """What `load_parents` reads: the stacked converted parents (e.g. formats.lsmt.LSMTStack)."""
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def extents(self): ...  # iterable of (offset, length) byte ranges holding data
+
+
+def encode_name(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def xattr_supported(name: str) -> bool:
+    return name.startswith(XATTR_PREFIXES) or name in XATTR_SYSTEM_NAMES
+
+
+def validate_entries(entries: Sequence[LayerEntry]) -> None:
+    """Checks that need no filesystem; raise naming the first bad entry (nothing written yet)."""
+    for i, e in enumerate(entries):
+        where = f"entry {i} {e.path!r}"
+        if not isinstance(e.type, EntryType):
+            raise UnsafePathError(f"{where}: unsupported entry type {e.type!r}")
+        if e.path == "." and e.type in (EntryType.DIR, EntryType.OPAQUE):
+            pass  # the root directory itself (the scanner reports "./" this way)
+        elif not e.path or e.path.startswith("/") or "\0" in e.path:
+            raise UnsafePathError(f"{where}: path must be relative, non-empty, without NUL")
+        for comp in e.path.split("/") if e.path != "." else ():
+            if comp in ("", ".", ".."):
+                raise UnsafePathError(f"{where}: path is not clean (component {comp!r})")
+            if len(encode_name(comp)) > MAX_NAME:
+                raise BadInputError(f"{where}: name longer than {MAX_NAME} bytes")
+        if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
+            raise BadInputError(f"{where}: uid/gid {e.uid}:{e.gid} out of the 32-bit range")
+        if not 0 <= e.mode <= 0o7777:
+            raise BadInputError(f"{where}: mode {e.mode:o} has bits outside 07777")
+        if e.type is EntryType.FILE and e.size < 0:
+            raise BadInputError(f"{where}: negative size")
+        if e.type is EntryType.SYMLINK:
+            target = encode_name(e.link_target)
+            if not target or len(target) > MAX_SYMLINK or b"\0" in target:
+                raise BadInputError(f"{where}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
+        if e.type is EntryType.HARDLINK:
+            t = e.link_target
+            if not t or t.startswith("/") or any(c in ("", ".", "..") for c in t.split("/")):
+                raise UnsafePathError(f"{where}: hardlink target {t!r} is not a clean relative path")
+            if t == e.path:
+                raise BadInputError(f"{where}: hardlink to itself")
+        if e.type in (EntryType.CHAR, EntryType.BLOCK) and not (
+            0 <= e.devmajor < 1 << 12 and 0 <= e.devminor < 1 << 20
+        ):
+            raise BadInputError(f"{where}: device {e.devmajor}:{e.devminor} out of range (12:20 bits)")
+        room = 0
+        for name, value in e.xattrs:
+            if not xattr_supported(name):
+                continue
+            if len(encode_name(name)) > MAX_NAME:
+                raise BadInputError(f"{where}: xattr name {name!r} too long")
+            room += 16 + ((len(encode_name(name)) + 3) & ~3) + ((len(value) + 3) & ~3)
+        if room > XATTR_BLOCK_ROOM:
+            raise BadInputError(f"{where}: xattrs take {room} bytes; at most one 4 KiB block fits")
+
+
+class Ext4Builder:
+    """The metadata image of one image conversion, advanced one layer per `apply`."""
+
+    def __init__(self, image_path: Path, vsize_bytes: int, fs_uuid: uuid.UUID) -> None:
+        self.image_path = Path(image_path)
+        self.vsize_bytes = vsize_bytes
+        self.fs_uuid = fs_uuid
+        self._dirs = DirIndex()
+        self._pending: set[int] = set()  # blocks written outside apply (mkfs), owed to the next segment
+        self._ready = False
+        self._broken: str | None = None
+
+    # --- starting points ---
+    def mkfs(self) -> None:
+        mkfs(self.image_path, self.vsize_bytes, self.fs_uuid)
+        self._reset()
+        self._pending = set(data_blocks(self.image_path))
+
+    def load_parents(self, device: BlockDevice) -> None:
+        """Start from already converted parents: copy the device's mapped ranges into a fresh image."""
+        vsize = getattr(device, "virtual_size", self.vsize_bytes)
+        if vsize != self.vsize_bytes:
+            raise BadInputError(f"parents' virtual size {vsize} differs from this conversion's {self.vsize_bytes}")
+        chunk = 1 << 20
+        fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, self.vsize_bytes)
+            for offset, length in device.extents():
+                end = offset + length
+                pos = offset
+                while pos < end:
+                    n = min(chunk, end - pos)
+                    data = device.pread(pos, n)
+                    if len(data) != n:
+                        raise ObdconvError(f"parent device short read at {pos}: {len(data)} of {n}")
+                    if data.count(0) != n:  # keep the image sparse where the device holds zeros
+                        os.pwrite(fd, data, pos)
+                    pos += n
+        finally:
+            os.close(fd)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._dirs.clear()
+        self._pending = set()
+        self._ready = True
+        self._broken = None
+
+    # --- one layer ---
+    def apply(self, entries: Sequence[LayerEntry]) -> LayerMetadata:
+        if self._broken:
+            raise ObdconvError(f"ext4 builder is unusable after an earlier failure: {self._broken}")
+        if not self._ready:
+            raise ObdconvError("ext4 builder: call mkfs() or load_parents() before apply()")
+        validate_entries(entries)
+        capture = WriteCapture()
+        with capture:
+            fs = L.open_fs(str(self.image_path), rw=True, io_manager="test_io_manager")
+            try:
+                L.filsys(fs).now = FAKE_TIME  # stamps s_wtime; all inode times are set explicitly
+                self._dirs.fs = fs
+                layer = _LayerApply(fs, self._dirs, entries)
+                layer.run()
+                file_extents = layer.file_extents()
+                L.check(L.lib.ext2fs_close2(fs, 0), "ext2fs_close2", str(self.image_path))
+            except BaseException as exc:
+                self._broken = f"{type(exc).__name__}: {exc}"
+                L.lib.ext2fs_free(fs)  # drop without flushing; the image is inconsistent now
+                raise
+            finally:
+                self._dirs.fs = 0
+        captured = capture.blocks | self._pending
+        self._pending = set()
+        owned = sorted((e.pblk, e.pblk + e.length) for _, exts in file_extents for e in exts)
+        segment = _subtract(sorted(captured), owned)
+        return LayerMetadata(self._read_blocks(segment), file_extents)
+
+    def _read_blocks(self, numbers: list[int]) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        with open(self.image_path, "rb") as f:
+            fd = f.fileno()
+            i = 0
+            while i < len(numbers):  # read runs of consecutive blocks with one pread each
+                j = i + 1
+                while j < len(numbers) and numbers[j] == numbers[j - 1] + 1 and j - i < 256:
+                    j += 1
+                data = os.pread(fd, (j - i) * BLOCK_SIZE, numbers[i] * BLOCK_SIZE)
+                data = data.ljust((j - i) * BLOCK_SIZE, b"\0")
+                for k in range(i, j):
+                    off = (k - i) * BLOCK_SIZE
+                    out.append((numbers[k], data[off:off + BLOCK_SIZE]))
+                i = j
+        return out
+
+
+def _subtract(blocks: list[int], ranges: list[tuple[int, int]]) -> list[int]:
+    """Sorted `blocks` minus the union of sorted half-open `ranges`."""
+    out: list[int] = []
+    r = 0
+    for b in blocks:
+        while r < len(ranges) and ranges[r][1] <= b:
+            r += 1
+        if r < len(ranges) and ranges[r][0] <= b:
+            continue
+        out.append(b)
+    return out
+
+
+class _LayerApply:
+    """Applies one entry list to an open filesystem (one instance per layer)."""
+
+    def __init__(self, fs: int, dirs: DirIndex, entries: Sequence[LayerEntry]) -> None:
+        self.fs = fs
+        self.dirs = dirs
+        self.entries = entries
+        self.live_files: dict[int, int] = {}  # inode -> index of the FILE entry that created it
+        self.dir_entries: dict[int, int] = {}  # inode -> index of the last DIR entry for it
+        self.dir_cache: dict[str, int] = {"": ROOT}  # directory path -> inode, within this layer
+        self.touched: set[str] = set()  # paths of entries applied in this layer
+        self.touched_parents: set[str] = set()  # their ancestor directories
+        self.inode = L.Ext2InodeLarge()
+        self.ino = L.ext2_ino_t()
+        self.where = ""
+
+    # --- driver ---
+    def run(self) -> None:
+        for i, e in enumerate(self.entries):
+            self.where = f"entry {i} {e.path!r}"
+            try:
+                self.apply_entry(i, e)
+            except L.Ext2fsError as exc:
+                raise BadInputError(f"{self.where}: {exc}") from exc
+        self.where = "directory times"
+        for ino, i in self.dir_entries.items():  # after all children were added
+            inode = self.read_inode(ino)
+            fields.set_times(inode, self.entries[i].mtime_ns)
+            self.write_inode(ino, inode)
+
+    def file_extents(self) -> list[tuple[int, list[Extent]]]:
+        out = []
+        for ino, index in sorted(self.live_files.items(), key=lambda kv: kv[1]):
+            out.append((index, self.extents_of(ino)))
+        return out
+
+    def apply_entry(self, i: int, e: LayerEntry) -> None:
+        if e.path == ".":  # the root directory: its metadata, or its lower content hidden
+            if e.type is EntryType.OPAQUE:
+                self.opaque(ROOT, "")
+            else:
+                self.set_metadata(ROOT, e, replace_xattrs=False)
+                self.dir_entries[ROOT] = i
+            return
+        comps = e.path.split("/")
+        name = encode_name(comps[-1])
+        if e.type is EntryType.OPAQUE:
+            d = self.resolve_dir(comps, create=True)
+            self.touched_parents.add(e.path)
+            self.opaque(d, e.path)
+            return
+        parent = self.resolve_dir(comps[:-1], create=True)
+        existing = self.dirs.names(parent).get(name)
+        if e.type is EntryType.WHITEOUT:
+            if existing:
+                self.remove(parent, name, *existing)
+            return
+        self.mark_touched(e.path)
+        if e.type is EntryType.DIR:
+            if existing and existing[1] == L.EXT2_FT_DIR:
+                ino = existing[0]
+                # Merge: the new metadata applies; xattrs are set one by one (lower ones not named
+                # again stay), as the reference untar's lsetxattr calls do.
+                self.set_metadata(ino, e, replace_xattrs=False)
+            else:
+                if existing:
+                    self.remove(parent, name, *existing)
+                ino = self.mkdir(parent, name, e.mode, e.uid, e.gid, e.mtime_ns)
+                self.set_xattrs(ino, e, replace=False)
+            self.dir_cache[e.path] = ino
+            self.dir_entries[ino] = i
+            return
+        if e.type is EntryType.HARDLINK:
+            self.hardlink(parent, name, existing, e)
+            return
+        if existing:
+            self.remove(parent, name, *existing)
+        if e.type is EntryType.FILE:
+            ino = self.create_file(parent, name, e)
+            self.live_files[ino] = i
+        elif e.type is EntryType.SYMLINK:
+            self.create_symlink(parent, name, e)
+        elif e.type in (EntryType.CHAR, EntryType.BLOCK, EntryType.FIFO):
+            self.create_special(parent, name, e)
+        else:  # pragma: no cover - validate_entries rejects other types
+            raise UnsafePathError(f"{self.where}: unsupported entry type {e.type}")
+
+    def mark_touched(self, path: str) -> None:
+        self.touched.add(path)
+        while "/" in path:
+            path = path.rsplit("/", 1)[0]
+            if path in self.touched_parents:
+                break
+            self.touched_parents.add(path)
+
+    # --- lookups ---
+    def resolve_dir(self, comps: list[str], *, create: bool) -> int:
+        """Inode of the directory at `comps` (creating missing ones 0755 0:0 time 0 if `create`)."""
+        path = "/".join(comps)
+        ino = self.dir_cache.get(path)
+        if ino is not None:
+            return ino
+        ino = ROOT
+        for depth, comp in enumerate(comps):
+            sub = "/".join(comps[: depth + 1])
+            cached = self.dir_cache.get(sub)
+            if cached is not None:
+                ino = cached
+                continue
+            hit = self.dirs.names(ino).get(encode_name(comp))
+            if hit is None:
+                if not create:
+                    raise BadInputError(f"{self.where}: {sub!r} does not exist")
+                ino = self.mkdir(ino, encode_name(comp), 0o755, 0, 0, 0)
+                self.mark_touched(sub)
+            elif hit[1] == L.EXT2_FT_SYMLINK:
+                raise UnsafePathError(f"{self.where}: parent {sub!r} is a symlink; not following it")
+            elif hit[1] != L.EXT2_FT_DIR:
+                raise BadInputError(f"{self.where}: parent {sub!r} is not a directory")
+            else:
+                ino = hit[0]
+            self.dir_cache[sub] = ino
+        return ino
+
+    # --- inode helpers ---
+    def read_inode(self, ino: int) -> L.Ext2InodeLarge:
+        inode = self.inode
+        L.check(L.lib.ext2fs_read_inode_full(self.fs, ino, ctypes.byref(inode), L.EXT2_INODE_SIZE),
+                "ext2fs_read_inode_full", self.where)
+        return inode
+
+    def write_inode(self, ino: int, inode: L.Ext2InodeLarge) -> None:
+        L.check(L.lib.ext2fs_write_inode_full(self.fs, ino, ctypes.byref(inode), L.EXT2_INODE_SIZE),
+                "ext2fs_write_inode_full", self.where)
+
+    def new_inode(self, parent: int, mode: int) -> int:
+        L.check(L.lib.ext2fs_new_inode(self.fs, parent, mode, None, ctypes.byref(self.ino)),
+                "ext2fs_new_inode", self.where)
+        return self.ino.value
+
+    def fresh_inode(self, mode: int, e: LayerEntry) -> L.Ext2InodeLarge:
+        inode = self.inode
+        ctypes.memset(ctypes.addressof(inode), 0, L.EXT2_INODE_SIZE)
+        inode.i_mode = mode
+        inode.i_links_count = 1
+        inode.i_extra_isize = L.EXT2_INODE_EXTRA_ISIZE
+        fields.set_owner(inode, e.uid, e.gid)
+        fields.set_times(inode, e.mtime_ns)
+        return inode
+
+    # --- creators ---
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> int:
+        ino = self.new_inode(parent, L.LINUX_S_IFDIR | 0o755)
+        # name=NULL: ext2fs_mkdir builds the inode, its block, "." and "..", bumps the parent's link
+        # count and the allocation stats, but does not link it (its lookup+link scan the parent).
+        L.check(L.lib.ext2fs_mkdir(self.fs, parent, ino, None), "ext2fs_mkdir", self.where)
+        self.dirs.add(parent, name, ino, L.EXT2_FT_DIR)
+        inode = self.read_inode(ino)
+        inode.i_mode = L.LINUX_S_IFDIR | mode
+        inode.i_extra_isize = L.EXT2_INODE_EXTRA_ISIZE
+        fields.set_owner(inode, uid, gid)
+        fields.set_times(inode, mtime_ns)
+        self.write_inode(ino, inode)
+        return ino
+
+    def create_file(self, parent: int, name: bytes, e: LayerEntry) -> int:
+        mode = L.LINUX_S_IFREG | e.mode
+        ino = self.new_inode(parent, mode)
+        L.lib.ext2fs_inode_alloc_stats2(self.fs, ino, 1, 0)
+        inode = self.fresh_inode(mode, e)
+        inode.i_flags = L.EXT4_EXTENTS_FL
+        # Empty extent tree root in i_block: header {magic, entries 0, max 4, depth 0}.
+        inode.i_block[0] = L.EXT3_EXT_MAGIC
+        inode.i_block[1] = 4
+        fields.set_size(inode, e.size)  # before fallocate: blocks past EOF would come out uninit
+        nblocks = (e.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        self.write_inode(ino, inode)
+        if nblocks:
+            L.check(L.lib.ext2fs_fallocate(self.fs, L.EXT2_FALLOCATE_FORCE_INIT, ino, ctypes.byref(inode),
+                                           NO_GOAL, 0, nblocks), "ext2fs_fallocate", self.where)
+            self.write_inode(ino, inode)  # fallocate wrote only the first 128 bytes
+        self.dirs.add(parent, name, ino, L.EXT2_FT_REG_FILE)
+        self.set_xattrs(ino, e, replace=False)
+        return ino
+
+    def create_symlink(self, parent: int, name: bytes, e: LayerEntry) -> None:
+        ino = self.new_inode(parent, L.LINUX_S_IFLNK | 0o777)
+        # name=NULL: no lookup/link scan; ext2fs_symlink picks fast (in i_block) or slow (one block).
+        L.check(L.lib.ext2fs_symlink(self.fs, parent, ino, None, encode_name(e.link_target)),
+                "ext2fs_symlink", self.where)
+        self.dirs.add(parent, name, ino, L.EXT2_FT_SYMLINK)
+        inode = self.read_inode(ino)
+        inode.i_extra_isize = L.EXT2_INODE_EXTRA_ISIZE
+        fields.set_owner(inode, e.uid, e.gid)
+        fields.set_times(inode, e.mtime_ns)  # the mode of a symlink stays 0777 (Linux ignores it)
+        self.write_inode(ino, inode)
+        self.set_xattrs(ino, e, replace=False)
+
+    def create_special(self, parent: int, name: bytes, e: LayerEntry) -> None:
+        mode = _IFMT[e.type] | e.mode
+        ino = self.new_inode(parent, mode)
+        L.lib.ext2fs_inode_alloc_stats2(self.fs, ino, 1, 0)
+        inode = self.fresh_inode(mode, e)
+        if e.type is not EntryType.FIFO:
+            fields.set_rdev(inode, e.devmajor, e.devminor)
+        self.write_inode(ino, inode)
+        self.dirs.add(parent, name, ino, _FTYPE[e.type])
+        self.set_xattrs(ino, e, replace=False)
+
+    def hardlink(self, parent: int, name: bytes, existing: tuple[int, int] | None, e: LayerEntry) -> None:
+        tcomps = e.link_target.split("/")
+        tdir = self.resolve_dir(tcomps[:-1], create=False)
+        target = self.dirs.names(tdir).get(encode_name(tcomps[-1]))
+        if target is None:
+            raise BadInputError(f"{self.where}: hardlink target {e.link_target!r} does not exist")
+        tino, tftype = target
+        if tftype == L.EXT2_FT_DIR:
+            raise BadInputError(f"{self.where}: hardlink target {e.link_target!r} is a directory")
+        if existing and existing[0] == tino:
+            pass  # already a name of that inode: only the metadata below applies
+        else:
+            if existing:
+                if existing[1] == L.EXT2_FT_DIR and e.link_target.startswith(e.path + "/"):
+                    raise BadInputError(f"{self.where}: hardlink target lies inside the directory it replaces")
+                self.remove(parent, name, *existing)
+            inode = self.read_inode(tino)
+            inode.i_links_count += 1
+            self.write_inode(tino, inode)
+            self.dirs.add(parent, name, tino, tftype)
+        # The link's header metadata applies to the shared inode (as containerd and the reference
+        # untar do: lchown, xattrs, utimes, chmod on the new name).
+        self.set_metadata(tino, e, replace_xattrs=False, keep_mode=tftype == L.EXT2_FT_SYMLINK)
+
+    def set_metadata(self, ino: int, e: LayerEntry, *, replace_xattrs: bool, keep_mode: bool = False) -> None:
+        inode = self.read_inode(ino)
+        if not keep_mode:
+            inode.i_mode = (inode.i_mode & L.LINUX_S_IFMT) | e.mode
+        fields.set_owner(inode, e.uid, e.gid)
+        fields.set_times(inode, e.mtime_ns)
+        self.write_inode(ino, inode)
+        self.set_xattrs(ino, e, replace=replace_xattrs)
+
+    def set_xattrs(self, ino: int, e: LayerEntry, *, replace: bool) -> None:
+        """Set the entry's xattrs (supported namespaces; `user.` only on files and dirs, as the kernel)."""
+        special = e.type not in (EntryType.FILE, EntryType.DIR)
+        if e.type is EntryType.HARDLINK:
+            special = (self.read_inode(ino).i_mode & L.LINUX_S_IFMT) != L.LINUX_S_IFREG
+        wanted = [(k, v) for k, v in e.xattrs if xattr_supported(k) and not (special and k.startswith("user."))]
+        if not wanted and not replace:
+            return
+        h = L.P()
+        L.check(L.lib.ext2fs_xattrs_open(self.fs, ino, ctypes.byref(h)), "ext2fs_xattrs_open", self.where)
+        try:
+            L.check(L.lib.ext2fs_xattrs_read(h), "ext2fs_xattrs_read", self.where)
+            if replace:
+                keep = {k for k, _ in wanted}
+                for old in _xattr_names(h):
+                    if old.decode("utf-8", "surrogateescape") not in keep:
+                        L.check(L.lib.ext2fs_xattr_remove(h, old), "ext2fs_xattr_remove", self.where)
+            for k, v in wanted:
+                L.check(L.lib.ext2fs_xattr_set(h, encode_name(k), v, len(v)), "ext2fs_xattr_set",
+                        f"{self.where}: xattr {k!r}")
+        finally:
+            L.lib.ext2fs_xattrs_close(ctypes.byref(h))
+
+    # --- removal ---
+    def remove(self, parent: int, name: bytes, ino: int, ftype: int) -> None:
+        """Unlink `name` from `parent`, recursively for directories, freeing unreferenced inodes."""
+        self.dirs.remove(parent, name, ino)
+        self.drop(ino, ftype)
+        if ftype == L.EXT2_FT_DIR:
+            inode = self.read_inode(parent)
+            if inode.i_links_count > 2:
+                inode.i_links_count -= 1
+            self.write_inode(parent, inode)
+
+    def drop(self, ino: int, ftype: int) -> None:
+        """One name of `ino` is gone (already unlinked): free it when it was the last."""
+        if ftype == L.EXT2_FT_DIR:
+            # The directory's blocks are freed whole, so its children need no unlinking one by one.
+            for child, cftype in list(self.dirs.names(ino).values()):
+                self.drop(child, cftype)
+            self.dirs.forget(ino)
+            self.dir_cache = {"": ROOT}
+            self.dir_entries.pop(ino, None)
+        inode = self.read_inode(ino)
+        if ftype != L.EXT2_FT_DIR and inode.i_links_count > 1:
+            inode.i_links_count -= 1
+            self.write_inode(ino, inode)
+            return
+        if L.lib.ext2fs_inode_has_valid_blocks2(self.fs, ctypes.byref(inode)):
+            L.check(L.lib.ext2fs_punch(self.fs, ino, ctypes.byref(inode), None, 0, NO_GOAL),
+                    "ext2fs_punch", self.where)
+        if inode.i_file_acl or inode.l_i_file_acl_high:
+            L.check(L.lib.ext2fs_free_ext_attr(self.fs, ino, ctypes.byref(inode)), "ext2fs_free_ext_attr",
+                    self.where)
+        inode.i_links_count = 0
+        inode.i_dtime = FAKE_TIME
+        self.write_inode(ino, inode)
+        L.lib.ext2fs_inode_alloc_stats2(self.fs, ino, -1, 1 if ftype == L.EXT2_FT_DIR else 0)
+        self.live_files.pop(ino, None)
+
+    def opaque(self, dir_ino: int, path: str) -> None:
+        """Hide lower children of `path`: keep what this layer put there (and the way to it)."""
+        for name, (ino, ftype) in list(self.dirs.names(dir_ino).items()):
+            base = name.decode("utf-8", "surrogateescape")
+            child = f"{path}/{base}" if path else base
+            if child in self.touched or child in self.touched_parents:
+                # Kept (this layer's), but a kept directory's own lower children are hidden too,
+                # as overlayfs shows an opaque directory: only the upper layer's content below it.
+                if ftype == L.EXT2_FT_DIR:
+                    self.opaque(ino, child)
+                continue
+            self.remove(dir_ino, name, ino, ftype)
+
+    # --- read-back ---
+    def extents_of(self, ino: int) -> list[Extent]:
+        inode = self.read_inode(ino)
+        handle = L.P()
+        L.check(L.lib.ext2fs_extent_open2(self.fs, ino, ctypes.byref(inode), ctypes.byref(handle)),
+                "ext2fs_extent_open2", f"inode {ino}")
+        out: list[Extent] = []
+        ext = L.Ext2fsExtent()
+        try:
+            op = L.EXT2_EXTENT_ROOT
+            while True:
+                rc = L.lib.ext2fs_extent_get(handle, op, ctypes.byref(ext))
+                if rc == L.EXT2_ET_EXTENT_NO_NEXT:
+                    break
+                L.check(rc, "ext2fs_extent_get", f"inode {ino}")
+                op = L.EXT2_EXTENT_NEXT_LEAF
+                if ext.e_flags & L.EXT2_EXTENT_FLAGS_LEAF and ext.e_len:
+                    if ext.e_flags & L.EXT2_EXTENT_FLAGS_UNINIT:
+                        raise ObdconvError(f"inode {ino}: fallocate left an uninitialised extent")
+                    out.append(Extent(ext.e_lblk, ext.e_pblk, ext.e_len))
+        finally:
+            L.lib.ext2fs_extent_free(handle)
+        return out
+
+
+def _xattr_names(h: int) -> list[bytes]:
+    names: list[bytes] = []
+
+    def on_attr(name: int, _value: int, _len: int, _data: int) -> int:
+        names.append(ctypes.string_at(name))
+        return 0
+
+    cb = L.XattrIterateFunc(on_attr)
+    L.check(L.lib.ext2fs_xattrs_iterate(h, cb, None), "ext2fs_xattrs_iterate")
+    return names

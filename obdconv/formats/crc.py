@@ -1,0 +1,24 @@
+"""CRC-32C in the "raw" form overlaybd uses (spec §0).
+
+overlaybd's crc32c computes the reflected Castagnoli CRC with the register initialised to `seed` and
+no pre- or post-inversion. The C-backed `crc32c` package computes the standard CRC-32C (inverted at
+both ends, continuing from a previous *finalised* value), so the raw value is derived by undoing both
+inversions: raw(d, s) = std(d, s ^ 0xFFFFFFFF) ^ 0xFFFFFFFF.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+import crc32c as _crc32c
+
+_MASK = 0xFFFFFFFF
+
+ZFILE_BLOCK_CRC_SEED = 100007  # `crc32c_salt` seed of per-block ZFile CRCs (spec §2.3)
+
+
+def raw_crc32c(data: Buffer, seed: int = 0) -> int:
+    """rawCRC32C(data, seed) of spec §0: no inversion before or after."""
+    return _crc32c.crc32c(data, (seed ^ _MASK) & _MASK) ^ _MASK

@@ -1,0 +1,206 @@
+"""Turn one layer's ext4 metadata (blocks written, file extents) into LSMT index runs.
+
+Pure functions over plain numbers, so they are easy to test: `Run` is an index entry before it
+becomes a `formats.lsmt.SegmentMapping` (all quantities in 512-byte sectors).
+
+Native: metadata blocks map to themselves (stored after the data area), every file extent maps to
+its bytes in the prepared data area. TurboOCI: metadata blocks are tag-0 data in the fs.meta file,
+file extents are tag-1 entries pointing into the uncompressed source tar.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from obdconv.entries import LayerEntry
+from obdconv.errors import ObdconvError
+from obdconv.pipeline.layout import FS_BLOCK, SECTOR, round_up
+
+SECTORS_PER_BLOCK = FS_BLOCK // SECTOR
+# The index `length` field is 14 bits (max 16383 sectors). Split there, but at a multiple of 8 so
+# every piece of a 4 KiB-aligned run stays 4 KiB aligned on the device and in the file.
+MAX_RUN_SECTORS = (16383 // SECTORS_PER_BLOCK) * SECTORS_PER_BLOCK  # 16376
+
+TAG_LOCAL = 0  # data held in this LSMT file
+TAG_TARGET = 1  # turboOCI: data held in the remote target (the uncompressed source tar)
+
+
+class ExtentLike(Protocol):
+    lblk: int
+    pblk: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Device sectors [offset, offset+length) read from file sectors [moffset, moffset+length)."""
+
+    offset: int
+    length: int
+    moffset: int
+    tag: int = TAG_LOCAL
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def mend(self) -> int:
+        return self.moffset + self.length
+
+
+class MappingError(ObdconvError):
+    """The index built for a layer is inconsistent (an internal bug, never bad input)."""
+
+
+def ordered_metadata_blocks(blocks: Iterable[tuple[int, bytes]], exclude: Sequence[Run] = ()) -> list[tuple[int, bytes]]:
+    """Metadata blocks sorted by device block number, one per block (the last write wins), minus
+    blocks covered by `exclude` (file data runs: a block that ended up holding file data was
+    reallocated after its metadata was written, so the file's bytes are its current content)."""
+    latest: dict[int, bytes] = {}
+    for pblk, data in blocks:
+        if len(data) != FS_BLOCK:
+            raise MappingError(f"metadata block {pblk} has {len(data)} bytes, expected {FS_BLOCK}")
+        latest[pblk] = data
+    starts = [r.offset for r in exclude]
+    out = []
+    for pblk in sorted(latest):
+        sector = pblk * SECTORS_PER_BLOCK
+        i = bisect.bisect_right(starts, sector) - 1
+        if i >= 0 and exclude[i].end > sector:
+            continue
+        out.append((pblk, latest[pblk]))
+    return out
+
+
+def _file_extent_pieces(size: int, extents: Iterable[ExtentLike]) -> Iterable[tuple[int, int, int]]:
+    """(device byte offset, byte offset within the file, byte length) of each extent, clipped to
+    the blocks the file's size needs (an extent never maps past the file's last block)."""
+    nblocks = -(-size // FS_BLOCK)
+    for ext in extents:
+        first = ext.lblk
+        last = min(ext.lblk + ext.length, nblocks)
+        if last <= first:
+            continue
+        yield (ext.pblk * FS_BLOCK, first * FS_BLOCK, (last - first) * FS_BLOCK)
+
+
+def native_file_runs(
+    entries: Sequence[LayerEntry],
+    file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
+    data_start: int,
+) -> list[Run]:
+    """File extents -> runs into the data area (which starts at file offset `data_start`).
+
+    The data area holds each file's bytes at `entry.data_offset`, zero padded to a whole 4 KiB
+    block, so whole blocks are mapped (the padding hides a lower layer's stale bytes)."""
+    runs = []
+    for index, extents in file_extents:
+        entry = entries[index]
+        if entry.data_offset < 0:
+            if entry.size:
+                raise MappingError(f"{entry.path}: has extents but no bytes in the data area")
+            continue
+        for dev, within, length in _file_extent_pieces(entry.size, extents):
+            runs.append(Run(dev // SECTOR, length // SECTOR, (data_start + entry.data_offset + within) // SECTOR))
+    return sorted(runs, key=lambda r: r.offset)
+
+
+def turbo_file_runs(entries: Sequence[LayerEntry], file_extents: Iterable[tuple[int, Sequence[ExtentLike]]]) -> list[Run]:
+    """File extents -> tag-1 runs into the uncompressed source tar (like turboOCI-apply's
+    RemoteData: each covers roundup512 of the bytes remaining in the file, so the unused tail of
+    the last 4 KiB block stays unmapped)."""
+    runs = []
+    for index, extents in file_extents:
+        entry = entries[index]
+        if entry.tar_offset < 0 or entry.tar_offset % SECTOR:
+            raise MappingError(f"{entry.path}: tar offset {entry.tar_offset} is not 512-aligned")
+        for dev, within, length in _file_extent_pieces(entry.size, extents):
+            covered = round_up(min(length, entry.size - within), SECTOR)
+            runs.append(Run(dev // SECTOR, covered // SECTOR, (entry.tar_offset + within) // SECTOR, TAG_TARGET))
+    return sorted(runs, key=lambda r: r.offset)
+
+
+def metadata_runs(ordered_blocks: Sequence[tuple[int, bytes]], metadata_start: int) -> list[Run]:
+    """Metadata block i (in `ordered_metadata_blocks` order) is stored at metadata_start + i*4096."""
+    return [
+        Run(pblk * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK, (metadata_start + i * FS_BLOCK) // SECTOR)
+        for i, (pblk, _) in enumerate(ordered_blocks)
+    ]
+
+
+def normalise(runs: Iterable[Run]) -> list[Run]:
+    """Sort, merge neighbours contiguous on the device and in the file (same tag), then split
+    every run at MAX_RUN_SECTORS. Overlaps are left for `verify_runs` to report."""
+    merged: list[Run] = []
+    for r in sorted(runs, key=lambda r: (r.offset, r.moffset)):
+        if r.length <= 0:
+            continue
+        if merged:
+            last = merged[-1]
+            if last.end == r.offset and last.mend == r.moffset and last.tag == r.tag:
+                merged[-1] = Run(last.offset, last.length + r.length, last.moffset, last.tag)
+                continue
+        merged.append(r)
+    out = []
+    for r in merged:
+        done = 0
+        while done < r.length:
+            n = min(MAX_RUN_SECTORS, r.length - done)
+            out.append(Run(r.offset + done, n, r.moffset + done, r.tag))
+            done += n
+    return out
+
+
+def verify_runs(runs: Sequence[Run], *, local_lo: int, local_hi: int, virtual_size: int) -> None:
+    """The reader's acceptance rules (spec §1.5): sorted, non-overlapping, lengths 1..16383,
+    inside the device, and tag-0 data inside [local_lo, local_hi) sectors of the file."""
+    device_sectors = virtual_size // SECTOR
+    prev_end = 0
+    for r in runs:
+        if not 0 < r.length <= 16383:
+            raise MappingError(f"run at sector {r.offset} has length {r.length}")
+        if r.offset < prev_end:
+            raise MappingError(f"runs overlap at device sector {r.offset} (previous ends at {prev_end})")
+        if r.end > device_sectors:
+            raise MappingError(f"run [{r.offset}, {r.end}) beyond the device ({device_sectors} sectors)")
+        if r.tag == TAG_LOCAL and not (local_lo <= r.moffset and r.mend <= local_hi):
+            raise MappingError(f"run at sector {r.offset} reads file sectors [{r.moffset}, {r.mend}) "
+                               f"outside [{local_lo}, {local_hi})")
+        prev_end = r.end
+
+
+def native_runs(
+    entries: Sequence[LayerEntry],
+    blocks: Iterable[tuple[int, bytes]],
+    file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
+    *,
+    data_start: int,
+    data_area_size: int,
+) -> tuple[list[tuple[int, bytes]], list[Run]]:
+    """Everything assemble needs for a native layer's index: the metadata blocks to store (in
+    order, right after the data area) and the normalised, verified runs."""
+    files = native_file_runs(entries, file_extents, data_start)
+    ordered = ordered_metadata_blocks(blocks, exclude=normalise(files))
+    meta = metadata_runs(ordered, data_start + data_area_size)
+    return ordered, normalise([*files, *meta])
+
+
+def turbo_runs(
+    entries: Sequence[LayerEntry],
+    blocks: Iterable[tuple[int, bytes]],
+    file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
+    *,
+    metadata_start: int,
+) -> tuple[list[tuple[int, bytes]], list[Run]]:
+    """The same for a turboOCI fs.meta: metadata blocks as tag-0 data from `metadata_start`,
+    file extents as tag-1 runs into the source tar."""
+    files = turbo_file_runs(entries, file_extents)
+    # Exclude whole 4 KiB blocks touched by file runs (their last run may cover only part of one).
+    whole = [Run(r.offset, round_up(r.length, SECTORS_PER_BLOCK), r.moffset, r.tag) for r in files]
+    ordered = ordered_metadata_blocks(blocks, exclude=normalise(whole))
+    meta = metadata_runs(ordered, metadata_start)
+    return ordered, normalise([*files, *meta])

@@ -1,0 +1,337 @@
+"""Stage 1, prepare: one streaming pass over one source layer blob (DESIGN §2).
+
+    open_blob (sha256 verified at EOF) -> sniff compression by magic -> decompress
+    -> sha256 of the tar = diff_id -> TarScanner (entries; file bytes into the data area)
+    -> native: data area compressed into ZFile blocks as it streams
+
+For turbo + gzip the `GzipIndexBuilder` is the decompressor, so `gzip.meta` is built in the same
+pass. Memory is bounded by one read chunk plus one compression batch; no layer is held whole.
+
+Output goes to a spool directory keyed by the source digest, algorithm and block size, written
+under a temporary name and renamed into place only after the blob's digest verified (a corrupt
+blob leaves nothing behind). A spool that already holds what is asked for is reused, so any
+image sharing the layer skips the download.
+
+Spool files:
+    prepared.json       the `PreparedLayer` (without `spool`)
+    entries.json.zst    [LayerEntry.to_list(), ...] (zstd-compressed JSON)
+    blocks.bin          native: the compressed ZFile blocks of the data area, each + its CRC32C
+    lengths.u32         native: little-endian u32 length of each block in blocks.bin
+    gzip.meta           turbo + gzip source: the gzip random-access index
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from obdconv.entries import LayerEntry
+from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
+from obdconv.formats.gzindex import GzipIndexBuilder
+from obdconv.formats.zfile import BlockCompressor
+from obdconv.oci.decompress import Decompressor, sniff
+from obdconv.oci.tarscan import TarScanner
+
+READ_CHUNK = 1 << 20
+SNIFF_BYTES = 512
+COMPRESS_BATCH = 1 << 20  # data-area bytes handed to the block compressor at once
+GZIP_INDEX_SPAN = 1 << 20  # the access-point spacing turboOCI-apply uses (spec §5)
+SPOOL_FORMAT = 1  # bump when the spool layout changes, so old spools are not misread
+
+ProgressFn = Callable[[int, int], None]  # (bytes read, total bytes)
+
+
+@dataclass(slots=True)
+class PreparedLayer:
+    """What prepare learned about one source layer, and where its spool is (JSON-serialisable)."""
+
+    source_digest: str
+    source_size: int
+    source_media_type: str
+    compression: str  # "gzip" | "zstd" | "none", sniffed from the bytes
+    diff_id: str  # sha256 of the uncompressed tar
+    tar_size: int
+    entry_count: int
+    native: bool  # data area blocks present
+    turbo: bool  # gzip.meta present when compression == "gzip"
+    algorithm: str
+    block_size: int
+    data_area_size: int  # padded to block_size
+    block_count: int
+    compressed_size: int  # bytes in blocks.bin
+    spool: str = ""
+    spool_format: int = SPOOL_FORMAT
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spool)
+
+    @property
+    def entries_path(self) -> Path:
+        return self.path / "entries.json.zst"
+
+    @property
+    def blocks_path(self) -> Path:
+        return self.path / "blocks.bin"
+
+    @property
+    def lengths_path(self) -> Path:
+        return self.path / "lengths.u32"
+
+    @property
+    def gzip_meta_path(self) -> Path | None:
+        return self.path / "gzip.meta" if self.turbo and self.compression == "gzip" else None
+
+    def load_entries(self) -> list[LayerEntry]:
+        return load_entries(self.entries_path)
+
+    def block_lengths(self) -> list[int]:
+        lengths = array.array("I")
+        with open(self.lengths_path, "rb") as f:
+            lengths.fromfile(f, self.block_count)
+        if sys.byteorder != "little":
+            lengths.byteswap()
+        return lengths.tolist()
+
+    def covers(self, *, native: bool, turbo: bool) -> bool:
+        return (self.native or not native) and (self.turbo or not turbo)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreparedLayer:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def save_entries(path: Path, entries: list[LayerEntry]) -> None:
+    raw = json.dumps([e.to_list() for e in entries], separators=(",", ":"), ensure_ascii=False,
+                     # tar names that are not UTF-8 arrive as surrogate escapes; keep them lossless
+                     ).encode("utf-8", "surrogateescape")
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+
+
+def load_entries(path: Path) -> list[LayerEntry]:
+    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+    return [LayerEntry.from_list(row) for row in json.loads(raw.decode("utf-8", "surrogateescape"))]
+
+
+def spool_key(source_digest: str, algorithm: str, block_size: int) -> str:
+    algo, _, hexpart = source_digest.partition(":")
+    return f"{algo}-{hexpart}.{algorithm}-{block_size}"
+
+
+def load_prepared(spool_dir: Path, source_digest: str, algorithm: str, block_size: int) -> PreparedLayer | None:
+    """The spool for this layer if a complete one exists."""
+    final = Path(spool_dir) / spool_key(source_digest, algorithm, block_size)
+    try:
+        d = json.loads((final / "prepared.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if d.get("spool_format") != SPOOL_FORMAT:
+        return None
+    prepared = PreparedLayer.from_dict(d)
+    prepared.spool = str(final)
+    return prepared
+
+
+class DataAreaBlocks:
+    """The TarScanner's data sink for native layers: compresses the data area into ZFile blocks of
+    `block_size` as it streams and appends them to `out`; remembers each block's length."""
+
+    def __init__(self, out: BinaryIO, algorithm: str, block_size: int) -> None:
+        self.out = out
+        self.block_size = block_size
+        self.compressor = BlockCompressor(algorithm=algorithm, block_size=block_size)
+        self.lengths = array.array("I")
+        self.buffer = bytearray()
+        self.raw_size = 0
+        self.compressed_size = 0
+        self.batch = max(COMPRESS_BATCH // block_size, 1) * block_size
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.buffer += data
+        if len(self.buffer) >= self.batch:
+            whole = len(self.buffer) // self.block_size * self.block_size
+            self._compress(bytes(self.buffer[:whole]))
+            del self.buffer[:whole]
+
+    def _compress(self, data: bytes) -> None:
+        for block in self.compressor.compress(data):
+            self.out.write(block)
+            self.lengths.append(len(block))
+            self.compressed_size += len(block)
+        self.raw_size += len(data)
+
+    def finish(self) -> int:
+        """Pad the area to a block_size multiple (so every block is full) and flush; returns its size."""
+        if self.buffer:
+            pad = -len(self.buffer) % self.block_size
+            self._compress(bytes(self.buffer) + bytes(pad))
+            self.buffer.clear()
+        return self.raw_size
+
+    def write_lengths(self, path: Path) -> None:
+        lengths = array.array("I", self.lengths)
+        if sys.byteorder != "little":
+            lengths.byteswap()
+        with open(path, "wb") as f:
+            lengths.tofile(f)
+
+
+def _inflater(kind: str, gzip_index: GzipIndexBuilder | None
+              ) -> tuple[Callable[[bytes], Iterable[bytes]], Callable[[], bytes]]:
+    """(feed, finish) of the decompressor for `kind`: the gzip index builder when it is making
+    gzip.meta (it inflates as it indexes), otherwise the oci module's streaming Decompressor
+    (`feed_iter` yields bounded pieces, so a highly compressible chunk cannot blow up memory)."""
+    if gzip_index is not None:
+        return (lambda chunk: (gzip_index.feed(chunk),)), (lambda: b"")
+    dec = Decompressor(kind)
+    return dec.feed_iter, dec.finish
+
+
+def prepare_layer(
+    repo: Any,
+    layer_descriptor: dict[str, Any],
+    spool_dir: str | os.PathLike[str],
+    *,
+    native: bool,
+    turbo: bool,
+    algorithm: str = "lz4",
+    block_size: int = 4096,
+    progress: ProgressFn | None = None,
+) -> PreparedLayer:
+    """Prepare one layer (or reuse its spool). Raises IntegrityError on a digest mismatch (nothing
+    is left in the spool), UnsupportedError for a zstd layer asked for turbo."""
+    digest = layer_descriptor["digest"]
+    spool_dir = Path(spool_dir)
+    existing = load_prepared(spool_dir, digest, algorithm, block_size)
+    if existing is not None:
+        if existing.covers(native=native, turbo=turbo):
+            if turbo and existing.compression == "zstd":
+                raise _turbo_zstd(digest)
+            return existing
+        native, turbo = native or existing.native, turbo or existing.turbo
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    final = spool_dir / spool_key(digest, algorithm, block_size)
+    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=spool_dir))
+    try:
+        prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
+                           block_size=block_size, progress=progress)
+        (tmp / "prepared.json").write_text(json.dumps(prepared.to_dict()))
+        _install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prepared.spool = str(final)
+    return prepared
+
+
+def _turbo_zstd(digest: str) -> UnsupportedError:
+    return UnsupportedError(f"layer {digest} is zstd-compressed: turboOCI needs gzip or uncompressed "
+                            "layers (the runtime reads file data from the original blob)")
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished spool into place; replace an older (smaller) one atomically enough:
+    readers only ever see a complete directory or none."""
+    try:
+        os.rename(tmp, final)
+        return
+    except OSError:
+        pass
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _raise_if_corrupt(blob: BinaryIO, error: Exception) -> None:
+    """A blob that does not decompress or parse may simply be corrupt: read it to the end so the
+    digest check runs, and report the IntegrityError (the real cause) instead."""
+    try:
+        while blob.read(READ_CHUNK):
+            pass
+    except IntegrityError as integrity:
+        raise integrity from error
+
+
+def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
+            block_size: int, progress: ProgressFn | None) -> PreparedLayer:
+    digest = desc["digest"]
+    total = int(desc.get("size") or 0)
+    tar_hash = hashlib.sha256()
+    source_size = 0
+    with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob:
+        head = blob.read(READ_CHUNK)
+        kind = sniff(head[:SNIFF_BYTES]) if head else "none"
+        if turbo and kind == "zstd":
+            raise _turbo_zstd(digest)
+        gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN) if turbo and kind == "gzip" else None
+        feed, flush = _inflater(kind, gzip_index)
+        sink = DataAreaBlocks(blocks_out, algorithm, block_size) if native else None
+        scanner = TarScanner(data_sink=sink)
+
+        def consume(tar_bytes: bytes) -> None:
+            if tar_bytes:
+                tar_hash.update(tar_bytes)
+                scanner.feed(tar_bytes)
+
+        chunk = head
+        try:
+            while chunk:
+                source_size += len(chunk)
+                for piece in feed(chunk):
+                    consume(piece)
+                if progress is not None:
+                    progress(source_size, total)
+                chunk = blob.read(READ_CHUNK)
+            # EOF reached: the verifying reader has checked the digest by now.
+            consume(flush())
+            entries = scanner.finish()
+        except BadInputError as e:
+            if isinstance(e, IntegrityError):
+                raise
+            _raise_if_corrupt(blob, e)
+            raise
+        data_area = sink.finish() if sink is not None else 0
+    if sink is not None:
+        if data_area != -(-scanner.data_area_size // block_size) * block_size:
+            raise BadInputError(f"layer {digest}: data area is {data_area} bytes, tar scan says "
+                                f"{scanner.data_area_size}")
+        sink.write_lengths(tmp / "lengths.u32")
+    else:
+        (tmp / "lengths.u32").write_bytes(b"")
+    if gzip_index is not None:
+        (tmp / "gzip.meta").write_bytes(gzip_index.finish(source_size))
+    save_entries(tmp / "entries.json.zst", entries)
+    return PreparedLayer(
+        source_digest=digest,
+        source_size=source_size,
+        source_media_type=desc.get("mediaType", ""),
+        compression=kind,
+        diff_id="sha256:" + tar_hash.hexdigest(),
+        tar_size=scanner.tar_size,
+        entry_count=len(entries),
+        native=native,
+        turbo=turbo,
+        algorithm=algorithm,
+        block_size=block_size,
+        data_area_size=data_area,
+        block_count=len(sink.lengths) if sink is not None else 0,
+        compressed_size=sink.compressed_size if sink is not None else 0,
+    )

@@ -1,0 +1,432 @@
+"""The local runner: `convert(request)` runs the four stages on this machine, no servers needed.
+
+    plan (resolve the image) -> prepare every distinct layer   [process pool, all at once]
+    per manifest (at most `concurrency_limit` at once):
+        metadata (all layers in order, one pool task) -> assemble each layer x format [pool]
+        -> push config + manifest per format
+    then every index per format, children before parents; only the root is tagged.
+
+`--overlaybd` and `--turboOCI` together share ONE download/prepare and ONE metadata pass per
+manifest; only assemble and push run per format. Worker processes open repositories themselves
+(by name + options), so no connection or file handle crosses a process boundary.
+
+Progress: `progress(event)` gets `ProgressEvent`s (stage, format, manifest, layer index/digest,
+bytes done/total); prepare reports bytes read while it streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from obdconv.errors import BadInputError, ObdconvError
+from obdconv.pipeline.assemble import ConvertedLayer, assemble_layer
+from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
+from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
+from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
+from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
+from obdconv.pipeline.request import ConversionProfile, ConversionRequest
+from obdconv.pipeline.validate import validate_request
+from obdconv.registry import RegistryOptions, open_repository
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.2  # seconds between byte-progress events of one layer
+
+
+# --------------------------------------------------------------------------------------------
+# results, options, progress
+
+
+@dataclass(slots=True)
+class ProgressEvent:
+    stage: str  # "plan" | "prepare" | "metadata" | "assemble" | "push" | "index" | "done"
+    layer_index: int = -1
+    layer_digest: str = ""
+    done: int = 0
+    total: int = 0
+    manifest: str = ""
+    format: str = ""
+    finished: bool = False
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass(slots=True)
+class OutputResult:
+    """One output format's image."""
+
+    format: str
+    repository: str
+    tag: str
+    root_digest: str = ""
+    root_media_type: str = ""
+    root_size: int = 0
+    manifests: dict[str, str] = field(default_factory=dict)  # source manifest digest -> converted
+    indexes: dict[str, str] = field(default_factory=dict)  # source index digest -> converted
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # source chain id -> ConvertedLayer dict
+
+
+@dataclass(slots=True)
+class ConversionResult:
+    outputs: list[OutputResult] = field(default_factory=list)
+    source_digest: str = ""
+    uploaded: bool = True
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (summed over tasks) + "total"
+
+    def output(self, fmt: str) -> OutputResult:
+        for o in self.outputs:
+            if o.format == fmt:
+                return o
+        raise KeyError(fmt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConversionResult:
+        return cls(outputs=[OutputResult(**o) for o in d["outputs"]], source_digest=d["source_digest"],
+                   uploaded=d["uploaded"], timings=d["timings"])
+
+
+@dataclass(slots=True)
+class RunnerOptions:
+    """How the local runner runs (not part of the request: nothing here changes output bytes)."""
+
+    registry: RegistryOptions | None = None  # default: from request.access
+    workers: int = 0  # process pool size; 0 = cpu count; 1 = run everything in this process
+    spool_dir: str = ""  # default <workdir>/spool
+    db_str: str = ""  # dedup DSN (the CLI's --db-str); the request only carries a reference
+    keep_spool: bool = False  # keep prepared layers made by this run (also kept with --reserve)
+
+
+# --------------------------------------------------------------------------------------------
+# pool tasks (top-level functions: they run in worker processes)
+
+_repos: dict[str, Any] = {}
+_progress_queue: Any = None
+
+
+def _init_worker(progress_queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _repo(name: str, options: RegistryOptions | None) -> Any:
+    repo = _repos.get(name)
+    if repo is None:
+        repo = _repos[name] = open_repository(name, options)
+    return repo
+
+
+def _report(event: ProgressEvent) -> None:
+    if _progress_queue is not None:
+        with contextlib.suppress(Exception):
+            _progress_queue.put(event)
+
+
+def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, Any], spool_dir: str,
+                 native: bool, turbo: bool, algorithm: str, block_size: int, index: int) -> tuple[dict[str, Any], float]:
+    start = time.monotonic()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL:
+            last[0] = now
+            _report(ProgressEvent("prepare", index, layer["digest"], done, total))
+
+    prepared = prepare_layer(_repo(source, options), layer, spool_dir, native=native, turbo=turbo,
+                             algorithm=algorithm, block_size=block_size, progress=progress)
+    _report(ProgressEvent("prepare", index, layer["digest"], prepared.source_size, prepared.source_size,
+                          finished=True))
+    return prepared.to_dict(), time.monotonic() - start
+
+
+def task_metadata(prepared: list[dict[str, Any]], vsize_gb: int, chain_ids: list[str],
+                  workdir: str) -> tuple[list[bytes], float]:
+    start = time.monotonic()
+    layers = [PreparedLayer.from_dict(p) for p in prepared]
+    metadata = build_metadata(layers, vsize_gb, chain_ids, workdir)
+    return [encode_metadata(m) for m in metadata], time.monotonic() - start
+
+
+def task_assemble(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any], chain_id: str,
+                  parent_chain_id: str, target: str, source: str, options: RegistryOptions | None,
+                  upload: bool, oci: bool) -> tuple[dict[str, Any], float]:
+    start = time.monotonic()
+    layer = assemble_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata),
+                           ConversionProfile(**profile), chain_id, parent_chain_id, _repo(target, options),
+                           upload, oci=oci, source_repo=_repo(source, options))
+    return layer.to_dict(), time.monotonic() - start
+
+
+class _InlineExecutor(Executor):
+    """Runs each task at submit time in this process (workers=1: no pool, easy debugging)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+class _Run:
+    def __init__(self, request: ConversionRequest, options: RunnerOptions, progress: ProgressFn | None) -> None:
+        self.request = request
+        self.options = options
+        self.progress = progress
+        self.profiles = validate_request(request)
+        self.registry = options.registry or RegistryOptions.from_access(request.access)
+        self.source_name = request.repository
+        self.target_name = request.output_repository or request.repository
+        self.workdir = Path(request.workdir)
+        self.spool_dir = Path(options.spool_dir) if options.spool_dir else self.workdir / "spool"
+        self.upload = not request.no_upload
+        self.oci = request.oci or request.referrer
+        self.timings: dict[str, float] = {}
+        self.timing_lock = threading.Lock()
+        self.push_lock = threading.Lock()
+        self.prepare_futures: dict[str, Future[tuple[dict[str, Any], float]]] = {}
+        self.prepared: dict[str, PreparedLayer] = {}
+        self.created_spools: list[Path] = []
+        self.native = any(p.format == "native" for p in self.profiles)
+        self.turbo = any(p.format == "turbo" for p in self.profiles)
+
+    # -- helpers
+    def emit(self, event: ProgressEvent) -> None:
+        if self.progress is not None:
+            try:
+                self.progress(event)
+            except Exception:  # a broken progress display must never fail a conversion
+                log.exception("progress callback failed")
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        with self.timing_lock:
+            self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def tag_for(self, profile: ConversionProfile) -> str:
+        return self.request.overlaybd_tag if profile.format == "native" else self.request.turbo_tag
+
+    # -- stages
+    def start_prepares(self, pool: Executor, plan: ImagePlan) -> None:
+        r = self.request
+        for i, layer in enumerate(plan.unique_layers()):
+            digest = layer["digest"]
+            if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
+                self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
+            self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
+            self.prepare_futures[digest] = pool.submit(
+                task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
+                self.native, self.turbo, r.algorithm, r.block_size, i)
+
+    def wait_prepared(self, digest: str) -> PreparedLayer:
+        result, seconds = self.prepare_futures[digest].result()
+        with self.timing_lock:
+            if digest not in self.prepared:
+                self.prepared[digest] = PreparedLayer.from_dict(result)
+                self.timings["prepare"] = self.timings.get("prepare", 0.0) + seconds
+            return self.prepared[digest]
+
+    def convert_manifest(self, pool: Executor, m: ManifestPlan, root: bool,
+                         outputs: dict[str, OutputResult]) -> dict[str, PushedManifest]:
+        prepared = [self.wait_prepared(layer["digest"]) for layer in m.layers]
+        for layer, p, diff_id in zip(m.layers, prepared, m.diff_ids, strict=True):
+            if p.diff_id != diff_id:
+                raise BadInputError(f"manifest {m.digest}: layer {layer['digest']} has diff_id {p.diff_id}, "
+                                    f"config says {diff_id}")
+        tag = m.platform.replace("/", "_") or "image"
+        workdir = self.workdir / f"{tag}-{m.digest.partition(':')[2][:16]}"
+        self.emit(ProgressEvent("metadata", manifest=m.digest, total=len(m.layers)))
+        encoded, seconds = pool.submit(task_metadata, [p.to_dict() for p in prepared], self.request.vsize_gb,
+                                       m.chain_ids, str(workdir)).result()
+        self.add_time("metadata", seconds)
+        self.emit(ProgressEvent("metadata", manifest=m.digest, done=len(m.layers), total=len(m.layers),
+                                finished=True))
+        futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]] = {}
+        for profile in self.profiles:
+            for i, p in enumerate(prepared):
+                futures[(profile.format, i)] = pool.submit(
+                    task_assemble, p.to_dict(), encoded[i], asdict(profile), m.chain_ids[i],
+                    m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
+                    self.upload, self.oci)
+        pushed: dict[str, PushedManifest] = {}
+        for profile in self.profiles:
+            layers = []
+            for i in range(len(prepared)):
+                result, seconds = futures[(profile.format, i)].result()
+                self.add_time("assemble", seconds)
+                layer = ConvertedLayer.from_dict(result)
+                layers.append(layer)
+                outputs[profile.format].layers[m.chain_ids[i]] = layer.to_dict()
+                self.emit(ProgressEvent("assemble", i, m.layers[i]["digest"], 1, 1, m.digest, profile.format,
+                                        finished=True))
+            start = time.monotonic()
+            dump_dir = self.dump_dir(profile, m) if self.request.dump_manifest else None
+            with self.push_lock:
+                pushed[profile.format] = push_manifest(
+                    self.target_repo, source_manifest=m.data.encode(), source_config=m.config.encode(),
+                    source_desc=m.descriptor, fmt=profile.format, layers=[x.descriptor() for x in layers],
+                    diff_ids=[x.diff_id for x in layers], oci=self.oci, referrer=self.request.referrer,
+                    ref=self.tag_for(profile) if root else "", upload=self.upload, dump_dir=dump_dir)
+            self.add_time("push", time.monotonic() - start)
+            outputs[profile.format].manifests[m.digest] = pushed[profile.format].digest
+            self.emit(ProgressEvent("push", manifest=m.digest, format=profile.format, finished=True))
+        with contextlib.suppress(OSError):
+            shutil.rmtree(workdir)
+        return pushed
+
+    def dump_dir(self, profile: ConversionProfile, m: ManifestPlan) -> Path:
+        platform = m.platform.replace("/", "_")
+        return self.workdir / profile.format / f"{platform}-{m.digest.partition(':')[2]}"
+
+    def run(self) -> ConversionResult:
+        started = time.monotonic()
+        request = self.request
+        self.source_repo = open_repository(self.source_name, self.registry)
+        self.target_repo = (self.source_repo if self.target_name == self.source_name
+                            else open_repository(self.target_name, self.registry))
+        _repos_in_process = {self.source_name: self.source_repo, self.target_name: self.target_repo}
+        ref = request.input_tag or request.input_digest
+        t = time.monotonic()
+        self.emit(ProgressEvent("plan"))
+        plan = resolve_image(self.source_repo, ref, request.platforms)
+        self.add_time("plan", time.monotonic() - t)
+        self.emit(ProgressEvent("plan", finished=True, total=len(plan.manifests)))
+        outputs = {p.format: OutputResult(p.format, self.target_name, self.tag_for(p)) for p in self.profiles}
+        workers = self.options.workers or os.cpu_count() or 1
+        progress_queue: Any = None
+        drain: threading.Thread | None = None
+        if workers > 1:
+            ctx = multiprocessing.get_context("forkserver")
+            progress_queue = ctx.Queue()
+            pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                 initargs=(progress_queue,))
+            drain = threading.Thread(target=self._drain_progress, args=(progress_queue,), daemon=True)
+            drain.start()
+        else:
+            _repos.update(_repos_in_process)
+            _init_worker(_DirectQueue(self))
+            pool = _InlineExecutor()
+        try:
+            self.start_prepares(pool, plan)
+            results = self.convert_manifests(pool, plan, outputs)
+            self.push_indexes(plan, results, outputs)
+        except BaseException:
+            for f in self.prepare_futures.values():
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if progress_queue is not None:
+                progress_queue.put(None)
+                if drain is not None:
+                    drain.join(5)
+            if workers <= 1:
+                _init_worker(None)
+                for name in _repos_in_process:
+                    _repos.pop(name, None)
+            if not (request.reserve or self.options.keep_spool):
+                for path in self.created_spools:
+                    shutil.rmtree(path, ignore_errors=True)
+        self.timings["total"] = time.monotonic() - started
+        self.emit(ProgressEvent("done", finished=True))
+        return ConversionResult(list(outputs.values()), plan.root["digest"], self.upload, dict(self.timings))
+
+    def convert_manifests(self, pool: Executor, plan: ImagePlan,
+                          outputs: dict[str, OutputResult]) -> dict[str, dict[str, PushedManifest]]:
+        manifests = list(plan.manifests.values())
+        root_is_manifest = not plan.root_is_index
+        limit = self.request.concurrency_limit if self.request.concurrency_limit > 0 else len(manifests)
+        results: dict[str, dict[str, PushedManifest]] = {}
+        with ThreadPoolExecutor(max(1, min(limit, len(manifests) or 1)), thread_name_prefix="manifest") as threads:
+            futures = {m.digest: threads.submit(self.convert_manifest, pool, m, root_is_manifest, outputs)
+                       for m in manifests}
+            try:
+                for digest, f in futures.items():
+                    results[digest] = f.result()
+            except BaseException:
+                for f in futures.values():
+                    f.cancel()
+                raise
+        if root_is_manifest:
+            for fmt, out in outputs.items():
+                pm = results[plan.root["digest"]][fmt]
+                out.root_digest, out.root_media_type, out.root_size = pm.digest, pm.media_type, pm.size
+        return results
+
+    def push_indexes(self, plan: ImagePlan, manifests: dict[str, dict[str, PushedManifest]],
+                     outputs: dict[str, OutputResult]) -> None:
+        for profile in self.profiles:
+            fmt = profile.format
+            converted: dict[str, dict[str, Any]] = {d: r[fmt].descriptor() for d, r in manifests.items()}
+            for index in plan.indexes:  # children before parents
+                root = index.digest == plan.root["digest"]
+                start = time.monotonic()
+                dump = self.workdir / fmt / "index.json" if self.request.dump_manifest and root else None
+                children = [converted[c] if c else None for c in index.children]
+                with self.push_lock:
+                    desc = push_index(self.target_repo, source_index=index.data.encode(),
+                                      source_desc=index.descriptor, children=children, fmt=fmt, oci=self.oci,
+                                      referrer=self.request.referrer, ref=self.tag_for(profile) if root else "",
+                                      upload=self.upload, dump_path=dump)
+                self.add_time("push", time.monotonic() - start)
+                converted[index.digest] = desc
+                outputs[fmt].indexes[index.digest] = desc["digest"]
+                if root:
+                    out = outputs[fmt]
+                    out.root_digest, out.root_media_type, out.root_size = desc["digest"], desc["mediaType"], desc["size"]
+                self.emit(ProgressEvent("index", manifest=index.digest, format=fmt, finished=True))
+
+    def _drain_progress(self, q: Any) -> None:
+        while True:
+            try:
+                event = q.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError):
+                return
+            if event is None:
+                return
+            self.emit(event)
+
+
+class _DirectQueue:
+    """Progress events of inline tasks go straight to the callback."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def put(self, event: ProgressEvent) -> None:
+        self.run.emit(event)
+
+
+def convert(request: ConversionRequest, *, options: RunnerOptions | None = None,
+            progress: ProgressFn | None = None) -> ConversionResult:
+    """Convert `request` on this machine. Raises an `ObdconvError` subclass on failure; with any
+    failure nothing more is pushed (layers already uploaded stay, like the reference)."""
+    run = _Run(request, options or RunnerOptions(), progress)
+    try:
+        return run.run()
+    except ObdconvError:
+        raise
+    except OSError as e:
+        raise ObdconvError(f"conversion failed: {e}") from e

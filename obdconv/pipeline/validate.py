@@ -1,0 +1,32 @@
+"""Request validation shared by the local runner, the CLI and `obdconv submit` (no heavy imports)."""
+
+from __future__ import annotations
+
+from obdconv.errors import UnsupportedError, UsageError
+from obdconv.pipeline.request import ConversionProfile, ConversionRequest
+
+ALGORITHMS = ("lz4", "zstd")
+
+
+def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
+    """The reference's checks and messages, plus obdconv's own limits."""
+    if not request.repository:
+        raise UsageError("repository is required (-r)")
+    if not (request.input_tag or request.input_digest):
+        raise UsageError("one of input-tag [-i] or input-digest [-g] is required")
+    profiles = request.profiles()
+    if not profiles:
+        raise UsageError("output-tag is required, you can specify it by [-o|--overlaybd|--turboOCI]")
+    if not request.mkfs:
+        raise UnsupportedError("--mkfs=false (a base layer from /opt/overlaybd/baselayers) is not supported: "
+                               "obdconv always creates the filesystem in layer 0")
+    if request.turbo_tag and request.fstype not in ("", "ext4"):
+        raise UnsupportedError(f"--fstype {request.fstype} is not supported: only ext4")
+    if request.algorithm not in ALGORITHMS:
+        raise UsageError(f"--algorithm {request.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
+    bs = request.block_size
+    if bs < 4096 or bs > 65536 or bs & (bs - 1):
+        raise UsageError(f"--bs {bs}: ZFile block size must be a power of two from 4 KiB to 64 KiB")
+    if request.vsize_gb <= 0:
+        raise UsageError(f"--vsize {request.vsize_gb}: must be a positive number of GB")
+    return profiles

@@ -1,0 +1,534 @@
+"""A repository in an OCI/Docker registry, over oras-py's `Registry`.
+
+Reused from oras: the requests session (with its cookie policy), `Container` URL building, upload
+`Location` resolution, URL parameter appending and tag pagination. Replaced, each for a reason named where
+it happens: the request loop (`do_request`), auth, manifest access, blob upload/download and mounts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+
+import oras.container
+import oras.provider
+import oras.utils
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from obdconv.errors import AuthError, BadInputError, IntegrityError, NetworkError, NotFoundError, UsageError
+from obdconv.registry.auth import (
+    Authenticator,
+    Credentials,
+    ScopeAtom,
+    docker_config_credentials,
+    docker_config_path,
+    format_scopes,
+    repository_scope,
+)
+from obdconv.registry.options import RegistryOptions
+from obdconv.registry.reference import DOCKER_HUB_HOST, check_digest, is_digest, parse_reference
+from obdconv.registry.repository import (
+    MANIFEST_MEDIA_TYPES,
+    Manifest,
+    Repository,
+    VerifyingReader,
+    buffered,
+    iter_file_chunks,
+    sha256_digest,
+)
+from obdconv.registry.tls import build_ssl_context
+
+log = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 4 << 20  # distribution's own limit for a manifest body
+DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+_ACCEPT_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
+_REPOSITORY_PATH_MARKERS = ("/manifests/", "/blobs/", "/tags/")
+# OpenSSL reasons that mean "not trusted" (by us or by the server), as opposed to a broken connection.
+_TLS_TRUST_FAILURES = ("CERTIFICATE_VERIFY_FAILED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+                       "certificate required", "bad certificate")
+
+
+class _TLSAdapter(HTTPAdapter):
+    """requests takes a CA bundle path, not an SSLContext; this adapter hands our context (system CAs +
+    extra CAs + client cert) to urllib3's pool manager."""
+
+    def __init__(self, ssl_context: Any) -> None:
+        self._ssl_context = ssl_context
+        super().__init__(pool_connections=4, pool_maxsize=32)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(*args, **kwargs)
+
+
+def _registry_error_text(response: requests.Response) -> str:
+    """ "CODE: message" from a distribution error body, else the HTTP reason."""
+    try:
+        errors = json.loads(response.content[:65536]).get("errors") or []
+        parts: list[str] = []
+        for e in errors:
+            if not isinstance(e, dict):
+                continue
+            detail = e.get("detail")
+            text = f"{e.get('code', '?')}: {e.get('message', '')}" + (f" ({detail})" if isinstance(detail, str) else "")
+            if text not in parts:
+                parts.append(text)
+        if parts:
+            return "; ".join(parts[:5])
+    except (ValueError, AttributeError, requests.RequestException):
+        pass
+    return f"{response.status_code} {response.reason or ''}".strip()
+
+
+def _scopes_for(method: str, url: str) -> set[ScopeAtom]:
+    """The scope a request needs, inferred from its /v2/<name>/... path (a 401 challenge may add more)."""
+    path = urllib.parse.urlparse(url).path
+    if not path.startswith("/v2/"):
+        return set()
+    rest = path[len("/v2/"):]
+    cut = min((i for i in (rest.rfind(m) for m in _REPOSITORY_PATH_MARKERS) if i >= 0), default=-1)
+    if cut < 0:
+        return set()
+    name = rest[:cut]
+    if method in ("GET", "HEAD"):
+        return repository_scope(name, "pull")
+    if method == "DELETE":
+        return repository_scope(name, "delete")
+    return repository_scope(name, "pull", "push")
+
+
+class _RawSource:
+    """Reads a streamed response body, turning transport failures into NetworkError."""
+
+    def __init__(self, response: requests.Response, what: str) -> None:
+        self._response = response
+        self._what = what
+        response.raw.decode_content = True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._response.raw.read(None if n < 0 else n)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+            raise NetworkError(f"{self._what}: download interrupted: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class ObdRegistry(oras.provider.Registry):
+    """oras' `Registry` with a request loop that fits a converter fleet.
+
+    Gaps in oras' `do_request` it replaces: its `@retry` sleeps 2+3**n seconds five times (~2 minutes against
+    a registry that is down) and retries 4xx answers too; its auth keeps one token and answers only one 401;
+    it has no timeouts; its session honours proxy variables and ~/.netrc.
+    """
+
+    def __init__(self, host: str, options: RegistryOptions) -> None:
+        endpoint = DOCKER_HUB_ENDPOINT if host == DOCKER_HUB_HOST else host
+        # auth_backend="basic": oras' backend is never consulted (see `do_request`); "basic" is the one
+        # whose constructor has no side effects beyond reading ORAS_USER/ORAS_PASS.
+        super().__init__(hostname=endpoint, insecure=options.plain, tls_verify=not options.insecure,
+                         auth_backend="basic")
+        self.host = host
+        self.options = options
+        # Proxy variables and ~/.netrc must not redirect traffic or inject credentials (the reference
+        # convertor's Go transport ignores proxies too).
+        self.session.trust_env = False
+        # requests overrides the SSLContext's verify mode from `verify`, so --insecure must be set here too.
+        self.session.verify = not options.insecure
+        if not options.plain:
+            self.session.mount("https://", _TLSAdapter(build_ssl_context(options)))
+        self._timeout = (options.connect_timeout, options.read_timeout)
+        credentials: Credentials | None = None
+        if options.username:
+            credentials = Credentials(options.username, options.password)
+        else:
+            found = docker_config_credentials(host, docker_config_path(options.docker_config))
+            if found is not None:
+                credentials = Credentials(*found)
+        self.authenticator = Authenticator(host, self.session, credentials, self._timeout)
+
+    def __str__(self) -> str:
+        return f"[obdconv-registry {self.host}]"
+
+    def url(self, path: str) -> str:
+        return f"{self.prefix}://{self.hostname}{path}"
+
+    def do_request(  # type: ignore[override]
+        self,
+        url: str,
+        method: str = "GET",
+        data: bytes | Iterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
+        stream: bool = False,
+        *,
+        scopes: set[ScopeAtom] | None = None,
+        retry: bool = True,
+    ) -> requests.Response:
+        """One request: auth challenges answered, transient failures retried within the budget.
+
+        Returns any response that is not 401/403/5xx (the caller interprets 404 etc.); raises AuthError or
+        NetworkError naming the registry and the request. Only bytes bodies are resent (retries, auth).
+        """
+        wanted = scopes if scopes is not None else _scopes_for(method, url)
+        deadline = time.monotonic() + self.options.retry_budget
+        attempt = 0
+        auth_rounds = 0
+        auth_override: dict[str, str] | None = None
+        path = urllib.parse.urlparse(url).path
+        # A streamed body (an iterator) is consumed by the first attempt and cannot be sent again.
+        replayable = data is None or isinstance(data, bytes | bytearray)
+        retry = retry and replayable
+        while True:
+            request_headers = dict(headers or {})
+            request_headers.update(auth_override if auth_override is not None
+                                   else self.authenticator.headers_for(wanted))
+            failure: str
+            try:
+                response = self.session.request(method, url, data=data, json=json, headers=request_headers,
+                                                stream=stream, timeout=self._timeout)
+            except requests.exceptions.SSLError as e:
+                if any(marker in str(e) for marker in _TLS_TRUST_FAILURES):
+                    # Retrying cannot fix trust: the CA or client certificate flags are wrong.
+                    raise UsageError(f"registry {self.host}: TLS verification failed on {method} {path} "
+                                     f"(check --root-ca, --cert-dir, --client-cert or --insecure): {e}") from None
+                failure = f"TLS error: {e}"
+            except (requests.ConnectionError, requests.Timeout) as e:
+                failure = f"{type(e).__name__}: {e}"
+            else:
+                status = response.status_code
+                if status in (401, 403):
+                    if auth_rounds < 2 and replayable and "WWW-Authenticate" in response.headers:
+                        response.close()
+                        auth_override = self.authenticator.respond(response, wanted)
+                        auth_rounds += 1
+                        continue
+                    scope_text = " ".join(format_scopes(wanted)) or "registry access"
+                    text = _registry_error_text(response)
+                    response.close()
+                    raise AuthError(f"registry {self.host} denied {method} {path} (scope {scope_text}): {text}")
+                if status < 500 and status != 429:
+                    return response
+                failure = f"{status} {_registry_error_text(response)}"
+                response.close()
+            remaining = deadline - time.monotonic()
+            if not retry or remaining <= 0:
+                raise NetworkError(f"registry {self.host}: {method} {path} failed: {failure}")
+            delay = min(0.1 * (2 ** attempt), remaining)
+            log.info("registry %s: %s %s failed (%s); retrying in %.1fs", self.host, method, path, failure, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    def _check_200_response(self, response: requests.Response) -> None:
+        """Used by oras' tag pagination: map failures to obdconv errors instead of ValueError."""
+        path = urllib.parse.urlparse(response.request.url or "").path
+        if response.status_code == 404:
+            raise NotFoundError(f"registry {self.host}: {path}: {_registry_error_text(response)}")
+        if response.status_code != 200:
+            raise BadInputError(f"registry {self.host}: unexpected {_registry_error_text(response)}")
+
+
+def _container(endpoint: str, repository: str) -> oras.container.Container:
+    """oras' Container, with the repository set explicitly: its regex would take a dotted first path
+    component (e.g. "my.org/app") for a registry host."""
+    container = oras.container.Container(f"{endpoint}/{repository}")
+    namespace, _, last = repository.rpartition("/")
+    container.registry = endpoint
+    container.namespace = namespace or None
+    container.repository = last
+    container.tag = None
+    container.digest = None
+    return container
+
+
+class RegistryRepository(Repository):
+    """One repository of a registry reached over HTTP(S)."""
+
+    def __init__(self, host: str, name: str, options: RegistryOptions, registry: ObdRegistry | None = None) -> None:
+        self.host = host
+        self.name = name
+        self.options = options
+        self._registry = registry or ObdRegistry(host, options)
+        self._container = _container(self._registry.hostname or host, name)
+
+    def __repr__(self) -> str:
+        return f"RegistryRepository({self.host}/{self.name})"
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _url(self, kind: str, ref: str = "") -> str:
+        return f"{self._registry.prefix}://{self._registry.hostname}/v2/{self.name}/{kind}/{ref}"
+
+    def _where(self, ref: str) -> str:
+        sep = "@" if is_digest(ref) else ":"
+        return f"{self.host}/{self.name}{sep}{ref}"
+
+    def _unexpected(self, response: requests.Response, what: str) -> BadInputError:
+        return BadInputError(f"{what}: registry answered {_registry_error_text(response)}")
+
+    # -- manifests ----------------------------------------------------------------------------------------
+
+    def get_manifest(self, ref: str) -> Manifest:
+        # oras' get_manifest returns parsed JSON, accepts only the OCI manifest type and validates against
+        # the OCI manifest schema; conversion needs the exact bytes of any of the four types.
+        response = self._registry.do_request(self._url("manifests", ref), "GET",
+                                             headers={"Accept": _ACCEPT_MANIFESTS}, stream=True)
+        with response:
+            if response.status_code == 404:
+                raise NotFoundError(f"manifest {self._where(ref)} not found: {_registry_error_text(response)}")
+            if response.status_code != 200:
+                raise self._unexpected(response, f"manifest {self._where(ref)}")
+            data = response.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise BadInputError(f"manifest {self._where(ref)} is larger than {MAX_MANIFEST_BYTES} bytes")
+            header_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            header_digest = response.headers.get("Docker-Content-Digest", "")
+        digest = sha256_digest(data)
+        if is_digest(ref) and digest != ref:
+            raise IntegrityError(f"manifest {self._where(ref)}: content has digest {digest}")
+        if header_digest.startswith("sha256:") and header_digest != digest:
+            raise IntegrityError(f"manifest {self._where(ref)}: registry says {header_digest}, content is {digest}")
+        media_type = header_type if header_type in MANIFEST_MEDIA_TYPES else _media_type_from_json(data)
+        if not media_type:
+            raise BadInputError(f"manifest {self._where(ref)} has unknown media type {header_type!r}")
+        return Manifest(media_type, data, digest)
+
+    def head_manifest(self, ref: str) -> str | None:
+        response = self._registry.do_request(self._url("manifests", ref), "HEAD",
+                                             headers={"Accept": _ACCEPT_MANIFESTS})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._unexpected(response, f"manifest {self._where(ref)}")
+        digest = response.headers.get("Docker-Content-Digest", "")
+        return digest if digest else self.get_manifest(ref).digest
+
+    def put_manifest(self, data: bytes, media_type: str, ref: str | None = None) -> str:
+        # oras' upload_manifest validates against the OCI manifest schema only (indexes and Docker
+        # manifests are rejected) and re-serialises a dict; the digest must be of these exact bytes.
+        digest = sha256_digest(data)
+        ref = ref or digest
+        if is_digest(ref) and ref != digest:
+            raise IntegrityError(f"manifest for {self._where(ref)}: bytes have digest {digest}")
+        response = self._registry.do_request(self._url("manifests", ref), "PUT", data=bytes(data),
+                                             headers={"Content-Type": media_type})
+        with response:
+            if response.status_code not in (200, 201):
+                raise self._unexpected(response, f"pushing manifest {self._where(ref)}")
+            stored = response.headers.get("Docker-Content-Digest", "")
+        if stored.startswith("sha256:") and stored != digest:
+            raise IntegrityError(f"manifest {self._where(ref)}: registry stored {stored}, sent {digest}")
+        return digest
+
+    def delete_manifest(self, ref: str) -> None:
+        """Deletes the manifest `ref` resolves to (with every tag pointing at it: the API deletes by digest)."""
+        digest = ref if is_digest(ref) else self.head_manifest(ref)
+        if digest is None:
+            raise NotFoundError(f"manifest {self._where(ref)} not found")
+        response = self._registry.do_request(self._url("manifests", digest), "DELETE")
+        with response:
+            if response.status_code == 404:
+                raise NotFoundError(f"manifest {self._where(digest)} not found")
+            if response.status_code not in (200, 202):
+                raise self._unexpected(response, f"deleting manifest {self._where(digest)}")
+
+    def list_tags(self) -> list[str]:
+        return list(self._registry.get_tags(self._container))
+
+    # -- blobs --------------------------------------------------------------------------------------------
+
+    def head_blob(self, digest: str) -> int | None:
+        check_digest(digest)
+        response = self._registry.do_request(self._url("blobs", digest), "HEAD")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._unexpected(response, f"blob {self._where(digest)}")
+        return int(response.headers.get("Content-Length", "0"))
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        # oras' get_blob returns a bare response and download_blob writes a file without verifying.
+        check_digest(digest)
+        what = f"blob {self._where(digest)}"
+        response = self._registry.do_request(self._url("blobs", digest), "GET", stream=True)
+        if response.status_code == 404:
+            response.close()
+            raise NotFoundError(f"{what} not found")
+        if response.status_code != 200:
+            response.close()
+            raise self._unexpected(response, what)
+        length = response.headers.get("Content-Length")
+        encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
+        size = int(length) if length is not None and not encoded else None
+        return buffered(VerifyingReader(_RawSource(response, what), digest, size, what))
+
+    def delete_blob(self, digest: str) -> None:
+        check_digest(digest)
+        response = self._registry.do_request(self._url("blobs", digest), "DELETE")
+        with response:
+            if response.status_code == 404:
+                raise NotFoundError(f"blob {self._where(digest)} not found")
+            if response.status_code not in (200, 202):
+                raise self._unexpected(response, f"deleting blob {self._where(digest)}")
+
+    def upload_blob(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        return self._upload(chunks)
+
+    def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
+        check_digest(digest)
+        if self.head_blob(digest) is not None:
+            log.debug("blob %s exists", self._where(digest))
+            return
+        self._upload(iter_file_chunks(f, self.options.upload_chunk_size), digest, size)
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        # oras has no cross-repository mount.
+        check_digest(digest)
+        source = self._same_registry_repository(from_repo)
+        if source is None or source == self.name:
+            return False
+        wanted = repository_scope(self.name, "pull", "push") | repository_scope(source, "pull")
+        url = oras.utils.append_url_params(self._url("blobs", "uploads/"), {"mount": digest, "from": source})
+        try:
+            response = self._registry.do_request(url, "POST", scopes=wanted)
+        except AuthError as e:
+            # A token without pull on the source (the token server grants only part of the scope) makes
+            # distribution answer 401 insufficient_scope instead of 202: same meaning, upload instead.
+            log.info("mount of %s from %s refused (%s); will upload", digest, source, e)
+            return False
+        with response:
+            if response.status_code == 201:
+                return True
+            if response.status_code == 202:
+                self._cancel_upload(response)
+                return False
+            raise self._unexpected(response, f"mounting {digest} from {source} into {self.host}/{self.name}")
+
+    def _same_registry_repository(self, from_repo: str) -> str | None:
+        """`from_repo` as a repository path on this registry, or None if it is on another registry."""
+        if "/" in from_repo:
+            first = from_repo.split("/", 1)[0]
+            if "." in first or ":" in first or first == "localhost":
+                reference = parse_reference(from_repo)
+                return reference.repository if reference.host == self.host else None
+        return from_repo
+
+    def _session_url(self, response: requests.Response) -> str:
+        location = self._registry._get_location(response, self._container)
+        if not location:
+            raise self._unexpected(response, f"upload to {self.host}/{self.name}: no Location")
+        return location
+
+    def _cancel_upload(self, response: requests.Response) -> None:
+        try:
+            location = self._session_url(response)
+            self._registry.do_request(location, "DELETE", scopes=repository_scope(self.name, "pull", "push"),
+                                      retry=False).close()
+        except (BadInputError, AuthError, NetworkError) as e:
+            log.info("could not cancel upload session in %s/%s: %s", self.host, self.name, e)
+
+    def _upload(self, chunks: Iterable[bytes], expected_digest: str | None = None,
+                expected_size: int | None = None) -> tuple[str, int]:
+        """POST a session, send the bytes with PATCH, PUT ?digest= (computed while sending).
+
+        oras' upload_blob reads the whole file into memory (monolithic) or needs a file path (chunked);
+        this streams any iterable with at most `upload_chunk_size` bytes buffered. Default mode "stream":
+        one PATCH with a chunked-transfer body, as `docker push` does (distribution's streamed upload; it
+        lets the registry write while we hash and send, about twice as fast as waiting for each chunk).
+        Mode "chunks": one PATCH per chunk with Content-Range, for registries that refuse streamed bodies.
+        """
+        scopes = repository_scope(self.name, "pull", "push")
+        what = f"upload to {self.host}/{self.name}"
+        response = self._registry.do_request(self._url("blobs", "uploads/"), "POST", scopes=scopes)
+        with response:
+            if response.status_code != 202:
+                raise self._unexpected(response, what)
+            location = self._session_url(response)
+        hasher = hashlib.sha256()
+        sent = 0
+        parts = _rechunk(chunks, self.options.upload_chunk_size)
+        try:
+            if self.options.upload_mode == "stream":
+
+                def body() -> Iterator[bytes]:
+                    nonlocal sent
+                    for part in parts:
+                        hasher.update(part)
+                        sent += len(part)
+                        yield part
+
+                location = self._patch(location, body(), {}, scopes, what)
+            else:
+                for part in parts:
+                    hasher.update(part)
+                    location = self._patch(location, part, {"Content-Range": f"{sent}-{sent + len(part) - 1}"},
+                                           scopes, what)
+                    sent += len(part)
+            digest = "sha256:" + hasher.hexdigest()
+            if expected_size is not None and sent != expected_size:
+                raise IntegrityError(f"{what}: blob {expected_digest} had {sent} bytes, expected {expected_size}")
+            if expected_digest is not None and digest != expected_digest:
+                raise IntegrityError(f"{what}: content has digest {digest}, expected {expected_digest}")
+            final = oras.utils.append_url_params(location, {"digest": digest})
+            response = self._registry.do_request(final, "PUT", data=b"", scopes=scopes, retry=False,
+                                                 headers={"Content-Type": "application/octet-stream"})
+            with response:
+                if response.status_code != 201:
+                    raise self._unexpected(response, f"{what}: committing {digest}")
+        except BaseException:
+            self._cancel_location(location, scopes)
+            raise
+        return digest, sent
+
+    def _patch(self, location: str, body: bytes | Iterator[bytes], headers: dict[str, str],
+               scopes: set[ScopeAtom], what: str) -> str:
+        """One PATCH; returns the next session URL. Not retried: a failed PATCH leaves the session at an
+        unknown offset (the caller's caller retries the whole upload)."""
+        response = self._registry.do_request(location, "PATCH", data=body, scopes=scopes, retry=False,
+                                             headers={"Content-Type": "application/octet-stream", **headers})
+        with response:
+            if response.status_code != 202:
+                raise self._unexpected(response, what)
+            return self._session_url(response)
+
+    def _cancel_location(self, location: str, scopes: set[ScopeAtom]) -> None:
+        try:
+            self._registry.do_request(location, "DELETE", scopes=scopes, retry=False).close()
+        except (AuthError, NetworkError, BadInputError):
+            pass  # best effort: the registry purges abandoned sessions itself
+
+    def close(self) -> None:
+        self._registry.session.close()
+
+
+def _rechunk(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    """Chunks of at most `limit` bytes (so memory stays bounded), merging small ones."""
+    pending = bytearray()
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while len(view):
+            room = limit - len(pending)
+            pending += view[:room]
+            view = view[room:]
+            if len(pending) >= limit:
+                yield bytes(pending)
+                pending.clear()
+    if pending:
+        yield bytes(pending)
+
+
+def _media_type_from_json(data: bytes) -> str:
+    try:
+        value = json.loads(data).get("mediaType", "")
+    except (ValueError, AttributeError):
+        return ""
+    return value if value in MANIFEST_MEDIA_TYPES else ""

@@ -1,0 +1,259 @@
+"""An OCI image layout directory (`oci:PATH`) used like a registry repository.
+
+Tags are the `org.opencontainers.image.ref.name` annotations of index.json's descriptors; blobs live in
+blobs/sha256/<hex>. Every write is atomic (a temp file in the same directory, then rename), and index.json
+updates are serialised across processes with a lock file and replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
+from obdconv.registry.reference import check_digest, is_digest
+from obdconv.registry.repository import (
+    MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Manifest,
+    Repository,
+    VerifyingReader,
+    buffered,
+    iter_file_chunks,
+    sha256_digest,
+)
+
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+OCI_LAYOUT_FILE = "oci-layout"
+OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
+INDEX_FILE = "index.json"
+LOCK_FILE = ".obdconv-index.lock"
+
+
+def _guess_media_type(data: bytes) -> str:
+    """A manifest's type from its own JSON: `mediaType` if set, else by shape (OCI allows omitting it)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return ""
+    if not isinstance(doc, dict):
+        return ""
+    media_type = doc.get("mediaType", "")
+    if media_type in MANIFEST_MEDIA_TYPES:
+        return media_type
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "layers" in doc or "config" in doc:
+        return OCI_MANIFEST
+    return ""
+
+
+class OCILayoutRepository(Repository):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(path)
+        self.host = ""
+        self.name = str(path)
+
+    def __repr__(self) -> str:
+        return f"OCILayoutRepository({self.name})"
+
+    # -- layout plumbing ----------------------------------------------------------------------------------
+
+    def _blob_path(self, digest: str) -> Path:
+        check_digest(digest)
+        return self.root / "blobs" / "sha256" / digest.split(":", 1)[1]
+
+    def _where(self, ref: str) -> str:
+        return f"oci:{self.name}{'@' if is_digest(ref) else ':'}{ref}"
+
+    def _ensure_layout(self) -> None:
+        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        layout_file = self.root / OCI_LAYOUT_FILE
+        if not layout_file.exists():
+            _atomic_write(layout_file, OCI_LAYOUT_CONTENT)
+        if not (self.root / INDEX_FILE).exists():
+            _atomic_write(self.root / INDEX_FILE, _dump_index({"schemaVersion": 2, "manifests": []}))
+
+    def _read_index(self) -> dict[str, Any]:
+        path = self.root / INDEX_FILE
+        try:
+            index = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            if not self.root.is_dir():
+                raise NotFoundError(f"OCI layout directory {self.root} does not exist") from None
+            return {"schemaVersion": 2, "manifests": []}
+        except ValueError as e:
+            raise FormatError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+            raise FormatError(f"{path} is not an OCI image index")
+        index.setdefault("manifests", [])
+        return index
+
+    @contextlib.contextmanager
+    def _index_update(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of index.json under an exclusive lock; replaced atomically on exit."""
+        self._ensure_layout()
+        with open(self.root / LOCK_FILE, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self._read_index()
+            yield index
+            _atomic_write(self.root / INDEX_FILE, _dump_index(index))
+
+    def _resolve(self, ref: str) -> tuple[str, dict[str, Any] | None]:
+        """(digest, descriptor in index.json or None) for a tag or digest."""
+        manifests = self._read_index()["manifests"]
+        if is_digest(ref):
+            descriptor = next((d for d in manifests if d.get("digest") == ref), None)
+            return ref, descriptor
+        tagged = [d for d in manifests if (d.get("annotations") or {}).get(REF_NAME_ANNOTATION) == ref]
+        if not tagged:
+            raise NotFoundError(f"manifest {self._where(ref)} not found (no such tag in index.json)")
+        return tagged[-1]["digest"], tagged[-1]
+
+    # -- manifests ----------------------------------------------------------------------------------------
+
+    def get_manifest(self, ref: str) -> Manifest:
+        digest, descriptor = self._resolve(ref)
+        try:
+            data = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"manifest {self._where(ref)}: blob {digest} missing") from None
+        actual = sha256_digest(data)
+        if actual != digest:
+            raise IntegrityError(f"manifest {self._where(ref)}: content has digest {actual}, expected {digest}")
+        media_type = (descriptor or {}).get("mediaType") or _guess_media_type(data)
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            raise BadInputError(f"manifest {self._where(ref)} has unknown media type {media_type!r}")
+        return Manifest(media_type, data, digest)
+
+    def head_manifest(self, ref: str) -> str | None:
+        try:
+            digest, _ = self._resolve(ref)
+        except NotFoundError:
+            return None
+        return digest if self._blob_path(digest).exists() else None
+
+    def put_manifest(self, data: bytes, media_type: str, ref: str | None = None) -> str:
+        digest = sha256_digest(data)
+        if ref and is_digest(ref) and ref != digest:
+            raise IntegrityError(f"manifest for {self._where(ref)}: bytes have digest {digest}")
+        self._ensure_layout()
+        self._store(iter([bytes(data)]), digest, len(data))
+        descriptor: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": len(data)}
+        with self._index_update() as index:
+            manifests: list[dict[str, Any]] = index["manifests"]
+            if ref and not is_digest(ref):
+                # A tag moves: drop the descriptor that carried it before.
+                manifests[:] = [d for d in manifests
+                                if (d.get("annotations") or {}).get(REF_NAME_ANNOTATION) != ref]
+                descriptor["annotations"] = {REF_NAME_ANNOTATION: ref}
+                manifests.append(descriptor)
+            elif not any(d.get("digest") == digest for d in manifests):
+                manifests.append(descriptor)
+        return digest
+
+    def list_tags(self) -> list[str]:
+        names = {(d.get("annotations") or {}).get(REF_NAME_ANNOTATION) for d in self._read_index()["manifests"]}
+        return sorted(n for n in names if n)
+
+    def delete_manifest(self, ref: str) -> None:
+        """Like a registry: deletes the manifest `ref` resolves to, with every tag pointing at it."""
+        digest, _ = self._resolve(ref)
+        with self._index_update() as index:
+            before = len(index["manifests"])
+            index["manifests"] = [d for d in index["manifests"] if d.get("digest") != digest]
+            if len(index["manifests"]) == before and not self._blob_path(digest).exists():
+                raise NotFoundError(f"manifest {self._where(ref)} not found")
+        with contextlib.suppress(FileNotFoundError):
+            self._blob_path(digest).unlink()
+
+    # -- blobs --------------------------------------------------------------------------------------------
+
+    def head_blob(self, digest: str) -> int | None:
+        try:
+            return self._blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        path = self._blob_path(digest)
+        try:
+            f = open(path, "rb")  # closed by the returned reader
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {self._where(digest)} not found") from None
+        return buffered(VerifyingReader(f, digest, None, f"blob {self._where(digest)}"))
+
+    def upload_blob(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        self._ensure_layout()
+        return self._store(chunks)
+
+    def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
+        if self.head_blob(digest) is not None:
+            return
+        self._ensure_layout()
+        self._store(iter_file_chunks(f), digest, size)
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        """A layout has no mounts; "mounted" only when the blob is already here (as a registry says 201)."""
+        return self.head_blob(digest) is not None
+
+    def delete_blob(self, digest: str) -> None:
+        try:
+            self._blob_path(digest).unlink()
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {self._where(digest)} not found") from None
+
+    def _store(self, chunks: Iterable[bytes], expected_digest: str | None = None,
+               expected_size: int | None = None) -> tuple[str, int]:
+        """Write to a temp file beside the blobs, hashing; rename into place once verified."""
+        directory = self.root / "blobs" / "sha256"
+        hasher = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = "sha256:" + hasher.hexdigest()
+            if expected_size is not None and size != expected_size:
+                raise IntegrityError(f"blob {expected_digest} for {self.name}: {size} bytes, expected {expected_size}")
+            if expected_digest is not None and digest != expected_digest:
+                raise IntegrityError(f"blob for {self.name}: content has digest {digest}, expected {expected_digest}")
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, self._blob_path(digest))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        return digest, size
+
+
+def _dump_index(index: dict[str, Any]) -> bytes:
+    return json.dumps(index, separators=(",", ":")).encode()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise

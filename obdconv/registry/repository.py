@@ -1,0 +1,177 @@
+"""The `Repository` interface shared by a registry repository (HTTP) and an OCI image layout directory,
+plus the pieces both use: `Manifest`, media types, and a blob reader that verifies sha256 while reading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from obdconv.errors import IntegrityError
+from obdconv.registry.reference import check_digest
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
+
+READ_CHUNK = 1 << 20
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest or index exactly as stored: its media type, raw bytes, and the sha256 of those bytes."""
+
+    media_type: str
+    data: bytes
+    digest: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.media_type!r}, {self.digest}, {len(self.data)} bytes)"
+
+
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class VerifyingReader(io.RawIOBase):
+    """Reads `source` while hashing; at EOF raises IntegrityError if the sha256 or the size is wrong.
+
+    `what` names the blob in errors (e.g. "blob sha256:... from host/repo"). Reading past the expected
+    size is caught as soon as it happens, so a server sending more bytes cannot make us buffer them.
+    """
+
+    def __init__(self, source: _Readable, digest: str, expected_size: int | None, what: str,
+                 closer: object | None = None) -> None:
+        super().__init__()
+        self._source = source
+        self._digest = check_digest(digest)
+        self._expected_size = expected_size
+        self._what = what
+        self._closer = closer if closer is not None else source
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._verified = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._verified:
+            return 0
+        data = self._source.read(len(buffer))
+        if not data:
+            self._verify()
+            return 0
+        n = len(data)
+        self._size += n
+        if self._expected_size is not None and self._size > self._expected_size:
+            raise IntegrityError(f"{self._what}: more than the expected {self._expected_size} bytes")
+        self._hash.update(data)
+        memoryview(buffer)[:n] = data
+        return n
+
+    def _verify(self) -> None:
+        if self._expected_size is not None and self._size != self._expected_size:
+            raise IntegrityError(f"{self._what}: got {self._size} bytes, expected {self._expected_size}")
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self._digest:
+            raise IntegrityError(f"{self._what}: content has digest {actual}, expected {self._digest}")
+        self._verified = True
+
+    @property
+    def bytes_read(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if not self.closed:
+            close = getattr(self._closer, "close", None)
+            if close is not None:
+                close()
+        super().close()
+
+
+def buffered(reader: VerifyingReader) -> BinaryIO:
+    return io.BufferedReader(reader, buffer_size=READ_CHUNK)  # type: ignore[return-value]
+
+
+def iter_file_chunks(f: BinaryIO, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    while True:
+        chunk = f.read(chunk_size)
+        if not chunk:
+            return
+        yield chunk
+
+
+class Repository(ABC):
+    """One repository: read and write manifests and blobs by digest or tag."""
+
+    host: str  # "host[:port]" for a registry, "" for an OCI layout
+    name: str  # repository path ("library/redis") or the layout directory
+
+    @abstractmethod
+    def get_manifest(self, ref: str) -> Manifest:
+        """By tag or digest; the digest returned is always the sha256 of the exact bytes."""
+
+    @abstractmethod
+    def head_manifest(self, ref: str) -> str | None:
+        """The digest `ref` currently points to, or None if it does not exist."""
+
+    @abstractmethod
+    def head_blob(self, digest: str) -> int | None:
+        """The blob's size, or None if the repository does not have it."""
+
+    @abstractmethod
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A stream of the blob; IntegrityError at EOF if the bytes do not match `digest`."""
+
+    @abstractmethod
+    def upload_blob(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Store a blob whose digest is not known up front; returns (digest, size)."""
+
+    @abstractmethod
+    def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
+        """Store a blob of known digest and size from `f` (skipped if already present)."""
+
+    @abstractmethod
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        """Make `digest` from another repository of the same registry available here without copying."""
+
+    @abstractmethod
+    def put_manifest(self, data: bytes, media_type: str, ref: str | None = None) -> str:
+        """Store exact bytes under their digest, and under `ref` if it is a tag; returns the digest."""
+
+    @abstractmethod
+    def list_tags(self) -> list[str]: ...
+
+    @abstractmethod
+    def delete_manifest(self, ref: str) -> None: ...
+
+    @abstractmethod
+    def delete_blob(self, digest: str) -> None: ...
+
+    def read_blob(self, digest: str) -> bytes:
+        """A whole (small) blob, verified: configs and the like."""
+        with self.open_blob(digest) as f:
+            return f.read()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the repository may not be used afterwards."""
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

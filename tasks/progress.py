@@ -1,0 +1,76 @@
+"""Progress of a running conversion: per task in Celery task state (Flower shows it) and per
+request in a small Redis hash `obdconv:progress:<request_id>` in the result backend, which
+`obdconv status` reads (fields `<stage>:<layer>` -> {"done", "total", "host"}).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery import Task
+
+from tasks.context import settings
+
+PROGRESS_KEY_PREFIX = "obdconv:progress:"
+MIN_INTERVAL = 0.5  # seconds between two updates of the same task (bounded broker/backend load)
+
+
+def progress_key(request_id: str) -> str:
+    return PROGRESS_KEY_PREFIX + request_id
+
+
+@lru_cache(maxsize=4)
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def client_for(url: str) -> redis.Redis | None:
+    """A (cached) Redis client for a result backend URL; None when the backend is not Redis."""
+    return _client(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+def backend_client() -> redis.Redis | None:
+    return client_for(settings().result_backend)
+
+
+def read_progress(client: redis.Redis, request_id: str) -> dict[str, dict[str, Any]]:
+    raw = client.hgetall(progress_key(request_id))
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+class ProgressReporter:
+    """A `(done, total)` callback for one stage of one layer; throttled; never raises."""
+
+    def __init__(self, task: Task, job: dict[str, Any], stage: str, layer: str = "") -> None:
+        self.task = task
+        self.request_id = job.get("request_id", "")
+        self.stage = stage
+        self.layer = layer
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < MIN_INTERVAL and done < total:
+            return
+        self.last = now
+        meta = {"request_id": self.request_id, "stage": self.stage, "layer": self.layer,
+                "bytes_done": done, "bytes_total": total, "host": self.task.request.hostname}
+        try:
+            if self.task.request.id:
+                self.task.update_state(state="PROGRESS", meta=meta)
+            client = backend_client()
+            if client is not None and self.request_id:
+                key = progress_key(self.request_id)
+                field = f"{self.stage}:{self.layer}" if self.layer else self.stage
+                client.hset(key, field, json.dumps({"done": done, "total": total,
+                                                    "host": self.task.request.hostname}))
+                client.expire(key, settings().result_expires)
+        except (redis.RedisError, OSError):
+            pass  # progress is advisory; never fail a conversion over it
+
+    def done(self, total: int) -> None:
+        self(total, total, force=True)

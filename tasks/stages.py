@@ -1,0 +1,186 @@
+"""Celery tasks wrapping the per-layer and per-image pipeline stages (thin: the work is in
+obdconv.pipeline). Orchestration (which task follows which) is in tasks/canvas.py.
+
+Data movement: big bytes never travel. prepare keeps its output in the worker's spool and
+returns where it is (`node`); the entry list and encoded ext4 metadata go through the result
+backend by key (tasks/transfer.py); assemble runs on the node holding the spool, or re-prepares.
+
+Prepare runs once per shared layer across concurrent requests: the first task to take
+`obdconv:preparing:<spool key>` prepares; others retry shortly (without holding a worker slot)
+and then reuse the holder's result, published under `obdconv:holder:<spool key>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from obdconv.pipeline.assemble import assemble_layer
+from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
+from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
+from obdconv.pipeline.request import ConversionRequest
+from obdconv.status import record_running
+from tasks.base import FleetTask
+from tasks.context import open_repository, settings, spool_dir
+from tasks.dedup import remember_layer
+from tasks.progress import ProgressReporter, backend_client
+from tasks.transfer import get_bytes, put_bytes
+from workers.app import app
+from workers.lease import is_worker_alive
+from workers.queues import TASK_ASSEMBLE_LAYER, TASK_BUILD_METADATA, TASK_PREPARE_LAYER
+
+log = logging.getLogger(__name__)
+
+HOLDER_PREFIX = "obdconv:holder:"
+PREPARING_PREFIX = "obdconv:preparing:"
+WAIT_FOR_HOLDER_SECONDS = 1.0
+# Counts of stage runs per layer, for operators and the tests ("each shared layer prepared once").
+RUNS_PREFIX = "obdconv:runs:"
+
+
+def request_of(job: dict[str, Any]) -> ConversionRequest:
+    return ConversionRequest.from_dict(job["request"])
+
+
+def mark_stage(job: dict[str, Any], stage: str) -> None:
+    if settings().db_type:
+        record_running(job["request_id"], stage)
+
+
+def _broker_client() -> Any:
+    import redis
+
+    return redis.Redis.from_url(settings().broker_url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def _count_run(kind: str, key: str) -> None:
+    client = backend_client()
+    if client is not None:
+        client.hincrby(RUNS_PREFIX + kind, key, 1)
+
+
+def _formats(request: ConversionRequest) -> tuple[bool, bool]:
+    formats = {p.format for p in request.profiles()}
+    return "native" in formats, "turbo" in formats
+
+
+def _holder_info(client: Any, key: str, native: bool, turbo: bool) -> dict[str, Any] | None:
+    raw = client.get(HOLDER_PREFIX + key)
+    if raw is None:
+        return None
+    info = json.loads(raw)
+    if not PreparedLayer.from_dict(info["prepared"]).covers(native=native, turbo=turbo):
+        return None
+    if not is_worker_alive(_broker_client(), info["node"]):
+        return None
+    return info
+
+
+def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str) -> PreparedLayer:
+    request = request_of(job)
+    native, turbo = _formats(request)
+    repo = open_repository(request.repository, request.access)
+    reporter = ProgressReporter(task, job, "prepare", layer["digest"])
+    prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
+                             algorithm=request.algorithm, block_size=request.block_size, progress=reporter)
+    reporter.done(prepared.source_size)
+    return prepared
+
+
+@app.task(bind=True, base=FleetTask, name=TASK_PREPARE_LAYER)
+def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """-> {"node": nodename holding the spool, "prepared": PreparedLayer dict, "entries_key": key}."""
+    request = request_of(job)
+    native, turbo = _formats(request)
+    key = spool_key(layer["digest"], request.algorithm, request.block_size)
+    node = self.request.hostname
+    client = backend_client()
+    holder = _holder_info(client, key, native, turbo) if client is not None else None
+    if holder is not None:
+        return holder
+    lock = PREPARING_PREFIX + key
+    lease = settings().lease_seconds * 2
+    me = self.request.id or node  # a redelivered task has the same id: it may take its own lock over
+    if client is not None and not client.set(lock, me, nx=True, ex=lease):
+        owner = client.get(lock)
+        if owner is not None and owner.decode() != me:
+            # Someone else is preparing this layer: come back shortly, without holding a slot.
+            raise self.retry(countdown=WAIT_FOR_HOLDER_SECONDS, max_retries=None)
+    try:
+        mark_stage(job, "prepare")
+        prepared = _prepare_here(self, job, layer, node)
+        _count_run("prepare", layer["digest"])
+        entries_key = put_bytes("entries:" + key, prepared.entries_path.read_bytes())
+        info = {"node": node, "prepared": prepared.to_dict(), "entries_key": entries_key}
+        if client is not None:
+            client.set(HOLDER_PREFIX + key, json.dumps(info), ex=settings().result_expires)
+        return info
+    finally:
+        if client is not None and client.get(lock) == me.encode():
+            client.delete(lock)
+
+
+@app.task(bind=True, base=FleetTask, name=TASK_BUILD_METADATA)
+def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
+                        job: dict[str, Any]) -> dict[str, Any]:
+    """All layers' ext4 metadata in order; needs only the entry lists (no file bytes).
+    -> {"layers": prepared_results, "metadata_keys": [key per layer]}."""
+    request = request_of(job)
+    manifest = job["manifest"]
+    mark_stage(job, "metadata")
+    scratch = Path(tempfile.mkdtemp(prefix="meta-", dir=_scratch_root(self.request.hostname)))
+    try:
+        layers = []
+        for i, info in enumerate(prepared_results):
+            shadow = scratch / f"layer{i}"  # a spool holding only the entry list
+            shadow.mkdir()
+            prepared = PreparedLayer.from_dict(info["prepared"])
+            prepared.spool = str(shadow)
+            prepared.entries_path.write_bytes(get_bytes(info["entries_key"]))
+            layers.append(prepared)
+        metas = build_metadata(layers, request.vsize_gb, manifest["chain_ids"], scratch / "work")
+        keys = [put_bytes(f"meta:{job['request_id']}:{manifest['descriptor']['digest']}:{i}", encode_metadata(m))
+                for i, m in enumerate(metas)]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"layers": prepared_results, "metadata_keys": keys}
+
+
+def _scratch_root(node: str) -> Path:
+    root = spool_dir(node) / "scratch"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@app.task(bind=True, base=FleetTask, name=TASK_ASSEMBLE_LAYER)
+def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: dict[str, Any],
+                        chain_id: str, parent_chain_id: str, metadata_key: str) -> dict[str, Any]:
+    """Assemble + upload one layer in every requested format -> {format: ConvertedLayer dict}.
+    Routed to the node that prepared the layer; anywhere else the layer is prepared again first."""
+    request = request_of(job)
+    native, turbo = _formats(request)
+    node = self.request.hostname
+    prepared = load_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
+    if prepared is None or not prepared.covers(native=native, turbo=turbo):
+        log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
+        prepared = _prepare_here(self, job, layer, node)
+        _count_run("reprepare", layer["digest"])
+    metadata = decode_metadata(get_bytes(metadata_key))
+    source_repo = open_repository(request.repository, request.access)
+    target_repo = (open_repository(request.output_repository, request.access)
+                   if request.output_repository else source_repo)
+    out: dict[str, Any] = {}
+    for profile in request.profiles():
+        converted = assemble_layer(prepared, metadata, profile, chain_id, parent_chain_id, target_repo,
+                                   upload=not request.no_upload, oci=request.oci or request.referrer,
+                                   source_repo=source_repo)
+        out[profile.format] = converted.to_dict()
+        if not request.no_upload:
+            remember_layer(target_repo, chain_id, profile, converted.digest, converted.size)
+    _count_run("assemble", f"{layer['digest']}@{index}")
+    ProgressReporter(self, job, "assemble", layer["digest"]).done(prepared.source_size)
+    return out

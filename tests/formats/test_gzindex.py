@@ -1,0 +1,130 @@
+"""gzip index (§5): built while inflating, then random reads equal plain decompression."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import shutil
+import subprocess
+import zlib
+
+import pytest
+
+from obdconv.errors import FormatError
+from obdconv.formats import gzindex
+from obdconv.formats.crc import raw_crc32c
+from obdconv.formats.gzindex import GzipIndex, GzipIndexBuilder, GzipRandomReader
+
+
+def _payload(seed: int, size: int) -> bytes:
+    rnd = random.Random(seed)
+    words = [bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz", k=rnd.randint(2, 9))) for _ in range(500)]
+    out = bytearray()
+    while len(out) < size:
+        if rnd.random() < 0.2:
+            out += rnd.randbytes(rnd.randint(1000, 30000))
+        else:
+            out += b" ".join(rnd.choices(words, k=2000))
+    return bytes(out[:size])
+
+
+DATA = _payload(1, 6_000_000)
+
+
+def _build(blob: bytes, chunk: int, span: int = 1 << 20) -> tuple[bytes, bytes]:
+    b = GzipIndexBuilder(span)
+    out = b"".join(b.feed(blob[i : i + chunk]) for i in range(0, len(blob), chunk))
+    return out, b.finish(len(blob))
+
+
+def _check_random_reads(blob: bytes, meta: bytes, data: bytes, n: int = 60) -> None:
+    r = GzipRandomReader(blob, meta)
+    rnd = random.Random(7)
+    for off, length in [(0, 100), (len(data) - 10, 100), *[(rnd.randrange(len(data)), rnd.randrange(1, 200_000))
+                                                            for _ in range(n)]]:
+        assert r.pread(off, length) == data[off : off + length], (off, length)
+
+
+def test_python_gzip_blob() -> None:
+    blob = gzip.compress(DATA, 6)
+    out, meta = _build(blob, 65536)
+    assert out == DATA
+    idx = GzipIndex.parse(meta)
+    h = idx.header
+    assert (h.span, h.window, h.index_size, h.gzip_file_size, h.index_file_size) == \
+        (1 << 20, 32768, 29, len(blob), len(meta))
+    assert h.uncompress_file_size == len(DATA)
+    assert idx.entries[0].de_pos == 0 and idx.entries[0].en_pos == 10  # after the 10-byte gzip header
+    # one access point per span crossed, each at or before its multiple of the span
+    assert len(idx.entries) == -(-len(DATA) // (1 << 20))
+    for k, e in enumerate(idx.entries):
+        assert e.de_pos <= k << 20 and (k == 0 or e.de_pos > (k - 1) << 20)
+    assert idx.window(0) == bytes(32768)  # zero-filled before the stream start
+    e = idx.entries[2]
+    assert idx.window(2) == DATA[e.de_pos - 32768 : e.de_pos]
+    _check_random_reads(blob, meta, DATA)
+
+
+def test_index_independent_of_chunking() -> None:
+    blob = gzip.compress(DATA[:2_500_000], 9)
+    metas = {_build(blob, chunk, span=65536)[1] for chunk in (997, 4096, 32768, 1 << 20)}
+    assert len(metas) == 1
+
+
+@pytest.mark.skipif(shutil.which("pigz") is None, reason="pigz not installed")
+def test_pigz_blob() -> None:
+    blob = subprocess.run(["pigz", "-c", "-6"], input=DATA, capture_output=True, check=True).stdout
+    out, meta = _build(blob, 100_000)
+    assert out == DATA
+    _check_random_reads(blob, meta, DATA)
+
+
+def test_multi_member() -> None:
+    cut = 2_000_000
+    blob = gzip.compress(DATA[:cut]) + gzip.compress(DATA[cut:4_000_000]) + gzip.compress(DATA[4_000_000:])
+    out, meta = _build(blob, 50_000)
+    assert out == DATA  # feed inflates every member
+    idx = GzipIndex.parse(meta)
+    assert idx.header.uncompress_file_size == cut  # only the first member is indexed
+    assert all(e.de_pos < cut for e in idx.entries)
+    _check_random_reads(blob, meta, DATA, n=20)  # reads continue across members
+
+
+def test_header_crc_and_layout() -> None:
+    _, meta = _build(gzip.compress(DATA[:300_000]), 4096)
+    assert meta[:8] == b"ddgzidx\x00" and meta[8] == 1 and meta[10] == 1 and meta[11] == 6
+    assert int.from_bytes(meta[329:333], "little") == raw_crc32c(meta[:329], 0)
+    idx = GzipIndex.parse(meta)
+    first = idx.entries[0]
+    assert first.win_pos == 333 and zlib.decompress(meta[333 : 333 + first.win_len]) == bytes(32768)
+
+
+def test_corrupt_meta_rejected() -> None:
+    _, meta = _build(gzip.compress(DATA[:300_000]), 4096)
+    bad = bytearray(meta)
+    bad[20] ^= 1
+    with pytest.raises(FormatError, match="CRC"):
+        GzipIndex.parse(bytes(bad))
+    with pytest.raises(FormatError, match="magic"):
+        GzipIndex.parse(b"x" + meta[1:])
+    with pytest.raises(FormatError):
+        GzipIndex.parse(meta[:-1])
+    with pytest.raises(FormatError, match="truncated"):
+        GzipIndex.parse(meta[:100])
+
+
+def test_corrupt_or_truncated_gzip() -> None:
+    blob = gzip.compress(DATA[:500_000])
+    b = GzipIndexBuilder()
+    b.feed(blob[: len(blob) // 2])
+    with pytest.raises(FormatError, match="truncated"):
+        b.finish(len(blob))
+    bad = bytearray(blob)
+    bad[len(bad) // 2 : len(bad) // 2 + 64] = bytes(64)
+    with pytest.raises(FormatError):
+        _build(bytes(bad), 65536)
+
+
+def test_span_minimum() -> None:
+    with pytest.raises(FormatError, match="span"):
+        gzindex.GzipIndexBuilder(span=1000)

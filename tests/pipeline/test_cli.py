@@ -1,0 +1,76 @@
+"""`obdconv convert` flags: names, defaults and precedence as in the reference convertor."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from obdconv.cli.convert import add_arguments, build_request
+from obdconv.cli.main import main
+from obdconv.errors import UnsupportedError, UsageError
+from obdconv.pipeline.request import ConversionRequest
+from obdconv.pipeline.validate import validate_request
+
+
+def parse(*argv: str) -> ConversionRequest:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return build_request(p.parse_args(list(argv)))
+
+
+def test_defaults_match_reference() -> None:
+    r = parse("-r", "localhost:5000/x", "-i", "t", "-o", "out")
+    assert r.overlaybd_tag == "out" and r.turbo_tag == ""
+    assert r.mkfs is True and r.vsize_gb == 64 and r.fstype == "ext4"
+    assert r.concurrency_limit == 4 and r.workdir == "tmp_conv"
+    assert not (r.oci or r.referrer or r.no_upload or r.reserve or r.dump_manifest)
+    assert r.algorithm == "lz4" and r.block_size == 4096
+
+
+def test_output_tag_ignored_when_format_tag_given() -> None:
+    r = parse("-r", "h:1/x", "-i", "t", "-o", "ignored", "--turboOCI", "tt")
+    assert r.overlaybd_tag == "" and r.turbo_tag == "tt"
+    r = parse("-r", "h:1/x", "-i", "t", "--fastoci", "old", "--turboOCI", "new", "--overlaybd", "n")
+    assert r.turbo_tag == "new" and r.overlaybd_tag == "n"
+    assert parse("-r", "h:1/x", "-i", "t", "--fastoci", "old").turbo_tag == "old"
+
+
+def test_bool_flags_take_explicit_values() -> None:
+    r = parse("-r", "h:1/x", "-i", "t", "-o", "o", "--mkfs=false", "--oci", "--plain=true", "--no-upload=1")
+    assert r.mkfs is False and r.oci is True and r.access.plain is True and r.no_upload is True
+    assert parse("-r", "h:1/x", "-i", "t", "-o", "o", "--referrer").oci is True  # --referrer forces --oci
+
+
+def test_repeatable_and_extra_flags() -> None:
+    r = parse("-r", "oci:/tmp/l", "-g", "sha256:" + "a" * 64, "-o", "o", "--platform", "linux/amd64",
+              "--platform", "linux/arm64", "--cert-dir", "/a", "--cert-dir", "/b", "--bs", "16",
+              "--algorithm", "zstd", "--output-repository", "oci:/tmp/out")
+    assert r.platforms == ["linux/amd64", "linux/arm64"]
+    assert r.access.cert_dir == ["/a", "/b"]
+    assert r.block_size == 16384 and r.algorithm == "zstd"
+    assert r.output_repository == "oci:/tmp/out"
+
+
+def test_unknown_db_type_falls_back_to_no_dedup() -> None:
+    assert parse("-r", "h:1/x", "-i", "t", "-o", "o", "--db-type", "postgres", "--db-str", "x").db_type == ""
+
+
+def test_validation_messages() -> None:
+    with pytest.raises(UsageError, match=r"one of input-tag \[-i\] or input-digest \[-g\] is required"):
+        validate_request(parse("-r", "h:1/x", "-o", "o"))
+    with pytest.raises(UsageError, match=r"output-tag is required, you can specify it by \[-o\|--overlaybd\|--turboOCI\]"):
+        validate_request(parse("-r", "h:1/x", "-i", "t"))
+    with pytest.raises(UnsupportedError, match="not supported"):
+        validate_request(parse("-r", "h:1/x", "-i", "t", "--turboOCI", "t", "--fstype", "erofs"))
+    with pytest.raises(UnsupportedError, match="not supported"):
+        validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--mkfs=false"))
+    with pytest.raises(UsageError, match="power of two"):
+        validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--bs", "12"))
+
+
+def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", "-r", "oci:/nonexistent", "-o", "o"]) == UsageError.exit_code
+    assert "input-tag" in capsys.readouterr().err
+    assert main(["convert", "-r", "oci:/nonexistent", "-i", "t", "-o", "o", "--mkfs=false"]) == UnsupportedError.exit_code
+    assert "not supported" in capsys.readouterr().err

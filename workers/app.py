@@ -1,0 +1,78 @@
+"""The Celery app of the fleet (`celery -A workers worker`, `celery -A workers flower`).
+
+Configured from config.settings (environment / optional TOML file). Reliability choices, and why:
+* `task_acks_late` + `task_reject_on_worker_lost`: a task is acknowledged only when it finished,
+  so a crashed pool process or worker hands its task back to the broker (tasks are idempotent).
+* `worker_prefetch_multiplier = 1`: a worker holds at most one waiting message per pool slot, so a
+  heavy layer never sits behind another heavy layer on a busy worker while others are idle.
+* Redis `visibility_timeout` is a *lease* (settings.lease_seconds) that the worker holding a
+  message renews while it runs (workers/lease.py). So no live task is ever redelivered however
+  long it takes (the effective timeout is above the longest task), and a dead worker's messages
+  are restored by the surviving workers' periodic sweep within lease + sweep interval (< 1 min).
+* Events on (`worker_send_task_events`, `task_send_sent_event`) so Flower sees every task.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import Settings, load_settings
+from workers.queues import CONTROL, TASK_ROUTES, shared_queues
+
+# How often surviving workers scan for expired leases (seconds); with throttle 1 every tick scans.
+UNACKED_RESTORE_INTERVAL = 5
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    transport_options = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,
+        # Fail fast when Redis vanishes instead of hanging on a dead socket.
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": {"socket_timeout": 30, "socket_connect_timeout": 5},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_queues": shared_queues(),
+        "task_default_queue": CONTROL,
+        "task_routes": TASK_ROUTES,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": max(1, settings.task_time_limit - 60),
+        "result_expires": settings.result_expires,
+        "result_extended": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    celery_app = Celery("obdconv", set_as_current=True)
+    celery_app.config_from_object(celery_config(settings))
+    celery_app.obdconv_settings = settings  # type: ignore[attr-defined]
+    # Registers the tasks (tasks/) and the worker start-up hooks (workers/startup.py).
+    celery_app.conf.imports = ("tasks.stages", "tasks.canvas", "workers.startup")
+    return celery_app
+
+
+def settings_of(celery_app: Celery) -> Settings:
+    return celery_app.obdconv_settings  # type: ignore[attr-defined,no-any-return]
+
+
+app = create_app()

@@ -1,0 +1,101 @@
+"""Leases on broker messages, worker liveness, and rescue of a dead worker's private queue.
+
+Why: Redis has no consumer-bound acknowledgements. kombu keeps every delivered, not yet acked
+message in the `unacked` hash with its delivery time in the `unacked_index` sorted set, and any
+worker's periodic sweep restores messages older than the visibility timeout. A long timeout would
+keep a dead worker's task waiting for hours; a short one would redeliver long tasks that are still
+running. So the worker holding a message renews its score (a lease) every lease/3 seconds: live
+tasks are never redelivered, a dead worker's tasks come back `lease_seconds` after it died.
+
+The same thread keeps `obdconv:alive:<nodename>` (TTL = lease) and moves messages waiting in the
+private queue (`worker.<nodename>`) of a worker whose alive key expired to the shared `assemble`
+queue, where any worker takes them (the assemble task re-prepares a layer whose spool is missing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import redis
+
+from workers.queues import ASSEMBLE, WORKER_QUEUE_PREFIX, owner_of_worker_queue
+
+log = logging.getLogger(__name__)
+
+ALIVE_KEY_PREFIX = "obdconv:alive:"
+UNACKED_INDEX_KEY = "unacked_index"  # kombu's default name (no global_keyprefix configured)
+
+
+def alive_key(nodename: str) -> str:
+    return ALIVE_KEY_PREFIX + nodename
+
+
+def is_worker_alive(client: redis.Redis, nodename: str) -> bool:
+    return bool(client.exists(alive_key(nodename)))
+
+
+def renew_leases(client: redis.Redis, delivery_tags: Iterable[str], now: float | None = None) -> int:
+    """Push the delivery time of held messages to `now` (only those still unacked: ZADD XX)."""
+    tags = list(delivery_tags)
+    if not tags:
+        return 0
+    stamp = time.time() if now is None else now
+    return int(client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, stamp), xx=True, ch=True))
+
+
+def rescue_orphaned_queues(client: redis.Redis, target_queue: str = ASSEMBLE) -> int:
+    """Move messages out of private queues whose owner is not alive. Returns how many moved."""
+    moved = 0
+    for raw_key in client.scan_iter(match=WORKER_QUEUE_PREFIX + "*", _type="list"):
+        queue = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        owner = owner_of_worker_queue(queue)
+        if owner is None or is_worker_alive(client, owner):
+            continue
+        # LMOVE is atomic, so a message is never lost between the two lists. kombu consumes from
+        # the right end; moving right -> left keeps them in FIFO order in the shared queue.
+        while client.lmove(queue, target_queue, "RIGHT", "LEFT") is not None:
+            moved += 1
+        if moved:
+            log.warning("moved %d waiting task(s) from %s (worker gone) to %s", moved, queue, target_queue)
+    return moved
+
+
+class LeaseKeeper:
+    """A daemon thread in the worker's main process: liveness, leases, orphan rescue."""
+
+    def __init__(self, broker_url: str, nodename: str, lease_seconds: int,
+                 held_delivery_tags: Callable[[], list[str]]) -> None:
+        self.client = redis.Redis.from_url(broker_url, socket_timeout=10, socket_connect_timeout=5)
+        self.nodename = nodename
+        self.lease_seconds = max(3, lease_seconds)
+        self.held_delivery_tags = held_delivery_tags
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="obdconv-lease", daemon=True)
+
+    def tick(self) -> None:
+        self.client.set(alive_key(self.nodename), str(time.time()), ex=self.lease_seconds)
+        renew_leases(self.client, self.held_delivery_tags())
+        rescue_orphaned_queues(self.client)
+
+    def _run(self) -> None:
+        period = self.lease_seconds / 3
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except redis.RedisError as e:  # broker briefly away: keep trying, the worker reconnects too
+                log.warning("lease keeper: %s", e)
+            self._stop.wait(period)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(alive_key(self.nodename))

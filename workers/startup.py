@@ -1,0 +1,70 @@
+"""Worker start-up hooks (imported by the worker through `app.conf.imports`).
+
+* after setup: the worker also consumes its private queue `worker.<nodename>` (assemble routing);
+* in the main process, once ready: the lease keeper (workers/lease.py);
+* in every pool process: the database (status records and dedup tables), opened after the fork
+  because database connections must not be shared across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+
+from workers.app import settings_of
+from workers.lease import LeaseKeeper
+from workers.queues import worker_queue
+
+log = logging.getLogger(__name__)
+
+_keeper: LeaseKeeper | None = None
+
+
+def spool_dir_for(base: str, nodename: str) -> Path:
+    """Each worker has its own spool: the prepared data it holds is what its private queue serves."""
+    return Path(base) / re.sub(r"[^A-Za-z0-9_.@-]", "_", nodename)
+
+
+@signals.celeryd_after_setup.connect
+def _consume_private_queue(sender: str, instance: Any, **_: Any) -> None:
+    instance.app.amqp.queues.select_add(worker_queue(sender))
+    log.info("worker %s also consumes %s", sender, worker_queue(sender))
+
+
+def _held_delivery_tags() -> list[str]:
+    from celery.worker import state
+
+    tags = []
+    for request in list(state.requests.values()):
+        message = getattr(request, "message", None)
+        tag = getattr(message, "delivery_tag", None)
+        if tag:
+            tags.append(str(tag))
+    return tags
+
+
+@signals.worker_ready.connect
+def _start_lease_keeper(sender: Any, **_: Any) -> None:
+    global _keeper
+    settings = settings_of(sender.app)
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return  # leases are a Redis-transport mechanism; other brokers have real consumer acks
+    _keeper = LeaseKeeper(settings.broker_url, sender.hostname, settings.lease_seconds,
+                          _held_delivery_tags).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_lease_keeper(**_: Any) -> None:
+    if _keeper is not None:
+        _keeper.stop()
+
+
+@signals.worker_process_init.connect
+def _open_database(**_: Any) -> None:
+    from tasks.context import open_worker_database
+
+    open_worker_database()
