@@ -38,21 +38,25 @@ def synth_layer(n_files: int, seed: int = 7) -> list[LayerEntry]:
         path = f"{parent}/dir{i:05d}" if parent else f"usr/dir{i:05d}"
         entries.append(LayerEntry(path, EntryType.DIR, 0o755, mtime_ns=1_700_000_000_000_000_000))
         dirs.append(path)
-    offset = 0
+    # Files grouped by directory, directories in tar (walk) order, as real layer tars list them.
+    per_dir: dict[str, list[int]] = {d: [] for d in dirs[1:]}
     for i in range(n_files):
-        d = rnd.choice(dirs[1:])
-        roll = rnd.random()
-        path = f"{d}/file-{i:06d}.{rnd.choice(['so', 'py', 'h', 'txt', 'pyc'])}"
-        if roll < 0.03:
-            entries.append(LayerEntry(path, EntryType.SYMLINK, 0o777, link_target=f"../lib/target-{i}.so"))
-        elif roll < 0.04 and entries[-1].type is EntryType.FILE:
-            entries.append(LayerEntry(path, EntryType.HARDLINK, 0o644, link_target=entries[-1].path))
-        else:
-            size = min(int(rnd.lognormvariate(7.6, 1.6)), 4 << 20)
-            xattrs = [("security.capability", bytes(20))] if roll > 0.995 else []
-            entries.append(LayerEntry(path, EntryType.FILE, 0o644, uid=0, gid=0, mtime_ns=1_700_000_000_000_000_000 + i,
-                                      size=size, xattrs=xattrs, data_offset=offset))
-            offset += (size + 4095) & ~4095
+        per_dir[rnd.choice(dirs[1:])].append(i)
+    offset = 0
+    for d, numbers in per_dir.items():
+        for i in numbers:
+            roll = rnd.random()
+            path = f"{d}/file-{i:06d}.{rnd.choice(['so', 'py', 'h', 'txt', 'pyc'])}"
+            if roll < 0.03:
+                entries.append(LayerEntry(path, EntryType.SYMLINK, 0o777, link_target=f"../lib/target-{i}.so"))
+            elif roll < 0.04 and entries[-1].type is EntryType.FILE:
+                entries.append(LayerEntry(path, EntryType.HARDLINK, 0o644, link_target=entries[-1].path))
+            else:
+                size = min(int(rnd.lognormvariate(7.6, 1.6)), 4 << 20)
+                xattrs = [("security.capability", bytes(20))] if roll > 0.995 else []
+                entries.append(LayerEntry(path, EntryType.FILE, 0o644, mtime_ns=1_700_000_000_000_000_000 + i,
+                                          size=size, xattrs=xattrs, data_offset=offset))
+                offset += (size + 4095) & ~4095
     return entries
 
 

@@ -53,6 +53,7 @@ class LocalFleet:
     flower_port: int = 0
     db_type: str = "sqlite"
     db_str: str = ""
+    flower: bool = True
     children: list[Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -98,10 +99,11 @@ class LocalFleet:
         for i in range(1, self.workers + 1):
             self._spawn(f"worker{i}", [sys.executable, "-m", "obdconv", "worker", "--hostname", f"w{i}@%h",
                                        "--concurrency", str(self.concurrency)])
-        self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower",
-                               "--address=127.0.0.1", f"--port={self.flower_port}",
-                               f"--basic-auth={self.flower_user}:{self.flower_password}"],
-                    ready_port=self.flower_port)
+        if self.flower:
+            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower",
+                                   "--address=127.0.0.1", f"--port={self.flower_port}",
+                                   f"--basic-auth={self.flower_user}:{self.flower_password}"],
+                        ready_port=self.flower_port)
         self.wait_for_workers()
         return self
 

@@ -10,9 +10,13 @@ line, so the password stays out of `ps`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
 DB_STR_ENV = "OBDCONV_DB_STR"
+# Modules of other areas whose models live in the dedup database (`register_model`): imported so
+# `db init` creates their tables too.
+REGISTERING_MODULES = ("obdconv.status",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +39,12 @@ def run_init(args: argparse.Namespace) -> int:
     from obdconv.dedup.store import DB_ERRORS
     from obdconv.errors import DatabaseError
 
+    for name in REGISTERING_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real import error inside the module: surface it
+                raise
     config = parse_db_config(args.db_type, args.db_str or os.environ.get(DB_STR_ENV, ""))
     db = connect_database(config)
     database.initialize(db)

@@ -120,7 +120,7 @@ def _follow(request_id: str, timeout: float | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(final, indent=2, sort_keys=True))
     else:
-        print(format_status(final))
+        print(format_status(final), flush=True)  # the result goes to stdout (progress went to stderr)
     return _exit_code(final)
 
 
@@ -182,6 +182,9 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         app.conf.broker_url = fleet.env()["OBDCONV_BROKER_URL"]
         app.conf.result_backend = fleet.env()["OBDCONV_RESULT_BACKEND"]
         print(f"flower: {fleet.flower_url()}/", flush=True)
+        print("to use this fleet from another shell:", flush=True)
+        for name, value in fleet.env().items():
+            print(f"  export {name}={value}", flush=True)
         layout = directory / "images"
         build_sample_image(layout, "sample", layers=args.layers)
         request = ConversionRequest(f"oci:{layout}", input_tag="sample", overlaybd_tag="sample-obd")
@@ -192,6 +195,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         print(f"submitted {request_id}", flush=True)
         code = _follow(request_id, args.timeout, False)
         print(f"converted in {time.monotonic() - started:.1f}s", flush=True)
+        if code == 0:  # read the result back and compare its filesystem with the source image
+            import subprocess
+
+            code = subprocess.run([sys.executable, "-m", "obdconv", "verify", f"oci:{layout}:sample-obd",
+                                   "--source", f"oci:{layout}:sample"]).returncode
         if args.keep_running and code == 0:
             print("fleet running; Ctrl-C stops it", flush=True)
             while True:

@@ -70,8 +70,13 @@ def init_schema(db: peewee.Database) -> int:
             for statement in split_statements(sql):
                 db.execute_sql(statement)
         # Future migrations from `current` to SCHEMA_VERSION go here, one step per version.
+    create_registered_tables(db)
+    return SCHEMA_VERSION
+
+
+def create_registered_tables(db: peewee.Database) -> None:
+    """Tables of models other areas `register_model`ed (e.g. the fleet's status records); idempotent."""
     extra = registered_models()
     if extra:
         db.create_tables(extra, safe=True)
-    return SCHEMA_VERSION
 

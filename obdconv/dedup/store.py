@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import peewee
 import pymysql
@@ -35,7 +35,7 @@ import pymysql
 from obdconv.dedup import claims
 from obdconv.dedup.db import DatabaseConfig, connect_database, database, dialect, parse_db_config
 from obdconv.dedup.models import ProfileLayer, ProfileManifest, ReferenceLayer, ReferenceManifest
-from obdconv.dedup.schema import SCHEMA_VERSION, init_schema, schema_version
+from obdconv.dedup.schema import SCHEMA_VERSION, create_registered_tables, init_schema, schema_version
 from obdconv.errors import DatabaseError
 from obdconv.pipeline.request import ConversionProfile
 
@@ -111,6 +111,28 @@ def _check_digest(name: str, value: str) -> None:
         raise ValueError(f"dedup {name} must look like 'sha256:<hex>', got {value[:80]!r}")
 
 
+# `{p}` is the driver's parameter marker. "Mirrored" = a reference-table row obdconv wrote itself under
+# another profile key (another engine version): not a reference result, so not reused.
+_OUR_LAYER = ("SELECT data_digest, data_size FROM obdconv_layers "
+              "WHERE host = {p} AND repo = {p} AND chain_id = {p} AND profile = {p}")
+_REF_LAYER = "SELECT data_digest, data_size FROM overlaybd_layers WHERE host = {p} AND repo = {p} AND chain_id = {p}"
+_MIRRORED_LAYER = ("SELECT 1 FROM obdconv_layers WHERE host = {p} AND repo = {p} AND chain_id = {p} "
+                   "AND data_digest = {p} AND profile <> {p} LIMIT 1")
+_OUR_LAYERS_ON_HOST = ("SELECT repo, data_digest, data_size FROM obdconv_layers "
+                       "WHERE host = {p} AND chain_id = {p} AND profile = {p} ORDER BY repo")
+_REF_LAYERS_ON_HOST = "SELECT repo, data_digest, data_size FROM overlaybd_layers WHERE host = {p} AND chain_id = {p} ORDER BY repo"
+_OUR_MANIFEST = ("SELECT out_digest, data_size FROM obdconv_manifests "
+                 "WHERE host = {p} AND repo = {p} AND src_digest = {p} AND mediatype = {p} AND profile = {p}")
+_REF_MANIFEST = ("SELECT out_digest, data_size FROM overlaybd_manifests "
+                 "WHERE host = {p} AND repo = {p} AND src_digest = {p} AND mediatype = {p}")
+_MIRRORED_MANIFEST = ("SELECT 1 FROM obdconv_manifests WHERE host = {p} AND repo = {p} AND src_digest = {p} "
+                      "AND mediatype = {p} AND out_digest = {p} AND profile <> {p} LIMIT 1")
+_OUR_MANIFESTS_ON_HOST = ("SELECT repo, out_digest, data_size FROM obdconv_manifests "
+                          "WHERE host = {p} AND src_digest = {p} AND mediatype = {p} AND profile = {p} ORDER BY repo")
+_REF_MANIFESTS_ON_HOST = ("SELECT repo, out_digest, data_size FROM overlaybd_manifests "
+                          "WHERE host = {p} AND src_digest = {p} AND mediatype = {p} ORDER BY repo")
+
+
 class DedupStore:
     """See the module docstring. Create with `open_store`. Thread-safe (peewee keeps one connection
     per thread). Binds the process-wide `obdconv.dedup.db.database` proxy: one open store per process."""
@@ -152,6 +174,8 @@ class DedupStore:
         if not self._schema_ready:
             if schema_version(self._db) != SCHEMA_VERSION:
                 init_schema(self._db)
+            else:
+                create_registered_tables(self._db)
             self._schema_ready = True
 
     def _mark_down(self, what: str, err: BaseException) -> None:
@@ -220,43 +244,40 @@ class DedupStore:
 
     # --- layers ----------------------------------------------------------------------------------
 
+    # Lookups are plain SQL (the reference's own query shapes): peewee's query builder cost ~1 ms of
+    # CPU per lookup, 20x the query itself on SQLite.
+
+    @staticmethod
+    def _rows(template: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        sql = template.replace("{p}", "%s" if dialect(database) == "mysql" else "?")
+        return list(database.execute_sql(sql, params).fetchall())
+
     def get_layer(self, host: str, repo: str, chain_id: str, profile: ConversionProfile) -> LayerRecord | None:
         """The converted layer recorded for `repo` (no registry check: see lookup.find_converted_layer)."""
         def query() -> LayerRecord | None:
             key = profile.key()
-            row = ProfileLayer.get_or_none((ProfileLayer.host == host) & (ProfileLayer.repo == repo)
-                                           & (ProfileLayer.chain_id == chain_id) & (ProfileLayer.profile == key))
-            if row is not None:
-                return LayerRecord(host, repo, chain_id, row.data_digest, int(row.data_size))
+            for digest, size in self._rows(_OUR_LAYER, (host, repo, chain_id, key)):
+                return LayerRecord(host, repo, chain_id, digest, int(size))
             if not uses_reference_tables(profile):
                 return None
-            ref = ReferenceLayer.get_or_none((ReferenceLayer.host == host) & (ReferenceLayer.repo == repo)
-                                             & (ReferenceLayer.chain_id == chain_id))
-            if ref is None or self._layer_mirrored_elsewhere(ref.host, ref.repo, chain_id, ref.data_digest, key):
-                return None
-            return LayerRecord(host, repo, chain_id, ref.data_digest, int(ref.data_size), from_reference=True)
+            for digest, size in self._rows(_REF_LAYER, (host, repo, chain_id)):
+                if not self._rows(_MIRRORED_LAYER, (host, repo, chain_id, digest, key)):
+                    return LayerRecord(host, repo, chain_id, digest, int(size), from_reference=True)
+            return None
         return self._run("layer lookup", query, None)
-
-    @staticmethod
-    def _layer_mirrored_elsewhere(host: str, repo: str, chain_id: str, digest: str, key: str) -> bool:
-        return ProfileLayer.select().where(
-            (ProfileLayer.host == host) & (ProfileLayer.repo == repo) & (ProfileLayer.chain_id == chain_id)
-            & (ProfileLayer.data_digest == digest) & (ProfileLayer.profile != key)).exists()
 
     def layers_on_host(self, host: str, chain_id: str, profile: ConversionProfile) -> list[LayerRecord]:
         """Every repository on `host` holding a conversion of `chain_id` (ours first, by repo name)."""
         def query() -> list[LayerRecord]:
             key = profile.key()
-            out = [LayerRecord(r.host, r.repo, chain_id, r.data_digest, int(r.data_size))
-                   for r in ProfileLayer.select().where((ProfileLayer.host == host) & (ProfileLayer.chain_id == chain_id)
-                                                        & (ProfileLayer.profile == key)).order_by(ProfileLayer.repo)]
+            out = [LayerRecord(host, repo, chain_id, digest, int(size))
+                   for repo, digest, size in self._rows(_OUR_LAYERS_ON_HOST, (host, chain_id, key))]
             if uses_reference_tables(profile):
                 seen = {r.repo for r in out}
-                for r in ReferenceLayer.select().where((ReferenceLayer.host == host)
-                                                       & (ReferenceLayer.chain_id == chain_id)).order_by(ReferenceLayer.repo):
-                    if r.repo in seen or self._layer_mirrored_elsewhere(r.host, r.repo, chain_id, r.data_digest, key):
+                for repo, digest, size in self._rows(_REF_LAYERS_ON_HOST, (host, chain_id)):
+                    if repo in seen or self._rows(_MIRRORED_LAYER, (host, repo, chain_id, digest, key)):
                         continue
-                    out.append(LayerRecord(r.host, r.repo, chain_id, r.data_digest, int(r.data_size), True))
+                    out.append(LayerRecord(host, repo, chain_id, digest, int(size), from_reference=True))
             return out
         return self._run("cross-repo layer lookup", query, [])
 
@@ -303,49 +324,29 @@ class DedupStore:
                      referrer: bool = False) -> ManifestRecord | None:
         def query() -> ManifestRecord | None:
             key = manifest_profile_key(profile, referrer)
-            row = ProfileManifest.get_or_none(
-                (ProfileManifest.host == host) & (ProfileManifest.repo == repo) & (ProfileManifest.src_digest == src_digest)
-                & (ProfileManifest.mediatype == media_type) & (ProfileManifest.profile == key))
-            if row is not None:
-                return ManifestRecord(host, repo, src_digest, media_type, row.out_digest, int(row.data_size))
+            for digest, size in self._rows(_OUR_MANIFEST, (host, repo, src_digest, media_type, key)):
+                return ManifestRecord(host, repo, src_digest, media_type, digest, int(size))
             if referrer or not uses_reference_tables(profile):
                 return None
-            ref = ReferenceManifest.get_or_none(
-                (ReferenceManifest.host == host) & (ReferenceManifest.repo == repo)
-                & (ReferenceManifest.src_digest == src_digest) & (ReferenceManifest.mediatype == media_type))
-            if ref is None or self._manifest_mirrored_elsewhere(ref.host, ref.repo, src_digest, media_type,
-                                                                ref.out_digest, key):
-                return None
-            return ManifestRecord(host, repo, src_digest, media_type, ref.out_digest, int(ref.data_size), True)
+            for digest, size in self._rows(_REF_MANIFEST, (host, repo, src_digest, media_type)):
+                if not self._rows(_MIRRORED_MANIFEST, (host, repo, src_digest, media_type, digest, key)):
+                    return ManifestRecord(host, repo, src_digest, media_type, digest, int(size), from_reference=True)
+            return None
         return self._run("manifest lookup", query, None)
-
-    @staticmethod
-    def _manifest_mirrored_elsewhere(host: str, repo: str, src_digest: str, media_type: str, out_digest: str,
-                                     key: str) -> bool:
-        return ProfileManifest.select().where(
-            (ProfileManifest.host == host) & (ProfileManifest.repo == repo) & (ProfileManifest.src_digest == src_digest)
-            & (ProfileManifest.mediatype == media_type) & (ProfileManifest.out_digest == out_digest)
-            & (ProfileManifest.profile != key)).exists()
 
     def manifests_on_host(self, host: str, src_digest: str, media_type: str, profile: ConversionProfile,
                           referrer: bool = False) -> list[ManifestRecord]:
         def query() -> list[ManifestRecord]:
             key = manifest_profile_key(profile, referrer)
-            out = [ManifestRecord(r.host, r.repo, src_digest, media_type, r.out_digest, int(r.data_size))
-                   for r in ProfileManifest.select().where(
-                       (ProfileManifest.host == host) & (ProfileManifest.src_digest == src_digest)
-                       & (ProfileManifest.mediatype == media_type) & (ProfileManifest.profile == key)
-                   ).order_by(ProfileManifest.repo)]
+            out = [ManifestRecord(host, repo, src_digest, media_type, digest, int(size))
+                   for repo, digest, size in self._rows(_OUR_MANIFESTS_ON_HOST, (host, src_digest, media_type, key))]
             if uses_reference_tables(profile) and not referrer:
                 seen = {r.repo for r in out}
-                for r in ReferenceManifest.select().where(
-                        (ReferenceManifest.host == host) & (ReferenceManifest.src_digest == src_digest)
-                        & (ReferenceManifest.mediatype == media_type)).order_by(ReferenceManifest.repo):
-                    if r.repo in seen or self._manifest_mirrored_elsewhere(r.host, r.repo, src_digest, media_type,
-                                                                           r.out_digest, key):
+                for repo, digest, size in self._rows(_REF_MANIFESTS_ON_HOST, (host, src_digest, media_type)):
+                    if repo in seen or self._rows(_MIRRORED_MANIFEST, (host, repo, src_digest, media_type, digest, key)):
                         continue
-                    out.append(ManifestRecord(r.host, r.repo, src_digest, media_type, r.out_digest,
-                                              int(r.data_size), True))
+                    out.append(ManifestRecord(host, repo, src_digest, media_type, digest, int(size),
+                                              from_reference=True))
             return out
         return self._run("cross-repo manifest lookup", query, [])
 
@@ -440,6 +441,8 @@ def open_store(db_type: str, db_str: str, required: bool = False, *, create_sche
                 raise DatabaseError(f"dedup database {config.describe()} has no obdconv schema "
                                     f"(run `obdconv db init`)")
             init_schema(db)
+        else:
+            create_registered_tables(db)
         store._schema_ready = True
     except DB_ERRORS as e:
         if required:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ XATTR_PREFIXES = ("user.", "trusted.", "security.")
 XATTR_SYSTEM_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 # Room in one external EA block: 32-byte header, 4-byte end marker; per entry 16 bytes + padded name/value.
 XATTR_BLOCK_ROOM = BLOCK_SIZE - 32 - 4
+_BAD_COMPONENTS = frozenset(("", ".", ".."))
 
 _FTYPE = {
     EntryType.FILE: L.EXT2_FT_REG_FILE, EntryType.DIR: L.EXT2_FT_DIR, EntryType.SYMLINK: L.EXT2_FT_SYMLINK,
@@ -78,11 +80,16 @@ def validate_entries(entries: Sequence[LayerEntry]) -> None:
             pass  # the root directory itself (the scanner reports "./" this way)
         elif not e.path or e.path.startswith("/") or "\0" in e.path:
             raise UnsafePathError(f"{where}: path must be relative, non-empty, without NUL")
-        for comp in e.path.split("/") if e.path != "." else ():
-            if comp in ("", ".", ".."):
-                raise UnsafePathError(f"{where}: path is not clean (component {comp!r})")
-            if len(encode_name(comp)) > MAX_NAME:
-                raise BadInputError(f"{where}: name longer than {MAX_NAME} bytes")
+        comps = e.path.split("/") if e.path != "." else []
+        if not _BAD_COMPONENTS.isdisjoint(comps):
+            raise UnsafePathError(f"{where}: path is not clean (empty, '.' or '..' component)")
+        if len(e.path) > MAX_NAME and any(len(encode_name(c)) > MAX_NAME for c in comps):
+            raise BadInputError(f"{where}: a name is longer than {MAX_NAME} bytes")
+        if e.type is EntryType.FILE and not e.xattrs and e.size >= 0 and 0 <= e.uid < 1 << 32 \
+                and 0 <= e.gid < 1 << 32 and 0 <= e.mode <= 0o7777:
+            continue  # the common case: nothing more to check
+        if any(len(encode_name(c)) > MAX_NAME for c in comps):
+            raise BadInputError(f"{where}: a name is longer than {MAX_NAME} bytes")
         if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
             raise BadInputError(f"{where}: uid/gid {e.uid}:{e.gid} out of the 32-bit range")
         if not 0 <= e.mode <= 0o7777:
@@ -230,10 +237,13 @@ class _LayerApply:
         self.dirs = dirs
         self.entries = entries
         self.live_files: dict[int, int] = {}  # inode -> index of the FILE entry that created it
+        self.known_extents: dict[int, list[Extent]] = {}  # inode -> extents read at creation
         self.dir_entries: dict[int, int] = {}  # inode -> index of the last DIR entry for it
         self.dir_cache: dict[str, int] = {"": ROOT}  # directory path -> inode, within this layer
         self.touched: set[str] = set()  # paths of entries applied in this layer
         self.touched_parents: set[str] = set()  # their ancestor directories
+        # Only opaque markers need to know what this layer touched; skip the bookkeeping otherwise.
+        self.track_touched = any(e.type is EntryType.OPAQUE for e in entries)
         self.inode = L.Ext2InodeLarge()
         self.ino = L.ext2_ino_t()
         self.where = ""
@@ -255,7 +265,8 @@ class _LayerApply:
     def file_extents(self) -> list[tuple[int, list[Extent]]]:
         out = []
         for ino, index in sorted(self.live_files.items(), key=lambda kv: kv[1]):
-            out.append((index, self.extents_of(ino)))
+            extents = self.known_extents.get(ino)
+            out.append((index, extents if extents is not None else self.extents_of(ino)))
         return out
 
     def apply_entry(self, i: int, e: LayerEntry) -> None:
@@ -310,6 +321,8 @@ class _LayerApply:
             raise UnsafePathError(f"{self.where}: unsupported entry type {e.type}")
 
     def mark_touched(self, path: str) -> None:
+        if not self.track_touched:
+            return
         self.touched.add(path)
         while "/" in path:
             path = path.rsplit("/", 1)[0]
@@ -398,11 +411,14 @@ class _LayerApply:
         inode.i_block[1] = 4
         fields.set_size(inode, e.size)  # before fallocate: blocks past EOF would come out uninit
         nblocks = (e.size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        self.write_inode(ino, inode)
         if nblocks:
+            # fallocate works on our buffer and writes its first 128 bytes; the full write follows.
             L.check(L.lib.ext2fs_fallocate(self.fs, L.EXT2_FALLOCATE_FORCE_INIT, ino, ctypes.byref(inode),
                                            NO_GOAL, 0, nblocks), "ext2fs_fallocate", self.where)
-            self.write_inode(ino, inode)  # fallocate wrote only the first 128 bytes
+        self.write_inode(ino, inode)
+        extents = _root_extents(inode)
+        if extents is not None:
+            self.known_extents[ino] = extents
         self.dirs.add(parent, name, ino, L.EXT2_FT_REG_FILE)
         self.set_xattrs(ino, e, replace=False)
         return ino
@@ -523,6 +539,7 @@ class _LayerApply:
         self.write_inode(ino, inode)
         L.lib.ext2fs_inode_alloc_stats2(self.fs, ino, -1, 1 if ftype == L.EXT2_FT_DIR else 0)
         self.live_files.pop(ino, None)
+        self.known_extents.pop(ino, None)
 
     def opaque(self, dir_ino: int, path: str) -> None:
         """Hide lower children of `path`: keep what this layer put there (and the way to it)."""
@@ -560,6 +577,27 @@ class _LayerApply:
         finally:
             L.lib.ext2fs_extent_free(handle)
         return out
+
+
+_EXT_HEADER = struct.Struct("<HHHHI")  # ext3_extent_header: magic, entries, max, depth, generation
+_EXT_LEAF = struct.Struct("<IHHI")  # ext3_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
+_EXT_INIT_MAX_LEN = 1 << 15  # ee_len above this marks an uninitialised extent
+
+
+def _root_extents(inode: L.Ext2InodeLarge) -> list[Extent] | None:
+    """Extents straight from the inode's i_block when the tree is only its root (depth 0), which
+    is every file of up to 4 extents; None for deeper trees (read those through libext2fs)."""
+    raw = ctypes.string_at(ctypes.addressof(inode) + L.Ext2InodeLarge.i_block.offset, 60)
+    magic, entries, _, depth, _ = _EXT_HEADER.unpack_from(raw, 0)
+    if magic != L.EXT3_EXT_MAGIC or depth != 0:
+        return None
+    out = []
+    for k in range(entries):
+        lblk, length, hi, lo = _EXT_LEAF.unpack_from(raw, 12 + 12 * k)
+        if length > _EXT_INIT_MAX_LEN:
+            return None  # uninitialised: let extents_of() report it
+        out.append(Extent(lblk, (hi << 32) | lo, length))
+    return out
 
 
 def _xattr_names(h: int) -> list[bytes]:

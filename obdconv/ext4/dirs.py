@@ -34,7 +34,10 @@ class DirIndex:
     def __init__(self) -> None:
         self.fs = 0  # the open ext2_filsys handle; set by the builder for each pass
         self._names: dict[int, dict[bytes, tuple[int, int]]] = {}
-        self._tail: dict[int, tuple[int, int]] = {}  # dir -> (pblk of last block, offset of last entry)
+        # dir -> (pblk of its last block, offset of that block's last entry, the block's bytes).
+        # Keeping the bytes saves a read per append: only we change that block until the tail is
+        # dropped (unlink) or replaced (expand_dir).
+        self._tail: dict[int, tuple[int, int, bytearray]] = {}
         self._buf = ctypes.create_string_buffer(BLOCK_SIZE)
         self._inode = L.Ext2InodeLarge()
         self._pblk = L.blk64_t()
@@ -83,7 +86,7 @@ class DirIndex:
             rc = L.lib.ext2fs_link(self.fs, dir_ino, name, ino, ftype)
         L.check(rc, "ext2fs_link", name.decode(errors="replace"))
 
-    def _find_tail(self, dir_ino: int) -> tuple[int, int] | None:
+    def _find_tail(self, dir_ino: int) -> tuple[int, int, bytearray] | None:
         inode = self._inode
         L.check(L.lib.ext2fs_read_inode_full(self.fs, dir_ino, ctypes.byref(inode), L.EXT2_INODE_SIZE),
                 "ext2fs_read_inode_full", f"directory inode {dir_ino}")
@@ -107,28 +110,26 @@ class DirIndex:
             if off + rec_len == BLOCK_SIZE:
                 break
             off += rec_len
-        tail = (pblk, off)
+        tail = (pblk, off, bytearray(self._buf.raw))
         self._tail[dir_ino] = tail
         return tail
 
-    def _append(self, dir_ino: int, tail: tuple[int, int], name: bytes, ino: int, ftype: int) -> bool:
+    def _append(self, dir_ino: int, tail: tuple[int, int, bytearray], name: bytes, ino: int, ftype: int) -> bool:
         """Put the entry into the last block if it fits; False if the block is full."""
-        pblk, off = tail
-        buf = self._buf
-        L.check(L.lib.ext2fs_read_dir_block4(self.fs, pblk, buf, 0, dir_ino), "ext2fs_read_dir_block4")
-        last_ino, rec_len, last_name_len, last_type = _DIRENT.unpack_from(buf, off)
+        pblk, off, block = tail
+        last_ino, rec_len, last_name_len, last_type = _DIRENT.unpack_from(block, off)
         used = dirent_size(last_name_len) if last_ino else 0
         need = dirent_size(len(name))
         if rec_len - used < need:
             return False
         if used:
-            _DIRENT.pack_into(buf, off, last_ino, used, last_name_len, last_type)
+            _DIRENT.pack_into(block, off, last_ino, used, last_name_len, last_type)
             new_off = off + used
         else:
             new_off = off
-        _DIRENT.pack_into(buf, new_off, ino, rec_len - used, len(name), ftype)
-        ctypes.memmove(ctypes.addressof(buf) + new_off + 8, name, len(name))
-        ctypes.memset(ctypes.addressof(buf) + new_off + 8 + len(name), 0, need - 8 - len(name))
-        L.check(L.lib.ext2fs_write_dir_block4(self.fs, pblk, buf, 0, dir_ino), "ext2fs_write_dir_block4")
-        self._tail[dir_ino] = (pblk, new_off)
+        _DIRENT.pack_into(block, new_off, ino, rec_len - used, len(name), ftype)
+        block[new_off + 8:new_off + need] = name.ljust(need - 8, b"\0")
+        view = (ctypes.c_char * BLOCK_SIZE).from_buffer(block)  # no copy: libext2fs reads our bytes
+        L.check(L.lib.ext2fs_write_dir_block4(self.fs, pblk, view, 0, dir_ino), "ext2fs_write_dir_block4")
+        self._tail[dir_ino] = (pblk, new_off, block)
         return True

@@ -197,7 +197,8 @@ class _SystemLZ4:
         if cffi is not None:
             self.ffi = cffi.FFI()
             self.ffi.cdef("int LZ4_compress_default(const char* src, char* dst, int srcSize, int dstCapacity);"
-                          "int LZ4_compressBound(int inputSize);")
+                          "int LZ4_compressBound(int inputSize);"
+                          "int LZ4_decompress_safe(const char* src, char* dst, int srcSize, int dstCapacity);")
             self.lib = self.ffi.dlopen(name)
         else:
             self.ffi = None
@@ -238,6 +239,32 @@ class _SystemLZ4:
             append(bytes(mv[pos : pos + size + CRC_SIZE]))
             pos += bound
         return out
+
+
+    def decompress_range_into(self, stored: bytes | memoryview, offsets: Sequence[int], base: int, first: int,
+                              last: int, out: bytearray, out_pos: int, block_size: int, verify: bool) -> int:
+        """Decode LZ4 blocks [first, last) straight into `out` (no per-block objects); returns the
+        index of the first block that failed its CRC or did not decode to a full block, or `last`.
+        Only with cffi; callers fall back to the python-lz4 loop otherwise."""
+        assert self.ffi is not None
+        src = self.ffi.from_buffer(stored)
+        dst = self.ffi.from_buffer(out)
+        mv = memoryview(stored)
+        dec = self.lib.LZ4_decompress_safe
+        crc = _crc32c.crc32c
+        unpack_from = _U32.unpack_from
+        seed = _STD_BLOCK_SEED
+        for i in range(first, last):
+            a, b = offsets[i] - base, offsets[i + 1] - base
+            if verify:
+                b -= CRC_SIZE
+                if crc(mv[a:b], seed) ^ _MASK != unpack_from(stored, b)[0]:
+                    return i
+            want = min(block_size, len(out) - out_pos)
+            if dec(src + a, dst + out_pos, b - a, want) != want:
+                return i
+            out_pos += want
+        return last
 
 
 _lz4 = _SystemLZ4()
@@ -594,6 +621,8 @@ class ZFileReader:
         stored = self._src.pread(base, self.offsets[last] - base)
         if len(stored) != self.offsets[last] - base:
             raise FormatError("ZFile truncated inside the block area")
+        if self.algo == ALGO_LZ4 and _lz4.ffi is not None:
+            return self._lz4_into(first, last, stored, base)
         mv = memoryview(stored)
         batch = 256
         if self.threads <= 1 or last - first <= batch:
@@ -602,6 +631,29 @@ class ZFileReader:
         futures = [pool.submit(self._decode_range, s, mv, base, min(s + batch, last))
                    for s in range(first, last, batch)]
         return b"".join(itertools.chain.from_iterable(f.result() for f in futures))
+
+    def _lz4_into(self, first: int, last: int, stored: bytes, base: int) -> bytes:
+        raw_end = min(last * self.block_size, self.size)
+        out = bytearray(raw_end - first * self.block_size)
+        batch = 1024
+        starts = list(range(first, last, batch))
+
+        def run(s: int) -> int:
+            e = min(s + batch, last)
+            return _lz4.decompress_range_into(stored, self.offsets, base, s, e, out,
+                                              (s - first) * self.block_size, self.block_size, self.verify_crc)
+
+        if self.threads <= 1 or len(starts) == 1:
+            results = [run(s) for s in starts]
+        else:
+            results = list(_shared_pool(self.threads).map(run, starts))
+        for s, stop in zip(starts, results, strict=True):
+            if stop != min(s + batch, last):
+                a, b = self.offsets[stop] - base, self.offsets[stop + 1] - base
+                decompress_block(self.algo, stored[a:b], self.raw_block_size(stop), self.verify_crc,
+                                 f"ZFile block {stop}")
+                raise FormatError(f"ZFile block {stop}: cannot decode")
+        return bytes(out)
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:

@@ -151,24 +151,22 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def parse_number(field: bytes, what: str, entry: str) -> int:
+def parse_number(field: bytes, what: str, entry: str | bytes) -> int:
     """A numeric header field: octal (NUL/space padded) or GNU base-256 (first byte & 0x80)."""
-    try:
-        # fast path: NUL/space-terminated octal, as nearly every writer produces
-        return int(field.partition(b"\x00")[0] or b"0", 8)
-    except ValueError:
-        pass
-    if field and field[0] & 0x80:
+    text = field.partition(b"\x00")[0].strip(b" ")
+    if text.isdigit():  # ASCII digits only: no sign, underscore or prefix that int() would accept
+        try:
+            return int(text, 8)
+        except ValueError:  # an 8 or a 9
+            pass
+    elif not text:
+        return 0
+    elif field[0] & 0x80:
         if field[0] & 0x40:  # negative, two's complement over the whole field (Go's encoding)
             return int.from_bytes(field, "big", signed=True)
         return int.from_bytes(field, "big") - (1 << (8 * len(field) - 1))
-    text = _cstr(field).strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise FormatError(f"tar entry {entry!r}: bad {what} field {field!r}") from None
+    label = _decode(entry) if isinstance(entry, bytes) else entry
+    raise FormatError(f"tar entry {label!r}: bad {what} field {field!r}")
 
 
 def parse_pax_time(value: bytes, entry: str) -> int:

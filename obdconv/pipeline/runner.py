@@ -30,13 +30,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from obdconv.dedup.store import open_store
 from obdconv.errors import BadInputError, ObdconvError
 from obdconv.pipeline.assemble import ConvertedLayer, assemble_layer
 from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
+from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
 from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
 from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
 from obdconv.pipeline.request import ConversionProfile, ConversionRequest
+from obdconv.pipeline.reuse import Reuse
 from obdconv.pipeline.validate import validate_request
 from obdconv.registry import RegistryOptions, open_repository
 
@@ -155,11 +158,18 @@ def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, 
     return prepared.to_dict(), time.monotonic() - start
 
 
-def task_metadata(prepared: list[dict[str, Any]], vsize_gb: int, chain_ids: list[str],
-                  workdir: str) -> tuple[list[bytes], float]:
+def task_metadata(prepared: list[dict[str, Any]], vsize_gb: int, chain_ids: list[str], workdir: str,
+                  parents: dict[str, Any] | None = None,
+                  options: RegistryOptions | None = None) -> tuple[list[bytes], float]:
+    """`parents` (dedup hit below): {"repository", "format", "layers": converted digests,
+    "sources": source layer digests} - read back and applied on top of instead of mkfs."""
     start = time.monotonic()
     layers = [PreparedLayer.from_dict(p) for p in prepared]
-    metadata = build_metadata(layers, vsize_gb, chain_ids, workdir)
+    device = None
+    if parents is not None:
+        device = read_back_parents(_repo(parents["repository"], options), parents["format"], parents["layers"],
+                                   parents["sources"], Path(workdir) / "parents")
+    metadata = build_metadata(layers, vsize_gb, chain_ids, workdir, parents=device)
     return [encode_metadata(m) for m in metadata], time.monotonic() - start
 
 
@@ -228,8 +238,15 @@ class _Run:
 
     # -- stages
     def start_prepares(self, pool: Executor, plan: ImagePlan) -> None:
+        """Submit a prepare for every distinct layer some format still has to convert."""
         r = self.request
-        for i, layer in enumerate(plan.unique_layers()):
+        needed: dict[str, dict[str, Any]] = {}
+        for m in plan.manifests.values():
+            reuse = self.reuse_of[m.digest]
+            if reuse.todo(self.profiles):
+                for layer in m.layers[reuse.start(self.profiles):]:
+                    needed.setdefault(layer["digest"], layer)
+        for i, layer in enumerate(needed.values()):
             digest = layer["digest"]
             if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
                 self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
@@ -248,38 +265,69 @@ class _Run:
 
     def convert_manifest(self, pool: Executor, m: ManifestPlan, root: bool,
                          outputs: dict[str, OutputResult]) -> dict[str, PushedManifest]:
-        prepared = [self.wait_prepared(layer["digest"]) for layer in m.layers]
-        for layer, p, diff_id in zip(m.layers, prepared, m.diff_ids, strict=True):
-            if p.diff_id != diff_id:
-                raise BadInputError(f"manifest {m.digest}: layer {layer['digest']} has diff_id {p.diff_id}, "
-                                    f"config says {diff_id}")
-        tag = m.platform.replace("/", "_") or "image"
-        workdir = self.workdir / f"{tag}-{m.digest.partition(':')[2][:16]}"
-        self.emit(ProgressEvent("metadata", manifest=m.digest, total=len(m.layers)))
-        encoded, seconds = pool.submit(task_metadata, [p.to_dict() for p in prepared], self.request.vsize_gb,
-                                       m.chain_ids, str(workdir)).result()
-        self.add_time("metadata", seconds)
-        self.emit(ProgressEvent("metadata", manifest=m.digest, done=len(m.layers), total=len(m.layers),
-                                finished=True))
+        reuse = self.reuse_of[m.digest]
+        pushed: dict[str, PushedManifest] = dict(reuse.manifests)
+        for fmt, hit in reuse.manifests.items():
+            outputs[fmt].manifests[m.digest] = hit.digest
+        todo = reuse.todo(self.profiles)
+        if not todo:
+            return pushed
+        n = len(m.layers)
+        starts = {p.format: len(reuse.layers.get(p.format, [])) for p in todo}
+        first = min(starts.values())
+        prepared: list[PreparedLayer | None] = [None] * first + [
+            self.wait_prepared(layer["digest"]) for layer in m.layers[first:]]
+        for i in range(first, n):
+            p = prepared[i]
+            assert p is not None
+            if p.diff_id != m.diff_ids[i]:
+                raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id {p.diff_id}, "
+                                    f"config says {m.diff_ids[i]}")
+        name = m.platform.replace("/", "_") or "image"
+        workdir = self.workdir / f"{name}-{m.digest.partition(':')[2][:16]}"
+        # One metadata pass serves every format when all start from mkfs; formats continuing from
+        # dedup hits each start from their own converted parents (which may differ in bytes).
+        groups = [(0, todo)] if first == 0 and all(v == 0 for v in starts.values()) else \
+            [(starts[p.format], [p]) for p in todo]
         futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]] = {}
-        for profile in self.profiles:
-            for i, p in enumerate(prepared):
-                futures[(profile.format, i)] = pool.submit(
-                    task_assemble, p.to_dict(), encoded[i], asdict(profile), m.chain_ids[i],
-                    m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
-                    self.upload, self.oci)
-        pushed: dict[str, PushedManifest] = {}
-        for profile in self.profiles:
-            layers = []
-            for i in range(len(prepared)):
+        for start, group in groups:
+            if start == n:
+                continue
+            parents = None
+            if start:
+                fmt = group[0].format
+                parents = {"repository": self.target_name, "format": fmt,
+                           "layers": [x.digest for x in reuse.layers[fmt][:start]],
+                           "sources": [x["digest"] for x in m.layers[:start]]}
+            self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
+            encoded, seconds = pool.submit(
+                task_metadata, [p.to_dict() for p in prepared[start:] if p is not None], self.request.vsize_gb,
+                m.chain_ids, str(workdir / (group[0].format if len(groups) > 1 else "all")), parents,
+                self.registry).result()
+            self.add_time("metadata", seconds)
+            self.emit(ProgressEvent("metadata", manifest=m.digest, done=n - start, total=n - start, finished=True))
+            for profile in group:
+                for i in range(start, n):
+                    p = prepared[i]
+                    assert p is not None
+                    futures[(profile.format, i)] = pool.submit(
+                        task_assemble, p.to_dict(), encoded[i - start], asdict(profile), m.chain_ids[i],
+                        m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
+                        self.upload, self.oci)
+        for profile in todo:
+            layers = list(reuse.layers.get(profile.format, []))
+            for i in range(len(layers), n):
                 result, seconds = futures[(profile.format, i)].result()
                 self.add_time("assemble", seconds)
                 layer = ConvertedLayer.from_dict(result)
                 layers.append(layer)
-                outputs[profile.format].layers[m.chain_ids[i]] = layer.to_dict()
+                if self.upload:
+                    self.reuse.record_layer(profile, m.chain_ids[i], layer)
                 self.emit(ProgressEvent("assemble", i, m.layers[i]["digest"], 1, 1, m.digest, profile.format,
                                         finished=True))
-            start = time.monotonic()
+            for i, layer in enumerate(layers):
+                outputs[profile.format].layers[m.chain_ids[i]] = layer.to_dict()
+            t = time.monotonic()
             dump_dir = self.dump_dir(profile, m) if self.request.dump_manifest else None
             with self.push_lock:
                 pushed[profile.format] = push_manifest(
@@ -287,11 +335,14 @@ class _Run:
                     source_desc=m.descriptor, fmt=profile.format, layers=[x.descriptor() for x in layers],
                     diff_ids=[x.diff_id for x in layers], oci=self.oci, referrer=self.request.referrer,
                     ref=self.tag_for(profile) if root else "", upload=self.upload, dump_dir=dump_dir)
-            self.add_time("push", time.monotonic() - start)
+            if self.upload:
+                self.reuse.record_manifest(profile, m, pushed[profile.format])
+            self.add_time("push", time.monotonic() - t)
             outputs[profile.format].manifests[m.digest] = pushed[profile.format].digest
             self.emit(ProgressEvent("push", manifest=m.digest, format=profile.format, finished=True))
-        with contextlib.suppress(OSError):
-            shutil.rmtree(workdir)
+        if not self.request.reserve:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(workdir)
         return pushed
 
     def dump_dir(self, profile: ConversionProfile, m: ManifestPlan) -> Path:
@@ -312,6 +363,7 @@ class _Run:
         self.add_time("plan", time.monotonic() - t)
         self.emit(ProgressEvent("plan", finished=True, total=len(plan.manifests)))
         outputs = {p.format: OutputResult(p.format, self.target_name, self.tag_for(p)) for p in self.profiles}
+        self.open_reuse(plan)
         workers = self.options.workers or os.cpu_count() or 1
         progress_queue: Any = None
         drain: threading.Thread | None = None
@@ -344,12 +396,31 @@ class _Run:
                 _init_worker(None)
                 for name in _repos_in_process:
                     _repos.pop(name, None)
+            store = getattr(self, "store", None)
+            if store is not None:
+                store.close()
             if not (request.reserve or self.options.keep_spool):
                 for path in self.created_spools:
                     shutil.rmtree(path, ignore_errors=True)
         self.timings["total"] = time.monotonic() - started
         self.emit(ProgressEvent("done", finished=True))
         return ConversionResult(list(outputs.values()), plan.root["digest"], self.upload, dict(self.timings))
+
+    def open_reuse(self, plan: ImagePlan) -> None:
+        """Dedup lookups for every manifest, before any layer is downloaded."""
+        request = self.request
+        self.store = open_store(request.db_type, self.options.db_str, request.db_required)
+        host = getattr(self.target_repo, "host", "")
+
+        def open_sibling(name: str) -> Any:
+            return open_repository(f"{host}/{name}", self.registry)
+
+        self.reuse = Reuse(self.store, self.target_repo, open_sibling, oci=self.oci, referrer=request.referrer,
+                           enabled=self.upload and bool(host))
+        root_tags = {p.format: self.tag_for(p) for p in self.profiles}
+        self.reuse_of = {m.digest: self.reuse.lookup(m, self.profiles,
+                                                     root_tags if m.digest == plan.root["digest"] else {})
+                         for m in plan.manifests.values()}
 
     def convert_manifests(self, pool: Executor, plan: ImagePlan,
                           outputs: dict[str, OutputResult]) -> dict[str, dict[str, PushedManifest]]:

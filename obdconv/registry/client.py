@@ -47,7 +47,8 @@ from obdconv.registry.tls import build_ssl_context
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 4 << 20  # distribution's own limit for a manifest body
+MAX_MANIFEST_BYTES = 4 << 20
+STREAM_MERGE_BELOW = 256 << 10  # streamed uploads merge pieces smaller than this (fewer tiny HTTP chunks)  # distribution's own limit for a manifest body
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 _ACCEPT_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
 _REPOSITORY_PATH_MARKERS = ("/manifests/", "/blobs/", "/tags/")
@@ -455,7 +456,9 @@ class RegistryRepository(Repository):
             location = self._session_url(response)
         hasher = hashlib.sha256()
         sent = 0
-        parts = _rechunk(chunks, self.options.upload_chunk_size)
+        limit = self.options.upload_chunk_size
+        # Streamed: any piece size works, so big pieces go through uncopied and only small ones are merged.
+        parts = _rechunk(chunks, limit, STREAM_MERGE_BELOW if self.options.upload_mode == "stream" else None)
         try:
             if self.options.upload_mode == "stream":
 
@@ -510,16 +513,29 @@ class RegistryRepository(Repository):
         self._registry.session.close()
 
 
-def _rechunk(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
-    """Chunks of at most `limit` bytes (so memory stays bounded), merging small ones."""
+def _rechunk(chunks: Iterable[bytes], limit: int, merge_below: int | None = None) -> Iterator[bytes]:
+    """Pieces of at most `limit` bytes, so memory stays bounded.
+
+    Chunks smaller than `merge_below` (default: `limit`) are merged; larger ones pass through without a
+    copy (split with slices only when above `limit`): each extra copy of a piece is more resident memory.
+    """
+    merge_below = limit if merge_below is None else merge_below
     pending = bytearray()
     for chunk in chunks:
+        if len(chunk) >= merge_below and not pending:
+            if len(chunk) <= limit:
+                yield chunk
+            else:
+                view = memoryview(chunk)
+                for start in range(0, len(view), limit):
+                    yield bytes(view[start:start + limit])
+            continue
         view = memoryview(chunk)
         while len(view):
-            room = limit - len(pending)
+            room = min(limit, merge_below) - len(pending)
             pending += view[:room]
             view = view[room:]
-            if len(pending) >= limit:
+            if len(pending) >= min(limit, merge_below):
                 yield bytes(pending)
                 pending.clear()
     if pending:

@@ -71,6 +71,21 @@ def test_multilayer_image_uses_both_workers_at_once(fleet: Fleet, registry: Regi
     assert not set(prepared_on) & set(fleet.runs("reprepare"))
 
 
+def test_converted_manifest_is_a_dedup_hit(fleet: Fleet, registry: RegistryService, images: Path) -> None:
+    push_layout(images, "multi", f"{registry.host}/fleet/again:src")
+    first = fleet.wait(fleet.submit(request_for(registry, "fleet/again", "src", "obd")))
+    assert first["state"] == "SUCCESS", first
+    prepares_before = fleet.runs("prepare")
+    second_id = fleet.submit(request_for(registry, "fleet/again", "src", "obd-2"))
+    second = fleet.wait(second_id)
+    assert second["state"] == "SUCCESS", second
+    assert second["outputs"]["native"]["dedup"] is True
+    assert second["outputs"]["native"]["digest"] == first["outputs"]["native"]["digest"]
+    assert fleet.runs("prepare") == prepares_before
+    assert not tasks_of(fleet, second_id, "obdconv.prepare_layer")
+    assert_verifies(fleet, registry, "fleet/again", "obd-2", "src")
+
+
 def test_multi_platform_index(fleet: Fleet, registry: RegistryService, images: Path) -> None:
     push_layout(images, "index", f"{registry.host}/fleet/index:src")
     request_id = fleet.submit(request_for(registry, "fleet/index", "src", "obd", concurrency_limit=1))

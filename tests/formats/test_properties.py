@@ -69,7 +69,7 @@ def test_single_layer_matches_model(ops: list[Op], reads: list[tuple[int, int]],
     assert all(m.length < lsmt.MAX_LENGTH for m in layer.mappings)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stack=st.lists(ops_strategy, min_size=2, max_size=4), reads=reads_strategy)
 def test_stack_matches_layered_model(stack: list[list[Op]], reads: list[tuple[int, int]]) -> None:
     model = bytearray(VSIZE)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import random
 import tarfile
 
 import pytest
 
-from obdconv.entries import EntryType
+from obdconv.entries import EntryType, LayerEntry
 from obdconv.oci.tarscan import TarScanner, clean_path, scan_tar
 from tests.oci.helpers import (
     EDGE3_OVERLAYBD_LAYERS,
     EDGE3_SOURCE_LAYERS,
     END,
+    FIXTURES,
+    Sink,
     info,
     make_tar,
     pad,
@@ -344,3 +347,25 @@ def test_tar_wrapper_of_reference_layer() -> None:
     assert entry.tar_offset == 1536
     assert blob[1536 : 1536 + 5] == b"ZFile"
     assert entry.size == int(blob[512:1024].split(b"size=")[1].split(b"\n")[0])
+
+
+def test_hello_world_platform_layers() -> None:
+    """Every gzip layer of the multi-platform fixture: same regular files and offsets as tarfile."""
+    blobs = FIXTURES / "hello-world" / "blobs" / "sha256"
+    layers = [p for p in sorted(blobs.iterdir()) if p.read_bytes()[:2] == b"\x1f\x8b"]
+    assert len(layers) >= 9
+    for layer in layers:
+        raw = gzip.decompress(layer.read_bytes())
+        scanner = scan_tar(io.BytesIO(raw), Sink())
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            regular = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
+        assert [(e.path, e.tar_offset, e.size) for e in scanner.entries if e.type == EntryType.FILE] == regular
+        assert scanner.at_end
+
+
+def test_entries_serialise_for_the_broker() -> None:
+    binary_xattr = (info("x", pax_headers={"SCHILY.xattr.user.b": "\udcff\x00"}), b"")
+    raw = make_tar([*_mixed_members(9), binary_xattr])
+    entries, _, _ = scan(raw)
+    assert entries[-1].xattrs == [("user.b", b"\xff\x00")]
+    assert [LayerEntry.from_list(json.loads(json.dumps(e.to_list()))) for e in entries] == entries

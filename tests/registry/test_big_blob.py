@@ -1,7 +1,7 @@
 """A 256 MiB blob streamed up and down through a real registry with bounded memory.
 
 Runs benchmarks/bench_registry.py in a fresh interpreter so its RSS is measured from a clean start
-(a pytest process already holds whatever earlier tests allocated)."""
+(a pytest process already holds whatever earlier tests allocated). About 5 s here, so not marked slow."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.services.registry import RegistryService
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_registry.py"
 MAX_RSS_GROWTH_MIB = 64
 
 
-@pytest.mark.slow
 def test_256mib_blob_round_trip_with_bounded_memory(registry: RegistryService) -> None:
     size = 256 << 20
     run = subprocess.run(

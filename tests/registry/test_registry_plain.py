@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from obdconv.registry import (
 )
 from obdconv.registry.copy import copy_image
 from obdconv.registry.repository import Repository
+from tests.services.base import free_port
 from tests.services.registry import RegistryService, start_registry
 
 TAGS = ["amd64", "amd64-converted", "arm64", "docker-list"]
@@ -224,3 +226,21 @@ def test_stopped_registry_fails_fast(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert elapsed < 5.0
     assert service.host in str(info.value) and info.value.retryable
+
+
+def test_registry_that_comes_up_within_the_budget_is_retried(tmp_path: Path) -> None:
+    port = free_port()
+    repo = open_repository(f"127.0.0.1:{port}/regtest/late", RegistryOptions(plain=True, retry_budget=20.0))
+    services: list[RegistryService] = []
+    starter = threading.Timer(1.0, lambda: services.append(
+        start_registry(tmp_path / "late", name="registry-late", port=port)))
+    started = time.monotonic()
+    starter.start()
+    try:
+        digest, size = repo.upload_blob([b"late but fine"])  # first attempts: connection refused
+        assert time.monotonic() - started >= 1.0
+        assert repo.read_blob(digest) == b"late but fine" and size == 13
+    finally:
+        starter.join()
+        for service in services:
+            service.stop()

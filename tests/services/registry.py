@@ -153,12 +153,13 @@ def start_registry(
     tls: TLSMaterial | None = None,
     client_ca: bool = False,
     name: str = "registry",
+    port: int | None = None,
 ) -> RegistryService:
     """Write a config YAML into `workdir`, start docker-registry on a free port, wait for GET /v2/."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise ServiceError(f"{REGISTRY_BINARY} not installed (Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     storage_dir = workdir / "storage"
     storage_dir.mkdir(exist_ok=True)
     http: dict[str, object] = {"addr": f"127.0.0.1:{port}", "secret": "obdconv-test-secret"}

@@ -102,3 +102,34 @@ def file_from_gzip_layer(path: Path, name: str) -> bytes:
                 assert f is not None
                 return f.read()
     raise KeyError(name)
+
+
+def turbo_members(blob: bytes) -> dict[str, bytes]:
+    import gzip
+
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}  # type: ignore[union-attr]
+
+
+def replace_turbo_layer(layout: Path, tag: str, index: int, members: dict[str, bytes]) -> None:
+    """Repack a turbo layer archive from `members` and keep every digest consistent (descriptor,
+    annotations, config diff_id = sha256 of the uncompressed tar, manifest)."""
+    import gzip
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = gzip.compress(raw.getvalue(), mtime=0)
+    manifest = read_manifest(layout, tag)
+    digest = put_blob(layout, blob)
+    layer = manifest["layers"][index]
+    layer["digest"], layer["size"] = digest, len(blob)
+    layer["annotations"]["containerd.io/snapshot/overlaybd/blob-digest"] = digest
+    layer["annotations"]["containerd.io/snapshot/overlaybd/blob-size"] = str(len(blob))
+    config = read_json_blob(layout, manifest["config"]["digest"])
+    config["rootfs"]["diff_ids"][index] = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
+    write_config(layout, manifest, config)
+    write_manifest(layout, tag, manifest)

@@ -351,3 +351,30 @@ def test_base_layer_below_converted_layers_is_stacked_not_paired(edge3: Path, tm
     (p,) = report.platforms
     assert p.layers == 4 and p.tree_diff == []
     assert any("base layer" in f.message and f.where == "layer 0" for f in p.findings)
+
+
+def test_turbo_gzip_index_of_another_deflate_stream_is_rejected(edge3: Path, tmp_path: Path) -> None:
+    """A gzip.meta built over a different deflate stream of the same tar (right sizes, wrong access
+    points) must be caught: the runtime would read garbage file data through it."""
+    import gzip
+
+    from obdconv.formats.gzindex import GzipIndex, GzipIndexBuilder
+
+    layout = le.copy_layout(edge3, tmp_path / "edge3")
+    source_blob = le.blob_path(layout, le.read_manifest(layout, "source")["layers"][0]["digest"]).read_bytes()
+    other_stream = gzip.compress(gzip.decompress(source_blob), compresslevel=1, mtime=0)
+    builder = GzipIndexBuilder(span=65536)
+    builder.feed(other_stream)
+    bad_meta = builder.finish(len(source_blob))  # sizes claim the real blob
+    assert len(GzipIndex.parse(bad_meta).entries) > 1
+
+    turbo = le.read_manifest(layout, "turbo")
+    members = le.turbo_members(le.blob_path(layout, turbo["layers"][0]["digest"]).read_bytes())
+    assert "gzip.meta" in members and "ext4.fs.meta" in members
+    members["gzip.meta"] = bad_meta
+    le.replace_turbo_layer(layout, "turbo", 0, members)
+
+    report = _verify(layout, "turbo", "source")
+    assert not report.ok
+    errors = [str(f) for f in report.platforms[0].errors]
+    assert any("layer 0" in e and "gzip.meta access point" in e for e in errors), errors

@@ -1,0 +1,97 @@
+"""Dedup in the local runner: what of a manifest is already converted, and recording what was made.
+
+Order (per manifest, per output format): a converted manifest (re-tagged when it is the root) ->
+else the LEADING run of converted layers 0..k-1 (a hit above a miss is ignored: a layer's blob
+depends on the exact ext4 state below it, and ours may differ from whoever made that hit) -> the
+rest is converted on top of those layers read back (`parents.read_back_parents`).
+
+Calls the dedup area's `find_converted_*` / `record_*` (which confirm rows with real HEADs, mount
+across repositories and delete stale rows). With `--no-upload` no lookup is made (a hit would
+re-tag or mount, i.e. write to the registry) and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from obdconv.dedup.lookup import find_converted_layer, find_converted_manifest, record_layer, record_manifest
+from obdconv.dedup.store import DedupStore
+from obdconv.oci import mediatypes as mt
+from obdconv.pipeline.annotations import layer_annotations, layer_media_type, manifest_media_type
+from obdconv.pipeline.assemble import ConvertedLayer
+from obdconv.pipeline.parents import turbo_hit_facts
+from obdconv.pipeline.plan import ManifestPlan
+from obdconv.pipeline.push import PushedManifest
+from obdconv.pipeline.request import ConversionProfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ManifestReuse:
+    manifests: dict[str, PushedManifest] = field(default_factory=dict)  # format -> converted manifest found
+    layers: dict[str, list[ConvertedLayer]] = field(default_factory=dict)  # format -> leading layer hits
+
+    def todo(self, profiles: list[ConversionProfile]) -> list[ConversionProfile]:
+        return [p for p in profiles if p.format not in self.manifests]
+
+    def start(self, profiles: list[ConversionProfile]) -> int:
+        """First layer index some remaining format has to convert (0 when nothing was found)."""
+        todo = self.todo(profiles)
+        return min((len(self.layers.get(p.format, [])) for p in todo), default=0)
+
+
+class Reuse:
+    def __init__(self, store: DedupStore, target_repo: Any, open_sibling: Callable[[str], Any], *, oci: bool,
+                 referrer: bool, enabled: bool) -> None:
+        self.store = store
+        self.target = target_repo
+        self.open_sibling = open_sibling
+        self.oci = oci
+        self.referrer = referrer
+        self.enabled = enabled and store.enabled
+
+    def lookup(self, m: ManifestPlan, profiles: list[ConversionProfile], tags: dict[str, str]) -> ManifestReuse:
+        out = ManifestReuse()
+        if not self.enabled:
+            return out
+        media_type = manifest_media_type(self.oci)
+        for p in profiles:
+            hit = find_converted_manifest(self.store, self.target, m.digest, media_type, p, tags.get(p.format) or None,
+                                          referrer=self.referrer, open_sibling=self.open_sibling)
+            if hit is not None:
+                log.info("manifest %s already converted (%s): %s", m.digest, p.format, hit[0])
+                out.manifests[p.format] = PushedManifest(media_type, hit[0], hit[1], "", [])
+                continue
+            layers: list[ConvertedLayer] = []
+            for i, chain_id in enumerate(m.chain_ids):
+                found = find_converted_layer(self.store, self.target, chain_id, p)
+                if found is None:
+                    break
+                layers.append(self._layer(p.format, found[0], found[1], m.layers[i]))
+            if layers:
+                log.info("manifest %s (%s): layers 0..%d already converted", m.digest, p.format, len(layers) - 1)
+            out.layers[p.format] = layers
+        return out
+
+    def _layer(self, fmt: str, digest: str, size: int, source: dict[str, Any]) -> ConvertedLayer:
+        if fmt == "native":
+            return ConvertedLayer(digest, size, layer_media_type(fmt, self.oci), digest,
+                                  layer_annotations(fmt, digest, size))
+        diff_id, is_gzip = turbo_hit_facts(self.target, digest)
+        target_type = mt.turbo_target_media_type(source.get("mediaType", ""), is_gzip)
+        return ConvertedLayer(digest, size, layer_media_type(fmt, self.oci), diff_id,
+                              layer_annotations(fmt, digest, size, target_digest=source["digest"],
+                                                target_media_type=target_type))
+
+    def record_layer(self, profile: ConversionProfile, chain_id: str, layer: ConvertedLayer) -> None:
+        if self.enabled:
+            record_layer(self.store, self.target, chain_id, profile, layer.digest, layer.size)
+
+    def record_manifest(self, profile: ConversionProfile, m: ManifestPlan, pushed: PushedManifest) -> None:
+        if self.enabled:
+            record_manifest(self.store, self.target, m.digest, pushed.media_type, profile, pushed.digest,
+                            pushed.size, self.referrer)
