@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,26 @@ def _holder_info(client: Any, key: str, native: bool, turbo: bool) -> dict[str, 
     return info
 
 
-def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str) -> PreparedLayer:
+def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str,
+                  lock: tuple[Any, str, str, int] | None = None) -> PreparedLayer:
+    """Prepare into this node's spool. `lock` = (redis client, key, owner, ttl): kept alive while
+    bytes flow, so a long prepare is not mistaken for a dead one by tasks waiting for it."""
     request = request_of(job)
     native, turbo = _formats(request)
     repo = open_repository(request.repository, request.access)
     reporter = ProgressReporter(task, job, "prepare", layer["digest"])
+    refreshed = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:
+        reporter(done, total)
+        if lock is not None and time.monotonic() - refreshed[0] > lock[3] / 3:
+            refreshed[0] = time.monotonic()
+            client, key, owner, ttl = lock
+            if client.get(key) == owner.encode():
+                client.expire(key, ttl)
+
     prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
-                             algorithm=request.algorithm, block_size=request.block_size, progress=reporter)
+                             algorithm=request.algorithm, block_size=request.block_size, progress=progress)
     reporter.done(prepared.source_size)
     return prepared
 
@@ -112,7 +126,7 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
             raise self.retry(countdown=WAIT_FOR_HOLDER_SECONDS, max_retries=None)
     try:
         mark_stage(job, "prepare")
-        prepared = _prepare_here(self, job, layer, node)
+        prepared = _prepare_here(self, job, layer, node, (client, lock, me, lease) if client is not None else None)
         _count_run("prepare", layer["digest"])
         entries_key = put_bytes("entries:" + key, prepared.entries_path.read_bytes())
         info = {"node": node, "prepared": prepared.to_dict(), "entries_key": entries_key}

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures for the real services (each starts its program on first use only).
+pytest_plugins = ["tests.services.fixtures", "tests.services.mariadb", "tests.services.redis"]
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
 

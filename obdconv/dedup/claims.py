@@ -150,6 +150,7 @@ class ClaimBackend(Protocol):
     def claim(self, key: str, owner: str, ttl: float = DEFAULT_TTL) -> bool: ...
     def heartbeat(self, key: str, owner: str, ttl: float = DEFAULT_TTL) -> bool: ...
     def release(self, key: str, owner: str) -> None: ...
+    def close_thread(self) -> None: ...
 
 
 class Lease:
@@ -179,11 +180,16 @@ class Lease:
         self.release()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            if not self.backend.heartbeat(self.key, self.owner, self.ttl):
-                log.warning("lost the claim on %s (another worker took it over)", self.key)
-                self.lost.set()
-                return
+        try:
+            while not self._stop.wait(self.interval):
+                if not self.backend.heartbeat(self.key, self.owner, self.ttl):
+                    log.warning("lost the claim on %s (another worker took it over)", self.key)
+                    self.lost.set()
+                    return
+        finally:
+            # This thread's own database connection: close it rather than leave it to the garbage
+            # collector (MySQL would log an aborted connection per lease).
+            self.backend.close_thread()
 
     def release(self) -> None:
         self._stop.set()

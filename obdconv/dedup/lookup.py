@@ -9,6 +9,9 @@ Order (reference-convertor.md §5.3/§5.4, with the fixes of §10.20-22):
   every layer (and, for turboOCI, every original layer the turbo layers point at), then push the exact
   manifest bytes and record a row -> None.
 
+An OCI image layout (`oci:PATH`, `host == ""`) is never deduplicated: there is no registry host to
+key rows on, and nothing to mount from.
+
 Contract for `record_layer`/`record_manifest`: call them ONLY after the blob/manifest is in the target
 repository (pushed, or mounted with a 201). A row is a promise to every other worker that the thing
 exists. Re-recording the same row is harmless (idempotent), so a retried task may call them again.
@@ -51,7 +54,7 @@ class RepositoryLike(Protocol):
 def find_converted_layer(store: DedupStore, target: RepositoryLike, chain_id: str,
                          profile: ConversionProfile) -> tuple[str, int] | None:
     """(digest, size) of a conversion of `chain_id` with `profile` now present in `target`, or None."""
-    if not store.enabled:
+    if not store.enabled or not target.host:
         return None
     host, repo = target.host, target.name
     row = store.get_layer(host, repo, chain_id, profile)
@@ -80,7 +83,7 @@ def find_converted_layer(store: DedupStore, target: RepositoryLike, chain_id: st
 def record_layer(store: DedupStore, target: RepositoryLike, chain_id: str, profile: ConversionProfile,
                  data_digest: str, data_size: int) -> None:
     """Record a converted layer blob that IS in `target` (see the module contract)."""
-    if store.enabled:
+    if store.enabled and target.host:
         store.record_layer(target.host, target.name, chain_id, profile, data_digest, data_size)
 
 
@@ -90,7 +93,7 @@ def find_converted_manifest(store: DedupStore, target: RepositoryLike, src_diges
     """(digest, size) of a conversion of manifest `src_digest` now present in `target` (and tagged
     `tag` if given), or None. `open_sibling(repo_name)` opens another repository on the same registry
     (needed to read a manifest converted there); without it the cross-repository step is skipped."""
-    if not store.enabled:
+    if not store.enabled or not target.host:
         return None
     host, repo = target.host, target.name
     row = store.get_manifest(host, repo, src_digest, media_type, profile, referrer)
@@ -126,7 +129,7 @@ def find_converted_manifest(store: DedupStore, target: RepositoryLike, src_diges
 def record_manifest(store: DedupStore, target: RepositoryLike, src_digest: str, media_type: str,
                     profile: ConversionProfile, out_digest: str, data_size: int, referrer: bool = False) -> None:
     """Record a converted manifest that IS in `target` (see the module contract)."""
-    if store.enabled:
+    if store.enabled and target.host:
         store.record_manifest(target.host, target.name, src_digest, media_type, profile, out_digest, data_size,
                               referrer)
 

@@ -411,7 +411,12 @@ class DedupStore:
                  ttl: float = claims.DEFAULT_TTL, poll_interval: float = 0.5) -> claims.WaitOutcome[T]:
         return claims.wait_for(self, key, owner, check_result, timeout, ttl, poll_interval)
 
+    def close_thread(self) -> None:
+        """Close the calling thread's connection (peewee keeps one per thread)."""
+        self.close()
+
     def close(self) -> None:
+        """Close the calling thread's connection; the store reconnects if used again."""
         if self._db is not None and not self._db.is_closed():
             try:
                 self._db.close()

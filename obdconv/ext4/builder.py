@@ -20,7 +20,7 @@ import ctypes
 import os
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -59,7 +59,7 @@ class BlockDevice(Protocol):
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
-    def extents(self): ...  # iterable of (offset, length) byte ranges holding data
+    def extents(self) -> Iterable[Sequence[int]]: ...  # (offset, length, ...) byte ranges holding data
 
 
 def encode_name(name: str) -> bytes:
@@ -148,7 +148,8 @@ class Ext4Builder:
         fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, self.vsize_bytes)
-            for offset, length in device.extents():
+            for extent in device.extents():
+                offset, length = extent[0], extent[1]  # (offset, length, ...): LSMTStack adds layer info
                 end = offset + length
                 pos = offset
                 while pos < end:

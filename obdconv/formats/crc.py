@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-Buffer: TypeAlias = bytes | bytearray | memoryview
-
 import crc32c as _crc32c
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 _MASK = 0xFFFFFFFF
 

@@ -631,7 +631,7 @@ def _sparse_extents(data_f: object, data_size: int) -> Iterator[SegmentMapping]:
     fd: int | None = None
     opened = None
     if isinstance(data_f, (str, os.PathLike)):
-        opened = open(data_f, "rb")  # noqa: SIM115
+        opened = open(data_f, "rb")
         fd = opened.fileno()
     elif hasattr(data_f, "fileno"):
         try:

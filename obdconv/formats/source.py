@@ -25,7 +25,7 @@ class FileSource:
 
     def __init__(self, f: BinaryIO | str | os.PathLike[str]) -> None:
         self._owned = isinstance(f, (str, os.PathLike))
-        self._f: BinaryIO = open(f, "rb") if isinstance(f, (str, os.PathLike)) else f  # noqa: SIM115
+        self._f: BinaryIO = open(f, "rb") if isinstance(f, (str, os.PathLike)) else f
         try:
             self._fd: int | None = self._f.fileno()
         except (OSError, AttributeError, io.UnsupportedOperation):

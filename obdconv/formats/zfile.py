@@ -12,6 +12,8 @@ and one concatenation.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import itertools
 import os
@@ -21,9 +23,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
-
-import ctypes
-import ctypes.util
 
 import crc32c as _crc32c
 import lz4.block
@@ -317,7 +316,18 @@ def _shared_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def default_threads() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Threads used when a caller does not say: $OBDCONV_ZFILE_THREADS, else 1.
+
+    Why 1: at 4 KiB blocks each block costs a few microseconds of Python work around the C call, so
+    threads mostly trade the GIL back and forth; measured with benchmarks/bench_zfile.py on a loaded
+    2-core machine a second thread was 10-50 % *slower*. Parallelism comes from processes (the
+    pipeline's pool, Celery workers). Set the variable (or pass `threads=`) on idle many-core hosts,
+    where zstd in particular gains from threads.
+    """
+    try:
+        return max(1, int(os.environ.get("OBDCONV_ZFILE_THREADS", "1")))
+    except ValueError:
+        return 1
 
 
 class BlockCompressor:

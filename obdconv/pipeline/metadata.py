@@ -44,6 +44,46 @@ def fs_uuid_for(chain_id: str) -> uuid.UUID:
     return uuid.UUID(chain_id_to_uuid(chain_id))
 
 
+class MetadataPass:
+    """The metadata pass one layer at a time (so a runner can apply layer i while later layers are
+    still being prepared): mkfs (or the parents) on construction, then `apply` in layer order.
+    `close()` removes the scratch metadata image unless `keep_image`."""
+
+    def __init__(self, vsize_gb: int, chain_ids: Sequence[str], workdir: str | os.PathLike[str],
+                 parents: Any = None, *, keep_image: bool = False) -> None:
+        if not chain_ids:
+            raise BadInputError("the metadata pass needs the image's chain ids")
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.image = workdir / METADATA_IMAGE
+        self.keep_image = keep_image
+        with contextlib.suppress(FileNotFoundError):
+            self.image.unlink()
+        self.builder = Ext4Builder(self.image, vsize_gb << 30, fs_uuid_for(chain_ids[0]))
+        try:
+            if parents is None:
+                self.builder.mkfs()
+            else:
+                self.builder.load_parents(parents)
+        except BaseException:
+            self.close()
+            raise
+
+    def apply(self, prepared: PreparedLayer) -> LayerMetadata:
+        return self.builder.apply(prepared.load_entries())
+
+    def close(self) -> None:
+        if not self.keep_image:
+            with contextlib.suppress(FileNotFoundError):
+                self.image.unlink()
+
+    def __enter__(self) -> MetadataPass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def build_metadata(
     prepared_layers: Sequence[PreparedLayer],
     vsize_gb: int,
@@ -61,24 +101,8 @@ def build_metadata(
     unless `keep_image`."""
     if not prepared_layers:
         return []
-    if not chain_ids:
-        raise BadInputError("build_metadata needs the image's chain ids")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    image = workdir / METADATA_IMAGE
-    with contextlib.suppress(FileNotFoundError):
-        image.unlink()
-    try:
-        builder = Ext4Builder(image, vsize_gb << 30, fs_uuid_for(chain_ids[0]))
-        if parents is None:
-            builder.mkfs()
-        else:
-            builder.load_parents(parents)
-        return [builder.apply(p.load_entries()) for p in prepared_layers]
-    finally:
-        if not keep_image:
-            with contextlib.suppress(FileNotFoundError):
-                image.unlink()
+    with MetadataPass(vsize_gb, chain_ids, workdir, parents, keep_image=keep_image) as metadata_pass:
+        return [metadata_pass.apply(p) for p in prepared_layers]
 
 
 def encode_metadata(m: LayerMetadata) -> bytes:

@@ -10,6 +10,10 @@
 manifest; only assemble and push run per format. Worker processes open repositories themselves
 (by name + options), so no connection or file handle crosses a process boundary.
 
+Worker processes start through multiprocessing's "forkserver" (not "fork": the runner has threads
+running, and forking a process with threads can copy held locks), so a script calling `convert`
+with workers > 1 needs the usual `if __name__ == "__main__":` guard.
+
 Progress: `progress(event)` gets `ProgressEvent`s (stage, format, manifest, layer index/digest,
 bytes done/total); prepare reports bytes read while it streams.
 """
@@ -33,13 +37,13 @@ from typing import Any
 from obdconv.dedup.store import open_store
 from obdconv.errors import BadInputError, ObdconvError
 from obdconv.pipeline.assemble import ConvertedLayer, assemble_layer
-from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
+from obdconv.pipeline.metadata import MetadataPass, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
 from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
 from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
 from obdconv.pipeline.request import ConversionProfile, ConversionRequest
-from obdconv.pipeline.reuse import Reuse
+from obdconv.pipeline.reuse import ManifestReuse, Reuse
 from obdconv.pipeline.validate import validate_request
 from obdconv.registry import RegistryOptions, open_repository
 
@@ -158,21 +162,6 @@ def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, 
     return prepared.to_dict(), time.monotonic() - start
 
 
-def task_metadata(prepared: list[dict[str, Any]], vsize_gb: int, chain_ids: list[str], workdir: str,
-                  parents: dict[str, Any] | None = None,
-                  options: RegistryOptions | None = None) -> tuple[list[bytes], float]:
-    """`parents` (dedup hit below): {"repository", "format", "layers": converted digests,
-    "sources": source layer digests} - read back and applied on top of instead of mkfs."""
-    start = time.monotonic()
-    layers = [PreparedLayer.from_dict(p) for p in prepared]
-    device = None
-    if parents is not None:
-        device = read_back_parents(_repo(parents["repository"], options), parents["format"], parents["layers"],
-                                   parents["sources"], Path(workdir) / "parents")
-    metadata = build_metadata(layers, vsize_gb, chain_ids, workdir, parents=device)
-    return [encode_metadata(m) for m in metadata], time.monotonic() - start
-
-
 def task_assemble(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any], chain_id: str,
                   parent_chain_id: str, target: str, source: str, options: RegistryOptions | None,
                   upload: bool, oci: bool) -> tuple[dict[str, Any], float]:
@@ -274,46 +263,15 @@ class _Run:
             return pushed
         n = len(m.layers)
         starts = {p.format: len(reuse.layers.get(p.format, [])) for p in todo}
-        first = min(starts.values())
-        prepared: list[PreparedLayer | None] = [None] * first + [
-            self.wait_prepared(layer["digest"]) for layer in m.layers[first:]]
-        for i in range(first, n):
-            p = prepared[i]
-            assert p is not None
-            if p.diff_id != m.diff_ids[i]:
-                raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id {p.diff_id}, "
-                                    f"config says {m.diff_ids[i]}")
         name = m.platform.replace("/", "_") or "image"
         workdir = self.workdir / f"{name}-{m.digest.partition(':')[2][:16]}"
         # One metadata pass serves every format when all start from mkfs; formats continuing from
         # dedup hits each start from their own converted parents (which may differ in bytes).
-        groups = [(0, todo)] if first == 0 and all(v == 0 for v in starts.values()) else \
-            [(starts[p.format], [p]) for p in todo]
+        groups = [(0, todo)] if all(v == 0 for v in starts.values()) else [(starts[p.format], [p]) for p in todo]
         futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]] = {}
         for start, group in groups:
-            if start == n:
-                continue
-            parents = None
-            if start:
-                fmt = group[0].format
-                parents = {"repository": self.target_name, "format": fmt,
-                           "layers": [x.digest for x in reuse.layers[fmt][:start]],
-                           "sources": [x["digest"] for x in m.layers[:start]]}
-            self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
-            encoded, seconds = pool.submit(
-                task_metadata, [p.to_dict() for p in prepared[start:] if p is not None], self.request.vsize_gb,
-                m.chain_ids, str(workdir / (group[0].format if len(groups) > 1 else "all")), parents,
-                self.registry).result()
-            self.add_time("metadata", seconds)
-            self.emit(ProgressEvent("metadata", manifest=m.digest, done=n - start, total=n - start, finished=True))
-            for profile in group:
-                for i in range(start, n):
-                    p = prepared[i]
-                    assert p is not None
-                    futures[(profile.format, i)] = pool.submit(
-                        task_assemble, p.to_dict(), encoded[i - start], asdict(profile), m.chain_ids[i],
-                        m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
-                        self.upload, self.oci)
+            if start < n:
+                self.metadata_and_assemble(pool, m, start, group, reuse, workdir / group[0].format, futures)
         for profile in todo:
             layers = list(reuse.layers.get(profile.format, []))
             for i in range(len(layers), n):
@@ -344,6 +302,44 @@ class _Run:
             with contextlib.suppress(OSError):
                 shutil.rmtree(workdir)
         return pushed
+
+    def metadata_and_assemble(self, pool: Executor, m: ManifestPlan, start: int, group: list[ConversionProfile],
+                              reuse: ManifestReuse, workdir: Path,
+                              futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]]) -> None:
+        """Apply layers start.. to ext4 in order, here, as each one's prepare finishes (metadata
+        overlaps the prepares of later layers), then submit the assembles. Assembles upload, so
+        they wait until every layer prepared and applied cleanly: a corrupt blob or a bad tar
+        anywhere in the manifest leaves the registry untouched."""
+        n = len(m.layers)
+        parents = None
+        if start:
+            fmt = group[0].format
+            t = time.monotonic()
+            parents = read_back_parents(self.target_repo, fmt, [x.digest for x in reuse.layers[fmt][:start]],
+                                        [x["digest"] for x in m.layers[:start]], workdir / "parents")
+            self.add_time("parents", time.monotonic() - t)
+        self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
+        applied: list[tuple[int, PreparedLayer, bytes]] = []
+        t = time.monotonic()
+        with MetadataPass(self.request.vsize_gb, m.chain_ids, workdir, parents,
+                          keep_image=self.request.reserve) as metadata_pass:
+            self.add_time("metadata", time.monotonic() - t)
+            for i in range(start, n):
+                prepared = self.wait_prepared(m.layers[i]["digest"])
+                if prepared.diff_id != m.diff_ids[i]:
+                    raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
+                                        f"{prepared.diff_id}, config says {m.diff_ids[i]}")
+                t = time.monotonic()
+                encoded = encode_metadata(metadata_pass.apply(prepared))
+                self.add_time("metadata", time.monotonic() - t)
+                self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
+                applied.append((i, prepared, encoded))
+        for i, prepared, encoded in applied:
+            for profile in group:
+                futures[(profile.format, i)] = pool.submit(
+                    task_assemble, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
+                    m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
+                    self.upload, self.oci)
 
     def dump_dir(self, profile: ConversionProfile, m: ManifestPlan) -> Path:
         platform = m.platform.replace("/", "_")

@@ -8,6 +8,7 @@ or read and write an OCI image layout directory (`oci:PATH`) through the same `R
 
 from __future__ import annotations
 
+from obdconv.registry.copy import copy_image
 from obdconv.registry.options import RegistryOptions, split_user_password
 from obdconv.registry.reference import Reference, parse_reference
 from obdconv.registry.repository import (
@@ -43,6 +44,7 @@ __all__ = [
     "Reference",
     "RegistryOptions",
     "Repository",
+    "copy_image",
     "open_repository",
     "parse_reference",
     "split_user_password",

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 4 << 20
 STREAM_MERGE_BELOW = 256 << 10  # streamed uploads merge pieces smaller than this (fewer tiny HTTP chunks)  # distribution's own limit for a manifest body
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+POOL_SIZE = 32  # connections kept per host (the reference convertor's MaxConnsPerHost)
 _ACCEPT_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
 _REPOSITORY_PATH_MARKERS = ("/manifests/", "/blobs/", "/tags/")
 # OpenSSL reasons that mean "not trusted" (by us or by the server), as opposed to a broken connection.
@@ -63,7 +64,7 @@ class _TLSAdapter(HTTPAdapter):
 
     def __init__(self, ssl_context: Any) -> None:
         self._ssl_context = ssl_context
-        super().__init__(pool_connections=4, pool_maxsize=32)
+        super().__init__(pool_connections=4, pool_maxsize=POOL_SIZE)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["ssl_context"] = self._ssl_context
@@ -145,7 +146,10 @@ class ObdRegistry(oras.provider.Registry):
         self.session.trust_env = False
         # requests overrides the SSLContext's verify mode from `verify`, so --insecure must be set here too.
         self.session.verify = not options.insecure
-        if not options.plain:
+        if options.plain:
+            # requests' default pool keeps 10 connections; pipeline threads share one repository.
+            self.session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE))
+        else:
             self.session.mount("https://", _TLSAdapter(build_ssl_context(options)))
         self._timeout = (options.connect_timeout, options.read_timeout)
         credentials: Credentials | None = None
@@ -159,9 +163,6 @@ class ObdRegistry(oras.provider.Registry):
 
     def __str__(self) -> str:
         return f"[obdconv-registry {self.host}]"
-
-    def url(self, path: str) -> str:
-        return f"{self.prefix}://{self.hostname}{path}"
 
     def do_request(  # type: ignore[override]
         self,

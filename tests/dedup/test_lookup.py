@@ -162,3 +162,14 @@ def test_manifest_cross_repo_with_a_missing_blob_pushes_nothing(store: DedupStor
     assert hit is None
     assert target.head_manifest("obd") is None
     assert store.get_manifest(target.host, target.name, SRC, OCI_MANIFEST, REFERENCE_PROFILE) is None
+
+
+def test_oci_layout_targets_are_never_deduplicated(store: DedupStore, backend: Backend, tmp_path: Any) -> None:
+    layout = open_repository(f"oci:{tmp_path / 'layout'}")
+    assert layout.host == ""
+    lookup.record_layer(store, layout, CHAIN, REFERENCE_PROFILE, "sha256:" + "1" * 64, 1)
+    lookup.record_manifest(store, layout, SRC, OCI_MANIFEST, REFERENCE_PROFILE, "sha256:" + "2" * 64, 2)
+    assert backend.sql("select count(*) from obdconv_layers") == [(0,)]
+    assert backend.sql("select count(*) from obdconv_manifests") == [(0,)]
+    assert lookup.find_converted_layer(store, layout, CHAIN, REFERENCE_PROFILE) is None
+    assert lookup.find_converted_manifest(store, layout, SRC, OCI_MANIFEST, REFERENCE_PROFILE, "t") is None

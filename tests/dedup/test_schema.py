@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from obdconv.dedup.store import REFERENCE_PROFILE, open_store
 from tests.dedup import reference_sql as ref
 from tests.dedup.conftest import Backend
@@ -101,3 +103,27 @@ def test_shipped_sql_files_create_the_schema_the_store_uses(fresh_backend: Backe
         assert got is not None and (got.data_digest, got.data_size) == (DIGEST, 7)
     finally:
         store.close()
+
+
+def test_registered_models_get_their_tables(fresh_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peewee
+
+    from obdconv.dedup import db as dedup_db
+
+    monkeypatch.setattr(dedup_db, "_extra_models", [])  # keep this test's model out of other tests
+
+    @dedup_db.register_model
+    class FleetNote(peewee.Model):
+        note = peewee.CharField(max_length=64, primary_key=True)
+
+        class Meta:
+            database = dedup_db.database
+            table_name = "test_fleet_notes"
+
+    store = open_store(fresh_backend.kind, fresh_backend.db_str, required=True)
+    try:
+        FleetNote.create(note="hello")
+        assert [n.note for n in FleetNote.select()] == ["hello"]
+    finally:
+        store.close()
+    assert "test_fleet_notes" in table_names(fresh_backend)

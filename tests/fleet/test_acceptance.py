@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from obdconv.dedup.models import ProfileLayer, ProfileManifest, ReferenceLayer, ReferenceManifest
 from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.status import ConversionStatus
 from tests.fleet.conftest import CREDENTIAL_REF, Fleet, push_layout, wait_until
@@ -114,9 +115,20 @@ def test_kill_worker_mid_conversion(fleet: Fleet, registry: RegistryService, ima
         final = fleet.wait(request_id, timeout=150)
         assert final["state"] == "SUCCESS", final
         assert_verifies(fleet, registry, "fleet/big", "obd", "src")
-        # One durable row for the request, and its manifest lists each layer exactly once.
+        # One durable row for the request; one dedup row per layer and one for the manifest, although
+        # tasks ran twice; and the manifest lists each layer exactly once.
         with ConversionStatus._meta.database.connection_context():
             assert ConversionStatus.select().where(ConversionStatus.request_id == request_id).count() == 1
+            # (the store mirrors reference-profile rows into the reference convertor's tables)
+            layer_rows = {model: [r.chain_id for r in model.select().where(model.repo == "fleet/big")]
+                          for model in (ReferenceLayer, ProfileLayer)}
+            manifest_rows = {model: [r.out_digest for r in model.select().where(model.repo == "fleet/big")]
+                             for model in (ReferenceManifest, ProfileManifest)}
+        assert layer_rows[ProfileLayer] and manifest_rows[ProfileManifest]
+        for chain_ids in layer_rows.values():
+            assert len(chain_ids) in (0, 6) and len(set(chain_ids)) == len(chain_ids), layer_rows
+        for digests in manifest_rows.values():
+            assert digests in ([], [final["outputs"]["native"]["digest"]]), manifest_rows
         manifest = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                                    f"docker://{registry.host}/fleet/big:obd"],
                                   capture_output=True, text=True, check=True).stdout

@@ -4,6 +4,7 @@ stacks of 2-4 such layers equal the layered model (top wins, zeroed hides)."""
 from __future__ import annotations
 
 import io
+import itertools
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,7 +84,7 @@ def test_stack_matches_layered_model(stack: list[list[Op]], reads: list[tuple[in
         assert st_.pread(off, n) == model[off : off + n]
     # extents are sorted, disjoint, and cover exactly the sectors some layer mapped
     ext = st_.extents()
-    assert all(a.offset + a.length <= b.offset for a, b in zip(ext, ext[1:], strict=False))
+    assert all(a.offset + a.length <= b.offset for a, b in itertools.pairwise(ext))
     mapped = {s for lay in st_.layers for m in lay.mappings for s in range(m.offset, m.end)}
     covered = {s for e in ext for s in range(e.offset // SECTOR, (e.offset + e.length) // SECTOR)}
     assert covered == mapped

@@ -244,3 +244,20 @@ def test_registry_that_comes_up_within_the_budget_is_retried(tmp_path: Path) -> 
         starter.join()
         for service in services:
             service.stop()
+
+
+def test_server_errors_are_retried_then_reported(tmp_path: Path) -> None:
+    """A registry whose storage root is broken answers 500: retried with backoff, then NetworkError."""
+    service = start_registry(tmp_path / "broken", name="registry-broken")
+    try:
+        shutil.rmtree(service.storage_dir)
+        service.storage_dir.write_text("not a directory")
+        repo = open_repository(f"{service.host}/regtest/broken", RegistryOptions(plain=True, retry_budget=1.0))
+        started = time.monotonic()
+        with pytest.raises(NetworkError, match="500") as info:
+            repo.upload_blob([b"abc"])
+        assert 1.0 <= time.monotonic() - started < 4.0
+        assert service.host in str(info.value) and info.value.retryable
+        assert service.process.log_path.read_text().count('"POST /v2/regtest/broken/blobs/uploads/') >= 3
+    finally:
+        service.stop()

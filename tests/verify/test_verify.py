@@ -378,3 +378,19 @@ def test_turbo_gzip_index_of_another_deflate_stream_is_rejected(edge3: Path, tmp
     assert not report.ok
     errors = [str(f) for f in report.platforms[0].errors]
     assert any("layer 0" in e and "gzip.meta access point" in e for e in errors), errors
+
+
+def test_docker_media_type_conversion_verifies(hello: Path, tmp_path: Path) -> None:
+    """Without --oci the image uses Docker media types throughout; verify checks them as a family."""
+    from obdconv.pipeline.request import ConversionRequest
+    from obdconv.pipeline.runner import RunnerOptions, convert
+
+    layout = le.copy_layout(hello, tmp_path / "hello")
+    convert(ConversionRequest(repository=f"oci:{layout}", input_tag="amd64", overlaybd_tag="docker-obd",
+                              turbo_tag="docker-turbo", workdir=str(tmp_path / "work")),
+            options=RunnerOptions(workers=1))
+    for tag, layer_type in (("docker-obd", "application/vnd.docker.image.rootfs.diff.tar"),
+                            ("docker-turbo", "application/vnd.docker.image.rootfs.diff.tar.gzip")):
+        assert le.read_manifest(layout, tag)["layers"][0]["mediaType"] == layer_type
+        report = _verify(layout, tag, "amd64")
+        assert report.ok, report.format_text()
