@@ -50,10 +50,12 @@ TARGET_RSS = 1 << 30
 
 
 class PeakRSS:
-    """Samples RSS of this process + all descendants every `interval` s; `.peak` in bytes."""
+    """Samples RSS of this process + all descendants every `interval` s; `.peak` in bytes.
+    `exclude` pids (the registry we started) are not the converter's memory and are left out."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, exclude: frozenset[int] = frozenset()) -> None:
         self.interval = interval
+        self.exclude = exclude
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,6 +64,8 @@ class PeakRSS:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
+            if p.pid in self.exclude:
+                continue
             try:
                 total += p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -241,15 +245,19 @@ def main() -> int:
         else:
             results["conversions"] = []
             for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
-                with PeakRSS() as rss:
+                # The machine is shared: measure the baseline right before each conversion, so the
+                # ratio compares runs made under the same load.
+                near = run_baseline(blobs, args.workers)
+                with PeakRSS(exclude=frozenset({reg.process.pid})) as rss:
                     conv = run_conversion(f"{reg.host}/bench", "src", fmt, Path(tmp))
                 conv["peak_rss_bytes"] = rss.peak
-                conv["ratio"] = conv["total_s"] / base["wall_s"]
+                conv["baseline_s"] = near["wall_s"]
+                conv["ratio"] = conv["total_s"] / near["wall_s"]
                 results["conversions"].append(conv)
                 stages = ", ".join(f"{k} {v:.2f} s" for k, v in conv["stages"].items() if k != "total") \
                     or "no stage timings reported"
                 verdict = "OK" if conv["ratio"] <= TARGET_RATIO and rss.peak < TARGET_RSS else "MISSES TARGET"
-                print(f"{fmt}: total {conv['total_s']:.2f} s ({stages}); ratio to baseline {conv['ratio']:.2f}x "
+                print(f"{fmt}: total {conv['total_s']:.2f} s ({stages}); ratio to baseline ({near['wall_s']:.2f} s) {conv['ratio']:.2f}x "
                       f"(target <= {TARGET_RATIO}x); peak RSS {rss.peak / 2**20:.0f} MiB (target < 1024 MiB): {verdict}")
                 if args.verify:
                     v = run_verify(reg.host, "src", fmt)

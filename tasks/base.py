@@ -37,9 +37,6 @@ class FleetTask(Task):
     max_retries = settings().retry_max
     retry_backoff_max = settings().retry_backoff_max
 
-    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        open_worker_database()
-
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: Any) -> None:
         job = kwargs.get("job") or {}
@@ -47,6 +44,7 @@ class FleetTask(Task):
         log.error("%s %s failed: %s: %s", self.name, task_id, error_class_name(exc), exc)
         if request_id and settings().db_type:
             try:
+                open_worker_database()
                 record_failure(request_id, error_class_name(exc), str(exc))
             except DatabaseError as e:  # the Celery result still carries the error
                 log.error("cannot record failure of %s: %s", request_id, e)

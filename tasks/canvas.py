@@ -33,7 +33,7 @@ from obdconv.pipeline.push import PushedManifest
 from obdconv.pipeline.request import ConversionRequest
 from obdconv.status import record_success
 from tasks.base import FleetTask
-from tasks.context import open_repository, settings
+from tasks.context import open_repository, open_worker_database, settings
 from tasks.dedup import find_manifest_hits, remember_manifest
 from tasks.stages import (
     _broker_client,
@@ -114,6 +114,7 @@ def convert_task(self: Any, *, job: dict[str, Any]) -> Any:
         from obdconv.client import source_of
         from obdconv.status import record_running
 
+        open_worker_database()
         record_running(job["request_id"], "plan", source=source_of(request), request=job["request"])
     source_repo = open_repository(request.repository, request.access)
     plan = resolve_image(source_repo, request.input_tag or request.input_digest, request.platforms)
@@ -172,6 +173,7 @@ def schedule_assemble_task(self: Any, metadata_result: dict[str, Any], *, job: d
 
 def finish(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
     if settings().db_type:
+        open_worker_database()
         record_success(job["request_id"], outputs)
     return {"outputs": outputs}
 

@@ -26,7 +26,7 @@ from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer
 from obdconv.pipeline.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask
-from tasks.context import open_repository, settings, spool_dir
+from tasks.context import open_repository, open_worker_database, settings, spool_dir
 from tasks.dedup import remember_layer
 from tasks.progress import ProgressReporter, backend_client
 from tasks.transfer import get_bytes, put_bytes
@@ -49,6 +49,7 @@ def request_of(job: dict[str, Any]) -> ConversionRequest:
 
 def mark_stage(job: dict[str, Any], stage: str) -> None:
     if settings().db_type:
+        open_worker_database()  # inside the task: an unreachable database is a retried DatabaseError
         record_running(job["request_id"], stage)
 
 

@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", action="append", default=[], help="only these platforms of an index (os/arch[/variant])")
     _bool_flag(p, "--json", False, "print the result as JSON on stdout")
     p.add_argument("--algorithm", default="lz4", choices=("lz4", "zstd"), help="ZFile block codec (default lz4)")
-    p.add_argument("--bs", type=int, default=4, help="ZFile block size in KiB, 4..64, power of two (default 4)")
+    p.add_argument("--bs", type=int, default=4, help="ZFile block size in KiB, 4..32, power of two (default 4)")
     _bool_flag(p, "--db-required", False, "fail instead of converting without dedup when the database is down")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: cpu count; 1 = none)")
 
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.DEBUG)
     request = build_request(args)
     if args.bs <= 0:
-        raise UsageError(f"--bs {args.bs}: expected KiB, 4..64")
+        raise UsageError(f"--bs {args.bs}: expected KiB, 4..32")
     validate_request(request)  # fail on bad flags before anything heavy is imported or opened
     from obdconv.pipeline.runner import RunnerOptions, convert
 

@@ -21,10 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import threading
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from obdconv.dedup.store import DedupStore
+from obdconv.dedup.claims import DEFAULT_TTL, WaitOutcome, layer_claim_key, manifest_claim_key
+from obdconv.dedup.store import DedupStore, manifest_profile_key
 from obdconv.errors import NetworkError, NotFoundError
 from obdconv.pipeline.request import ConversionProfile
 
@@ -163,3 +168,32 @@ def _mount_all(target: RepositoryLike, digests: list[str], from_repo: str) -> bo
             log.info("cannot mount %s from %s into %s/%s", digest, from_repo, target.host, target.name)
             return False
     return True
+
+
+def owner_id() -> str:
+    """A claim owner name unique to this process and thread (host/pid/thread/random), readable in the table."""
+    return f"{socket.gethostname()}/{os.getpid()}/{threading.get_ident()}/{uuid.uuid4().hex[:8]}"
+
+
+def converted_layer_or_claim(store: DedupStore, target: RepositoryLike, chain_id: str, profile: ConversionProfile,
+                             owner: str, timeout: float, ttl: float = DEFAULT_TTL,
+                             poll_interval: float = 0.5) -> WaitOutcome[tuple[str, int]]:
+    """`find_converted_layer`, or — while another worker converts the same (host, chain id, profile) —
+    wait for its result; `.lease` set means: convert it yourself inside `with outcome.lease:` and call
+    `record_layer` before leaving the block. A disabled/unavailable store returns a no-op lease at once."""
+    key = layer_claim_key(target.host or "oci", chain_id, profile)
+    return store.wait_for(key, owner, lambda: find_converted_layer(store, target, chain_id, profile),
+                          timeout, ttl, poll_interval)
+
+
+def converted_manifest_or_claim(store: DedupStore, target: RepositoryLike, src_digest: str, media_type: str,
+                                profile: ConversionProfile, tag: str | None, owner: str, timeout: float, *,
+                                referrer: bool = False, open_sibling: Callable[[str], RepositoryLike] | None = None,
+                                ttl: float = DEFAULT_TTL, poll_interval: float = 0.5) -> WaitOutcome[tuple[str, int]]:
+    """The manifest counterpart of `converted_layer_or_claim` (key: host, repository, source digest,
+    media type, profile incl. referrer mode)."""
+    key = manifest_claim_key(target.host or "oci", target.name, src_digest, media_type,
+                             manifest_profile_key(profile, referrer))
+    return store.wait_for(key, owner, lambda: find_converted_manifest(
+        store, target, src_digest, media_type, profile, tag, referrer=referrer, open_sibling=open_sibling),
+        timeout, ttl, poll_interval)

@@ -157,7 +157,7 @@ class DedupStore:
 
     @property
     def available(self) -> bool:
-        """True when the database answered the last time we asked (or retry time has not come)."""
+        """False while the database is down (since the last failure, until a retry succeeds) or disabled."""
         return self._db is not None and self._down_reason is None
 
     def describe(self) -> str:

@@ -36,6 +36,7 @@ from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
 ROOT = L.EXT2_ROOT_INO
 NO_GOAL = (1 << 64) - 1  # ~0ULL: let libext2fs pick the goal (ext2fs_find_inode_goal)
 MAX_NAME = 255
+EXT4_LINK_MAX = 65000  # the kernel's limit on i_links_count
 MAX_SYMLINK = BLOCK_SIZE - 1
 # xattr namespaces the kernel's ext4 accepts from tar (as the reference: others are skipped).
 XATTR_PREFIXES = ("user.", "trusted.", "security.")
@@ -245,7 +246,9 @@ class _LayerApply:
         self.touched_parents: set[str] = set()  # their ancestor directories
         # Only opaque markers need to know what this layer touched; skip the bookkeeping otherwise.
         self.track_touched = any(e.type is EntryType.OPAQUE for e in entries)
-        self.inode = L.Ext2InodeLarge()
+        self.inode_buf = bytearray(L.EXT2_INODE_SIZE)  # one inode buffer, shared by all helpers
+        self.inode = L.Ext2InodeLarge.from_buffer(self.inode_buf)
+        self.inode_ref = ctypes.byref(self.inode)
         self.ino = L.ext2_ino_t()
         self.where = ""
 
@@ -392,6 +395,13 @@ class _LayerApply:
         # name=NULL: ext2fs_mkdir builds the inode, its block, "." and "..", bumps the parent's link
         # count and the allocation stats, but does not link it (its lookup+link scan the parent).
         L.check(L.lib.ext2fs_mkdir(self.fs, parent, ino, None), "ext2fs_mkdir", self.where)
+        parent_inode = self.read_inode(parent)
+        if parent_inode.i_links_count > EXT4_LINK_MAX or parent_inode.i_links_count < 3:
+            # ext2fs_mkdir's plain 16-bit increment passed EXT4_LINK_MAX, or turned dir_nlink's 1
+            # ("too many subdirectories to count", as the kernel sets it) into 2: keep it at 1.
+            # (After a counted mkdir the parent has at least 3: ".", its name, the child's "..".)
+            parent_inode.i_links_count = 1
+            self.write_inode(parent, parent_inode)
         self.dirs.add(parent, name, ino, L.EXT2_FT_DIR)
         inode = self.read_inode(ino)
         inode.i_mode = L.LINUX_S_IFDIR | mode
@@ -402,26 +412,34 @@ class _LayerApply:
         return ino
 
     def create_file(self, parent: int, name: bytes, e: LayerEntry) -> int:
+        """The hot path (most entries): the inode is packed in one struct call, not field by field."""
         mode = L.LINUX_S_IFREG | e.mode
+        fs = self.fs
         ino = self.new_inode(parent, mode)
-        L.lib.ext2fs_inode_alloc_stats2(self.fs, ino, 1, 0)
-        inode = self.fresh_inode(mode, e)
-        inode.i_flags = L.EXT4_EXTENTS_FL
-        # Empty extent tree root in i_block: header {magic, entries 0, max 4, depth 0}.
-        inode.i_block[0] = L.EXT3_EXT_MAGIC
-        inode.i_block[1] = 4
-        fields.set_size(inode, e.size)  # before fallocate: blocks past EOF would come out uninit
-        nblocks = (e.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        L.lib.ext2fs_inode_alloc_stats2(fs, ino, 1, 0)
+        t_lo, t_extra = fields.encode_time(e.mtime_ns)
+        size = e.size
+        # i_size is set before fallocate: blocks past EOF would come out uninitialised.
+        # i_block starts as an empty extent tree root: {magic, entries 0, max 4, depth 0}.
+        _NEW_FILE_INODE.pack_into(
+            self.inode_buf, 0, mode, e.uid & 0xFFFF, size & 0xFFFFFFFF, t_lo, t_lo, t_lo, e.gid & 0xFFFF, 1,
+            L.EXT4_EXTENTS_FL, L.EXT3_EXT_MAGIC, 4, size >> 32, e.uid >> 16, e.gid >> 16,
+            L.EXT2_INODE_EXTRA_ISIZE, t_extra, t_extra, t_extra, t_lo, t_extra,
+        )
+        self.inode_buf[_NEW_FILE_INODE.size:] = _INODE_TAIL_ZEROS  # no in-inode xattrs of an earlier inode
+        nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
         if nblocks:
             # fallocate works on our buffer and writes its first 128 bytes; the full write follows.
-            L.check(L.lib.ext2fs_fallocate(self.fs, L.EXT2_FALLOCATE_FORCE_INIT, ino, ctypes.byref(inode),
-                                           NO_GOAL, 0, nblocks), "ext2fs_fallocate", self.where)
-        self.write_inode(ino, inode)
-        extents = _root_extents(inode)
+            rc = L.lib.ext2fs_fallocate(fs, L.EXT2_FALLOCATE_FORCE_INIT, ino, self.inode_ref, NO_GOAL, 0, nblocks)
+            L.check(rc, "ext2fs_fallocate", self.where)
+        L.check(L.lib.ext2fs_write_inode_full(fs, ino, self.inode_ref, L.EXT2_INODE_SIZE),
+                "ext2fs_write_inode_full", self.where)
+        extents = _root_extents(self.inode_buf)
         if extents is not None:
             self.known_extents[ino] = extents
         self.dirs.add(parent, name, ino, L.EXT2_FT_REG_FILE)
-        self.set_xattrs(ino, e, replace=False)
+        if e.xattrs:
+            self.set_xattrs(ino, e, replace=False)
         return ino
 
     def create_symlink(self, parent: int, name: bytes, e: LayerEntry) -> None:
@@ -465,6 +483,8 @@ class _LayerApply:
                     raise BadInputError(f"{self.where}: hardlink target lies inside the directory it replaces")
                 self.remove(parent, name, *existing)
             inode = self.read_inode(tino)
+            if inode.i_links_count >= EXT4_LINK_MAX:
+                raise BadInputError(f"{self.where}: {e.link_target!r} already has {EXT4_LINK_MAX} links (ext4's limit)")
             inode.i_links_count += 1
             self.write_inode(tino, inode)
             self.dirs.add(parent, name, tino, tftype)
@@ -511,7 +531,7 @@ class _LayerApply:
         self.drop(ino, ftype)
         if ftype == L.EXT2_FT_DIR:
             inode = self.read_inode(parent)
-            if inode.i_links_count > 2:
+            if inode.i_links_count > 2:  # 1 = dir_nlink's "uncounted": stays 1
                 inode.i_links_count -= 1
             self.write_inode(parent, inode)
 
@@ -580,15 +600,25 @@ class _LayerApply:
         return out
 
 
+# A new regular file's inode, bytes 0..0xA0 of struct ext2_inode_large (padding after it is zero):
+# mode, uid, size, atime, ctime, mtime, [dtime 0], gid, links, [blocks 0], flags, [version 0],
+# i_block[0] (extent magic | entries 0), i_block[1] (max 4 | depth 0), [i_block[2..14], generation,
+# file_acl 0], size_high, [faddr, blocks_hi, file_acl_high 0], uid_high, gid_high, [checksum_lo,
+# reserved 0], extra_isize, [checksum_hi 0], ctime_extra, mtime_extra, atime_extra, crtime,
+# crtime_extra, [version_hi, projid 0].
+_NEW_FILE_INODE = struct.Struct("<HHIIII4xHH4xI4xII52x8xI8xHH4xH2xIIIII8x")
+assert _NEW_FILE_INODE.size == 0xA0
+_INODE_TAIL_ZEROS = bytes(L.EXT2_INODE_SIZE - 0xA0)
+_I_BLOCK = L.Ext2InodeLarge.i_block.offset
 _EXT_HEADER = struct.Struct("<HHHHI")  # ext3_extent_header: magic, entries, max, depth, generation
 _EXT_LEAF = struct.Struct("<IHHI")  # ext3_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
 _EXT_INIT_MAX_LEN = 1 << 15  # ee_len above this marks an uninitialised extent
 
 
-def _root_extents(inode: L.Ext2InodeLarge) -> list[Extent] | None:
+def _root_extents(inode: bytearray) -> list[Extent] | None:
     """Extents straight from the inode's i_block when the tree is only its root (depth 0), which
     is every file of up to 4 extents; None for deeper trees (read those through libext2fs)."""
-    raw = ctypes.string_at(ctypes.addressof(inode) + L.Ext2InodeLarge.i_block.offset, 60)
+    raw = memoryview(inode)[_I_BLOCK:_I_BLOCK + 60]
     magic, entries, _, depth, _ = _EXT_HEADER.unpack_from(raw, 0)
     if magic != L.EXT3_EXT_MAGIC or depth != 0:
         return None

@@ -52,6 +52,11 @@ class FileSource:
         if self._owned:
             self._f.close()
 
+    def __del__(self) -> None:
+        # Sources opened from a path are owned here; readers rarely have a moment to close them.
+        if getattr(self, "_owned", False):
+            self._f.close()
+
 
 class BytesSource:
     """An in-memory buffer as a source."""

@@ -163,17 +163,28 @@ class DataAreaBlocks:
         self.batch = max(COMPRESS_BATCH // block_size, 1) * block_size
 
     def write(self, data: bytes | memoryview) -> None:
-        self.buffer += data
-        if len(self.buffer) >= self.batch:
-            whole = len(self.buffer) // self.block_size * self.block_size
-            self._compress(bytes(self.buffer[:whole]))
-            del self.buffer[:whole]
+        # Whole batches are compressed straight from the caller's buffer; only the tail that does
+        # not fill a batch is copied (tar members arrive as slices of large decompressed chunks).
+        mv = memoryview(data).cast("B")
+        if self.buffer:
+            take = self.batch - len(self.buffer)
+            self.buffer += mv[:take]
+            mv = mv[take:]
+            if len(self.buffer) < self.batch:
+                return
+            self._compress(self.buffer)
+            self.buffer = bytearray()
+        whole = len(mv) - len(mv) % self.batch
+        if whole:
+            self._compress(mv[:whole])
+        if whole < len(mv):
+            self.buffer += mv[whole:]
 
-    def _compress(self, data: bytes) -> None:
-        for block in self.compressor.compress(data):
-            self.out.write(block)
-            self.lengths.append(len(block))
-            self.compressed_size += len(block)
+    def _compress(self, data: bytes | bytearray | memoryview) -> None:
+        blocks = self.compressor.compress(data)
+        self.out.write(b"".join(blocks))
+        self.lengths.extend(len(b) for b in blocks)
+        self.compressed_size += sum(len(b) for b in blocks)
         self.raw_size += len(data)
 
     def finish(self) -> int:

@@ -25,8 +25,11 @@ def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
     if request.algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm {request.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
     bs = request.block_size
-    if bs < 4096 or bs > 65536 or bs & (bs - 1):
-        raise UsageError(f"--bs {bs}: ZFile block size must be a power of two from 4 KiB to 64 KiB")
+    if bs < 4096 or bs > 32768 or bs & (bs - 1):
+        # 64 KiB is what overlaybd-commit accepts, but the runtime's 64 KiB read buffer cannot
+        # read a 64 KiB block that does not compress (stored length > 65536; format spec §2.3).
+        raise UsageError(f"--bs {bs // 1024 if bs % 1024 == 0 else bs / 1024} KiB: ZFile block size must be a "
+                         "power of two from 4 to 32 KiB")
     if request.vsize_gb <= 0:
         raise UsageError(f"--vsize {request.vsize_gb}: must be a positive number of GB")
     return profiles

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from obdconv.dedup.store import DedupStore, open_store
-from tests.services.mariadb import MariaDB, mariadb  # noqa: F401 - the session fixture
+
+# `mariadb` and `registry` are session fixtures of the plugins loaded by tests/conftest.py.
+from tests.services.mariadb import MariaDB
 
 
 @dataclass
@@ -102,14 +104,3 @@ def store(backend: Backend) -> Iterator[DedupStore]:
     yield s
     s.close()
 
-
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real docker-registry (distribution) on 127.0.0.1, stopped at session end."""
-    from tests.services.registry import start_registry
-
-    service = start_registry(tmp_path_factory.mktemp("dedup-registry"))
-    try:
-        yield service
-    finally:
-        service.stop()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def mysql(mysql_backend: Backend) -> Backend:
 
 def test_rerun_is_a_manifest_hit_with_nothing_downloaded(registry: Any, mysql: Backend, tmp_path: Path) -> None:
     lay, _ = images(tmp_path)
-    name = f"{registry.host}/e2e-rerun"
+    name = f"{registry.host}/e2e-rerun-{uuid.uuid4().hex[:8]}"
     push_layout_image(lay.root, "a", name)
     first, prepared = run(name, "a", tmp_path / "w1", mysql, native="obd", turbo="turbo")
     assert len(prepared) == 3
@@ -78,7 +79,7 @@ def test_rerun_is_a_manifest_hit_with_nothing_downloaded(registry: Any, mysql: B
 
 def test_second_repository_mounts_every_layer(registry: Any, mysql: Backend, tmp_path: Path) -> None:
     lay, shared = images(tmp_path)
-    first_repo, second_repo = f"{registry.host}/e2e-one", f"{registry.host}/e2e-two"
+    first_repo, second_repo = f"{registry.host}/e2e-one-{uuid.uuid4().hex[:8]}", f"{registry.host}/e2e-two-{uuid.uuid4().hex[:8]}"
     push_layout_image(lay.root, "a", first_repo)
     first, _ = run(first_repo, "a", tmp_path / "w1", mysql, native="obd")
     # The same image in another repository: a manifest hit by cross-repository mount.
@@ -89,7 +90,7 @@ def test_second_repository_mounts_every_layer(registry: Any, mysql: Backend, tmp
     assert all_blobs_present(second_repo, again.output("native").root_digest)
     # Another image sharing the base layers, in a third repository: the shared layers are mounted,
     # only its own top layer is converted.
-    third_repo = f"{registry.host}/e2e-three"
+    third_repo = f"{registry.host}/e2e-three-{uuid.uuid4().hex[:8]}"
     push_layout_image(lay.root, "b", third_repo)
     third, prepared = run(third_repo, "b", tmp_path / "w3", mysql, native="obd")
     assert len(prepared) == 1 and prepared[0] not in shared
@@ -103,7 +104,7 @@ def test_second_repository_mounts_every_layer(registry: Any, mysql: Backend, tmp
 def test_two_conversions_at_once_convert_each_shared_layer_once(registry: Any, mysql: Backend,
                                                                 tmp_path: Path) -> None:
     lay, shared = images(tmp_path)
-    name = f"{registry.host}/e2e-race"
+    name = f"{registry.host}/e2e-race-{uuid.uuid4().hex[:8]}"
     push_layout_image(lay.root, "a", name)
     push_layout_image(lay.root, "b", name)
     start_at = time.time() + 3.0

@@ -173,3 +173,30 @@ def test_oci_layout_targets_are_never_deduplicated(store: DedupStore, backend: B
     assert backend.sql("select count(*) from obdconv_manifests") == [(0,)]
     assert lookup.find_converted_layer(store, layout, CHAIN, REFERENCE_PROFILE) is None
     assert lookup.find_converted_manifest(store, layout, SRC, OCI_MANIFEST, REFERENCE_PROFILE, "t") is None
+
+
+def test_second_worker_waits_for_the_first_workers_layer(store: DedupStore, registry: Any) -> None:
+    import threading
+    import time
+
+    first_repo, second_repo = repo(registry, unique("lib/a")), repo(registry, unique("lib/b"))
+    chain = "sha256:" + uuid.uuid4().hex * 2
+    first = lookup.converted_layer_or_claim(store, first_repo, chain, REFERENCE_PROFILE, lookup.owner_id(), timeout=5)
+    assert first.result is None and first.lease is not None  # nobody converted it: ours to do
+    pushed: dict[str, tuple[str, int]] = {}
+
+    def convert_and_record() -> None:
+        with first.lease:  # type: ignore[union-attr]
+            time.sleep(0.6)
+            pushed["layer"] = push_blob(first_repo, b"the converted layer " + uuid.uuid4().bytes)
+            lookup.record_layer(store, first_repo, chain, REFERENCE_PROFILE, *pushed["layer"])
+
+    t = threading.Thread(target=convert_and_record)
+    t.start()
+    # Another repository on the same host: same claim key (host, chain, profile), so it waits, then
+    # gets the first worker's blob by cross-repository mount instead of converting it again.
+    second = lookup.converted_layer_or_claim(store, second_repo, chain, REFERENCE_PROFILE, lookup.owner_id(),
+                                             timeout=20, poll_interval=0.05)
+    t.join()
+    assert second.lease is None and second.result == pushed["layer"]
+    assert second_repo.head_blob(pushed["layer"][0]) == pushed["layer"][1]

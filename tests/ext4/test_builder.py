@@ -207,3 +207,18 @@ def test_huge_file_gets_multi_level_extent_tree(tmp_path: Path) -> None:
     assert fsck(tmp_path / "h.img").returncode == 0
     stat = subprocess.run(["debugfs", "-R", "stat huge", str(tmp_path / "h.img")], capture_output=True, text=True)
     assert f"Size: {size}" in stat.stdout
+
+
+@pytest.mark.slow
+def test_huge_directories(tmp_path: Path) -> None:
+    """100k files in one directory and 66k subdirectories of another (dir_nlink), e2fsck clean."""
+    b = Ext4Builder(tmp_path / "big.img", 4 << 30, FS_UUID)
+    b.mkfs()
+    entries = [E("files", T.DIR)] + [E(f"files/f{i:06d}", T.FILE) for i in range(100_000)]
+    entries += [E("dirs", T.DIR)] + [E(f"dirs/d{i:05d}", T.DIR) for i in range(66_000)]
+    b.apply(entries)
+    b.apply([E("dirs/d00001", T.WHITEOUT), E("files/f000001", T.WHITEOUT), E("files/new", T.FILE)])
+    result = fsck(tmp_path / "big.img")
+    assert result.returncode == 0, result.stdout[-2000:]
+    tree = tree_from_ext4(tmp_path / "big.img")
+    assert len(tree) == 2 + 100_000 + 66_000 - 2 + 1

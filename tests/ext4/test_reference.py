@@ -20,7 +20,7 @@ blob = pytest.importorskip("obdconv.formats.blob")
 @pytest.fixture(scope="module")
 def reference_stack(fixtures_dir: Path):
     ref = fixtures_dir / "overlaybd" / "reference-layer"
-    f = open(ref / "overlaybd.commit.zfile.tar", "rb")  # noqa: SIM115 - kept open for the stack's reads
+    f = open(ref / "overlaybd.commit.zfile.tar", "rb")  # kept open: the stack reads lazily
     try:
         yield ref, lsmt.LSMTStack([blob.open_layer_blob(f)])
     finally:

@@ -141,6 +141,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for n in range(5):
         build_sample_image(layout, f"shared{n}", layers=3, file_bytes=1 << 20, seed=100 + n, shared_layers=2)
     build_sample_image(layout, "private", layers=2, file_bytes=128 << 10, seed=14)
+    build_sample_image(layout, "both", layers=2, file_bytes=128 << 10, seed=15)
     return layout
 
 

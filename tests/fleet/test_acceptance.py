@@ -103,6 +103,19 @@ def test_multi_platform_index(fleet: Fleet, registry: RegistryService, images: P
     assert a["succeeded"] <= b["started"]
 
 
+def test_both_formats_in_one_request(fleet: Fleet, registry: RegistryService, images: Path) -> None:
+    push_layout(images, "both", f"{registry.host}/fleet/both:src")
+    request_id = fleet.submit(request_for(registry, "fleet/both", "src", "obd", turbo_tag="turbo"))
+    final = fleet.wait(request_id)
+    assert final["state"] == "SUCCESS", final
+    assert {f: o["tag"] for f, o in final["outputs"].items()} == {"native": "obd", "turbo": "turbo"}
+    assert final["outputs"]["native"]["digest"] != final["outputs"]["turbo"]["digest"]
+    # One prepare per layer served both formats.
+    assert len(tasks_of(fleet, request_id, "obdconv.prepare_layer")) == 2
+    assert_verifies(fleet, registry, "fleet/both", "obd", "src")
+    assert_verifies(fleet, registry, "fleet/both", "turbo", "src")
+
+
 def test_kill_worker_mid_conversion(fleet: Fleet, registry: RegistryService, images: Path) -> None:
     push_layout(images, "big", f"{registry.host}/fleet/big:src")
     request_id = fleet.submit(request_for(registry, "fleet/big", "src", "obd"))

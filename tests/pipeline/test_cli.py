@@ -67,6 +67,8 @@ def test_validation_messages() -> None:
         validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--mkfs=false"))
     with pytest.raises(UsageError, match="power of two"):
         validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--bs", "12"))
+    with pytest.raises(UsageError, match="4 to 32 KiB"):
+        validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--bs", "64"))
 
 
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

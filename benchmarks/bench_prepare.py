@@ -1,0 +1,110 @@
+"""Per-layer stage benchmark of the pipeline: prepare and assemble against a baseline, one process.
+
+For each layer of the cached benchmark image (benchmarks/build_image.py; or any OCI layout given
+with --layout/--tag), in ONE process:
+  baseline  read the blob + inflate (isal) + sha256 + LZ4 in 4 KiB blocks (the irreducible work);
+  prepare   obdconv.pipeline.prepare.prepare_layer(native=True) (adds the tar scan, data area,
+            spool writes and the digest check of the blob);
+  assemble  obdconv.pipeline.assemble.assemble_layer without upload (hashes the blob it would send)
+            using metadata from one in-order metadata pass (timed separately).
+Prints MiB/s of the uncompressed tar for each and the ratio prepare/baseline.
+
+Usage: python benchmarks/bench_prepare.py [--layout PATH --tag TAG] [--layers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lz4.block
+from isal import isal_zlib
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from obdconv.pipeline.assemble import assemble_layer  # noqa: E402
+from obdconv.pipeline.metadata import MetadataPass  # noqa: E402
+from obdconv.pipeline.plan import resolve_image  # noqa: E402
+from obdconv.pipeline.prepare import prepare_layer  # noqa: E402
+from obdconv.pipeline.request import ConversionProfile  # noqa: E402
+from obdconv.registry import open_repository  # noqa: E402
+
+CHUNK = 1 << 20
+BLOCK = 4096
+
+
+def baseline(path: Path) -> tuple[float, int]:
+    start = time.perf_counter()
+    inflater = isal_zlib.decompressobj(31)
+    h = hashlib.sha256()
+    pending = b""
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            data = inflater.decompress(chunk)
+            h.update(data)
+            size += len(data)
+            buf = pending + data
+            whole = len(buf) - len(buf) % BLOCK
+            for off in range(0, whole, BLOCK):
+                lz4.block.compress(buf[off:off + BLOCK], store_size=False)
+            pending = buf[whole:]
+    return time.perf_counter() - start, size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layout", default=str(HERE / ".cache" / "image"))
+    ap.add_argument("--tag", default="bench")
+    ap.add_argument("--layers", type=int, default=0, help="only the first N layers (0 = all)")
+    args = ap.parse_args()
+    layout = Path(args.layout)
+    if not (layout / "index.json").exists():
+        print(f"no OCI layout at {layout}: run benchmarks/build_image.py first or pass --layout", file=sys.stderr)
+        return 1
+    repo = open_repository(f"oci:{layout}")
+    plan = resolve_image(repo, args.tag)
+    m = next(iter(plan.manifests.values()))
+    layers = m.layers[: args.layers or None]
+    profile = ConversionProfile()
+    totals = {"baseline": 0.0, "prepare": 0.0, "metadata": 0.0, "assemble": 0.0}
+    raw_total = 0
+    with tempfile.TemporaryDirectory(prefix="obdconv-bench-prepare-") as tmp:
+        prepared = []
+        for layer in layers:
+            blob = layout / "blobs" / "sha256" / layer["digest"].split(":", 1)[1]
+            base_s, raw = baseline(blob)
+            t = time.perf_counter()
+            p = prepare_layer(repo, layer, Path(tmp) / "spool", native=True, turbo=False)
+            prep_s = time.perf_counter() - t
+            prepared.append(p)
+            raw_total += raw
+            totals["baseline"] += base_s
+            totals["prepare"] += prep_s
+            print(f"layer {layer['digest'][7:19]} {raw / 2**20:8.1f} MiB tar: baseline {raw / base_s / 2**20:6.1f} MiB/s,"
+                  f" prepare {raw / prep_s / 2**20:6.1f} MiB/s, ratio {prep_s / base_s:.2f}x")
+        t = time.perf_counter()
+        with MetadataPass(profile.vsize_gb, m.chain_ids, Path(tmp) / "meta") as metadata_pass:
+            metadata = [metadata_pass.apply(p) for p in prepared]
+        totals["metadata"] = time.perf_counter() - t
+        for i, (p, md) in enumerate(zip(prepared, metadata, strict=True)):
+            t = time.perf_counter()
+            assemble_layer(p, md, profile, m.chain_ids[i], m.chain_ids[i - 1] if i else "", repo, upload=False)
+            totals["assemble"] += time.perf_counter() - t
+    mib = raw_total / 2**20
+    print(f"total {mib:.1f} MiB tar: " + ", ".join(f"{k} {v:.2f} s ({mib / v:.0f} MiB/s)" for k, v in totals.items()))
+    print(f"prepare / baseline = {totals['prepare'] / totals['baseline']:.2f}x; "
+          f"(prepare + metadata + assemble) / baseline = "
+          f"{(totals['prepare'] + totals['metadata'] + totals['assemble']) / totals['baseline']:.2f}x")
+    print(json.dumps({k: round(v, 3) for k, v in totals.items()} | {"tar_mib": round(mib, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
