@@ -64,6 +64,7 @@ def edge_layout(tmp_path: Path) -> Path:
 
 def test_edge_image_native_oci_mixed_compression(edge_layout: Path, tmp_path: Path) -> None:
     result = run(edge_layout, "oci-mixed", tmp_path, oci=True)
+    assert ConversionResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
     out = result.output("native")
     m = manifest(edge_layout, out.root_digest)
     assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json" and len(m["layers"]) == 4
