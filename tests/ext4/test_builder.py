@@ -51,6 +51,9 @@ def test_mkfs_is_deterministic_and_clean(tmp_path: Path) -> None:
     for unwanted in ("has_journal", "resize_inode", "orphan_file", "metadata_csum"):
         assert unwanted not in features.split()
     assert str(FS_UUID) in dump
+    groups = subprocess.run(["dumpe2fs", str(images[0])], capture_output=True, text=True).stdout
+    group_lines = [line for line in groups.splitlines() if line.startswith("Group ") and "Blocks" in line]
+    assert len(group_lines) == 512 and all("ITABLE_ZEROED" in line for line in group_lines)
     stat = subprocess.run(["debugfs", "-R", "stat lost+found", str(images[0])], capture_output=True, text=True).stdout
     flags = int(stat.split("Flags: ")[1].split()[0], 16)
     assert not flags & 0x1000  # no EXT2_INDEX_FL on lost+found (the reference mkfs's defect)
