@@ -11,6 +11,7 @@ fail() { echo "setup: $1 failed; its output:" >&2; tail -n 40 "$LOG" >&2; exit 1
 APT_PACKAGES=(
   e2fsprogs libext2fs2 redis-server mariadb-server docker-registry skopeo umoci
   apache2-utils openssl debootstrap chromium zstd pigz python3-venv ca-certificates util-linux
+  liblz4-1 zlib1g
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -566,6 +566,8 @@ class _LayerApply:
         """Hide lower children of `path`: keep what this layer put there (and the way to it)."""
         for name, (ino, ftype) in list(self.dirs.names(dir_ino).items()):
             base = name.decode("utf-8", "surrogateescape")
+            if not path and base == "lost+found":
+                continue  # mkfs's, not a lower layer's: e2fsck expects it
             child = f"{path}/{base}" if path else base
             if child in self.touched or child in self.touched_parents:
                 # Kept (this layer's), but a kept directory's own lower children are hidden too,
@@ -590,7 +592,7 @@ class _LayerApply:
                 if rc == L.EXT2_ET_EXTENT_NO_NEXT:
                     break
                 L.check(rc, "ext2fs_extent_get", f"inode {ino}")
-                op = L.EXT2_EXTENT_NEXT_LEAF
+                op = L.EXT2_EXTENT_NEXT
                 if ext.e_flags & L.EXT2_EXTENT_FLAGS_LEAF and ext.e_len:
                     if ext.e_flags & L.EXT2_EXTENT_FLAGS_UNINIT:
                         raise ObdconvError(f"inode {ino}: fallocate left an uninitialised extent")

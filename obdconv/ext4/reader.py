@@ -59,6 +59,8 @@ class _Walker:
                     continue  # mkfs's, not the image's (as tree_from_directory skips it)
                 path = dir_path + name.decode("utf-8", "surrogateescape")
                 entry = self.entry(path, ino)
+                if entry.kind == "socket":
+                    continue  # not representable in a layer (tree_from_directory skips them too)
                 tree[path] = entry
                 if entry.kind == "dir":
                     entry.link_group = path

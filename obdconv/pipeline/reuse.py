@@ -8,17 +8,28 @@ rest is converted on top of those layers read back (`parents.read_back_parents`)
 Calls the dedup area's `find_converted_*` / `record_*` (which confirm rows with real HEADs, mount
 across repositories and delete stale rows). With `--no-upload` no lookup is made (a hit would
 re-tag or mount, i.e. write to the registry) and nothing is recorded.
+
+Claims: a manifest not found converted is claimed per (host, repository, source digest, output
+media type, profile) before any work (`store.wait_for`): if another runner or worker holds the claim
+we wait for its result (up to `claim_timeout`, then ClaimTimeoutError) instead of converting the
+same thing twice. The lease heartbeats while we convert and is released after the manifest is
+pushed and recorded. (Layer-level claims are not taken: two different manifests sharing a chain
+may convert it in parallel; the results are byte-identical and recording is idempotent.)
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from obdconv.dedup.claims import Lease, manifest_claim_key
 from obdconv.dedup.lookup import find_converted_layer, find_converted_manifest, record_layer, record_manifest
-from obdconv.dedup.store import DedupStore
+from obdconv.dedup.store import DedupStore, manifest_profile_key
 from obdconv.oci import mediatypes as mt
 from obdconv.pipeline.annotations import layer_annotations, layer_media_type, manifest_media_type
 from obdconv.pipeline.assemble import ConvertedLayer
@@ -34,6 +45,12 @@ log = logging.getLogger(__name__)
 class ManifestReuse:
     manifests: dict[str, PushedManifest] = field(default_factory=dict)  # format -> converted manifest found
     layers: dict[str, list[ConvertedLayer]] = field(default_factory=dict)  # format -> leading layer hits
+    leases: list[Lease] = field(default_factory=list)  # claims we hold while converting
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
+        self.leases.clear()
 
     def todo(self, profiles: list[ConversionProfile]) -> list[ConversionProfile]:
         return [p for p in profiles if p.format not in self.manifests]
@@ -46,13 +63,15 @@ class ManifestReuse:
 
 class Reuse:
     def __init__(self, store: DedupStore, target_repo: Any, open_sibling: Callable[[str], Any], *, oci: bool,
-                 referrer: bool, enabled: bool) -> None:
+                 referrer: bool, enabled: bool, claim_timeout: float = 3600.0) -> None:
         self.store = store
         self.target = target_repo
         self.open_sibling = open_sibling
         self.oci = oci
         self.referrer = referrer
         self.enabled = enabled and store.enabled
+        self.claim_timeout = claim_timeout
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
     def lookup(self, m: ManifestPlan, profiles: list[ConversionProfile], tags: dict[str, str]) -> ManifestReuse:
         out = ManifestReuse()
@@ -60,8 +79,18 @@ class Reuse:
             return out
         media_type = manifest_media_type(self.oci)
         for p in profiles:
-            hit = find_converted_manifest(self.store, self.target, m.digest, media_type, p, tags.get(p.format) or None,
-                                          referrer=self.referrer, open_sibling=self.open_sibling)
+            tag = tags.get(p.format) or None
+
+            def find(p: ConversionProfile = p, tag: str | None = tag) -> tuple[str, int] | None:
+                return find_converted_manifest(self.store, self.target, m.digest, media_type, p, tag,
+                                               referrer=self.referrer, open_sibling=self.open_sibling)
+
+            key = manifest_claim_key(self.target.host, self.target.name, m.digest, media_type,
+                                     manifest_profile_key(p, self.referrer))
+            outcome = self.store.wait_for(key, self.owner, find, self.claim_timeout)
+            hit = outcome.result
+            if outcome.lease is not None:
+                out.leases.append(outcome.lease.__enter__())  # heartbeat until released
             if hit is not None:
                 log.info("manifest %s already converted (%s): %s", m.digest, p.format, hit[0])
                 out.manifests[p.format] = PushedManifest(media_type, hit[0], hit[1], "", [])

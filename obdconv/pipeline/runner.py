@@ -117,6 +117,7 @@ class RunnerOptions:
     spool_dir: str = ""  # default <workdir>/spool
     db_str: str = ""  # dedup DSN (the CLI's --db-str); the request only carries a reference
     keep_spool: bool = False  # keep prepared layers made by this run (also kept with --reserve)
+    claim_timeout: float = 3600.0  # seconds to wait for another converter holding a manifest's claim
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +299,7 @@ class _Run:
             self.add_time("push", time.monotonic() - t)
             outputs[profile.format].manifests[m.digest] = pushed[profile.format].digest
             self.emit(ProgressEvent("push", manifest=m.digest, format=profile.format, finished=True))
+        reuse.release()  # results are recorded: waiters find them now
         if not self.request.reserve:
             with contextlib.suppress(OSError):
                 shutil.rmtree(workdir)
@@ -359,7 +361,6 @@ class _Run:
         self.add_time("plan", time.monotonic() - t)
         self.emit(ProgressEvent("plan", finished=True, total=len(plan.manifests)))
         outputs = {p.format: OutputResult(p.format, self.target_name, self.tag_for(p)) for p in self.profiles}
-        self.open_reuse(plan)
         workers = self.options.workers or os.cpu_count() or 1
         progress_queue: Any = None
         drain: threading.Thread | None = None
@@ -375,6 +376,7 @@ class _Run:
             _init_worker(_DirectQueue(self))
             pool = _InlineExecutor()
         try:
+            self.open_reuse(plan)
             self.start_prepares(pool, plan)
             results = self.convert_manifests(pool, plan, outputs)
             self.push_indexes(plan, results, outputs)
@@ -392,9 +394,14 @@ class _Run:
                 _init_worker(None)
                 for name in _repos_in_process:
                     _repos.pop(name, None)
+            for reuse in getattr(self, "reuse_of", {}).values():
+                reuse.release()
             store = getattr(self, "store", None)
             if store is not None:
                 store.close()
+            for repo in {id(r): r for r in _repos_in_process.values()}.values():
+                with contextlib.suppress(Exception):
+                    repo.close()
             if not (request.reserve or self.options.keep_spool):
                 for path in self.created_spools:
                     shutil.rmtree(path, ignore_errors=True)
@@ -412,11 +419,12 @@ class _Run:
             return open_repository(f"{host}/{name}", self.registry)
 
         self.reuse = Reuse(self.store, self.target_repo, open_sibling, oci=self.oci, referrer=request.referrer,
-                           enabled=self.upload and bool(host))
+                           enabled=self.upload and bool(host), claim_timeout=self.options.claim_timeout)
+        self.reuse_of: dict[str, ManifestReuse] = {}
         root_tags = {p.format: self.tag_for(p) for p in self.profiles}
-        self.reuse_of = {m.digest: self.reuse.lookup(m, self.profiles,
-                                                     root_tags if m.digest == plan.root["digest"] else {})
-                         for m in plan.manifests.values()}
+        for m in plan.manifests.values():
+            self.reuse_of[m.digest] = self.reuse.lookup(m, self.profiles,
+                                                        root_tags if m.digest == plan.root["digest"] else {})
 
     def convert_manifests(self, pool: Executor, plan: ImagePlan,
                           outputs: dict[str, OutputResult]) -> dict[str, dict[str, PushedManifest]]:

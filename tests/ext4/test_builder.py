@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import time
 import uuid
@@ -13,7 +14,7 @@ import pytest
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import BadInputError, FormatError, ObdconvError, UnsafePathError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
-from obdconv.ext4.mkfs import data_blocks
+from obdconv.ext4.mkfs import FAKE_TIME, data_blocks
 from obdconv.ext4.reader import tree_from_ext4
 from tests.ext4.helpers import FS_UUID, VSIZE, Layer, assemble, build, file_bytes_entries, fsck
 
@@ -68,6 +69,9 @@ def test_same_input_gives_same_bytes(tmp_path: Path) -> None:
         build(tmp_path / f"{name}.img", layers)
         runs.append([layer.meta.to_bytes() for layer in layers if layer.meta])
     assert runs[0] == runs[1]
+    # No wall clock: the superblock's write time is the fixed fake time (byte-identical next second too).
+    first = LayerMetadata.from_bytes(runs[0][1]).blocks[0]
+    assert first[0] == 0 and struct.unpack_from("<I", first[1], 1024 + 0x30)[0] == FAKE_TIME
     other = sample_layers()
     other[1].entries[1].mtime_ns += 1
     build(tmp_path / "z.img", other)
@@ -225,3 +229,15 @@ def test_huge_directories(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-2000:]
     tree = tree_from_ext4(tmp_path / "big.img")
     assert len(tree) == 2 + 100_000 + 66_000 - 2 + 1
+
+
+def test_opaque_root_keeps_this_layer_and_lost_found(tmp_path: Path) -> None:
+    layers = [Layer(*file_bytes_entries([E("old/x", T.FILE), E("keep", T.DIR)], {"old/x": b"x"})),
+              Layer(*file_bytes_entries([E("keep/new", T.FILE), E(".", T.OPAQUE), E(".", T.DIR, 0o700)],
+                                        {"keep/new": b"n"}))]
+    build(tmp_path / "m.img", layers)
+    assemble(tmp_path / "d.img", layers)
+    assert fsck(tmp_path / "d.img").returncode == 0
+    assert set(tree_from_ext4(tmp_path / "d.img")) == {"keep", "keep/new"}
+    stat = subprocess.run(["debugfs", "-R", "stat /", str(tmp_path / "d.img")], capture_output=True, text=True).stdout
+    assert "Mode:  0700" in stat

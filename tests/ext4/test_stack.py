@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def layer_members() -> list[list[Member]]:
         Member("attrs", data=b"x", xattrs={"user.test": b"v", "security.capability": CAP,
                                           "user.big": b"z" * 3000, "trusted.t": b"\x00\xff"}),
         Member("acl", data=b"acl", xattrs={"system.posix_acl_access": ACL}),
+        Member("acldir", "dir", xattrs={"system.posix_acl_default": ACL, "system.posix_acl_access": ACL}),
         Member("old", data=b"1960", mtime="-315619199.123456789", uid=65534, gid=65534),
         Member("future", data=b"2100", mtime="4102444800.999999999"),
         Member("empty", data=b""),
@@ -110,6 +112,7 @@ def test_userspace_tree_equals_tar_model(stack: tuple[list[Path], list[Layer], P
     assert actual["etc"].xattrs == {"user.d": b"dirattr", "user.e": b"2"}
     assert actual["attrs"].xattrs["user.big"] == b"z" * 3000
     assert actual["acl"].xattrs["system.posix_acl_access"] == ACL
+    assert actual["acldir"].xattrs == {"system.posix_acl_access": ACL, "system.posix_acl_default": ACL}
     assert actual["slow"].link_target == "t/" * 100
     assert sorted(p for p in actual if p.startswith("opq")) == ["opq", "opq/new"]
     assert actual["gone"].kind == "symlink" and actual["many"].kind == "file"
@@ -140,3 +143,24 @@ def test_segments_exclude_live_file_blocks(stack: tuple[list[Path], list[Layer],
             assert sum(e.length for e in extents) == -(-entry.size // 4096)
     # layer 0 carries mkfs: the primary superblock block is in it
     assert layers[0].meta is not None and layers[0].meta.blocks[0][0] == 0
+
+
+@requires_root
+def test_kernel_can_write_to_it(stack: tuple[list[Path], list[Layer], Path], tmp_path: Path) -> None:
+    """A read-write mount (as a container's writable layer would see it) works and stays clean."""
+    _, _, device = stack
+    copy = tmp_path / "rw.img"
+    subprocess.run(["cp", "--sparse=always", str(device), str(copy)], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(copy), str(mnt)], check=True, capture_output=True)
+    try:
+        (mnt / "newdir").mkdir()
+        (mnt / "newdir" / "f").write_bytes(b"w" * 100_000)
+        (mnt / "bin" / "sh").unlink()
+        (mnt / "etc" / "passwd").write_bytes(b"changed")
+        assert (mnt / "usr" / "lib" / "link").read_bytes() == (mnt / "l2link").read_bytes()
+    finally:
+        subprocess.run(["umount", "-d", str(mnt)], check=True, capture_output=True)
+    result = fsck(copy)
+    assert result.returncode == 0, result.stdout

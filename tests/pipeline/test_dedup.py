@@ -68,3 +68,37 @@ def test_manifest_and_layer_dedup(pipeline_registry: RegistryService, tmp_path: 
         flatten(tmp_path / f"out-{fmt}", out.root_digest, image, lay.root)
         assert e2fsck(image) == ""
         assert check_tree(image, source_layer_paths(lay.root, src_b)) == []
+
+
+def test_manifest_claimed_elsewhere_is_waited_for(pipeline_registry: RegistryService, tmp_path: Path) -> None:
+    from obdconv.dedup.claims import ClaimTimeoutError, manifest_claim_key
+    from obdconv.dedup.store import manifest_profile_key, opened_store
+    from obdconv.pipeline.request import ConversionProfile
+
+    lay = Layout(tmp_path / "src")
+    lay.image([layer([file("x", b"x")], "gzip", True)], docker=True, tag="c")
+    name = f"{pipeline_registry.host}/claimed"
+    src = push_layout_image(lay.root, "c", name)
+    db = tmp_path / "dedup.sqlite"
+    profile = ConversionProfile("native")
+    key = manifest_claim_key(pipeline_registry.host, "claimed", src,
+                             "application/vnd.docker.distribution.manifest.v2+json",
+                             manifest_profile_key(profile, False))
+    with opened_store("sqlite", str(db)) as store:
+        assert store.claim(key, "someone-else", 60)
+        request = ConversionRequest(repository=name, input_tag="c", overlaybd_tag="c-obd", workdir=str(tmp_path / "w"),
+                                    access=RegistryAccess(plain=True), db_type="sqlite", db_str_ref="test")
+        options = RunnerOptions(workers=1, db_str=str(db), claim_timeout=1.0)
+        with pytest.raises(ClaimTimeoutError):
+            convert(request, options=options)
+        assert "c-obd" not in open_repository_tags(name)
+        store.release(key, "someone-else")
+        result = convert(request, options=options)
+        assert result.output("native").root_digest
+        assert store.holder(key) is None  # our lease was released after the push
+
+
+def open_repository_tags(name: str) -> list[str]:
+    from obdconv.registry import RegistryOptions, open_repository
+
+    return open_repository(name, RegistryOptions(plain=True)).list_tags()
