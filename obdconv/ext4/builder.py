@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from obdconv.entries import EntryType, LayerEntry
-from obdconv.errors import BadInputError, ObdconvError, UnsafePathError
+from obdconv.errors import BadInputError, ObdconvError, UnsafePathError, UnsupportedError
 from obdconv.ext4 import fields
 from obdconv.ext4 import libext2fs as L
 from obdconv.ext4.capture import WriteCapture
@@ -181,6 +181,10 @@ class Ext4Builder:
         capture = WriteCapture()
         with capture:
             fs = L.open_fs(str(self.image_path), rw=True, io_manager="test_io_manager")
+            missing = _missing_features(fs)
+            if missing:
+                L.lib.ext2fs_free(fs)
+                raise UnsupportedError(f"{self.image_path}: the filesystem lacks feature(s) {', '.join(missing)}")
             try:
                 L.filsys(fs).now = FAKE_TIME  # stamps s_wtime; all inode times are set explicitly
                 self._dirs.fs = fs
@@ -216,6 +220,16 @@ class Ext4Builder:
                     out.append((numbers[k], data[off:off + BLOCK_SIZE]))
                 i = j
         return out
+
+
+# Features the engine relies on: extent-mapped files and typed directory entries.
+_REQUIRED_INCOMPAT = {"filetype": 0x0002, "extent": 0x0040}
+_SB_FEATURE_INCOMPAT = 0x60
+
+
+def _missing_features(fs: int) -> list[str]:
+    incompat = L.super_u32(fs, _SB_FEATURE_INCOMPAT)
+    return [name for name, bit in _REQUIRED_INCOMPAT.items() if not incompat & bit]
 
 
 def _subtract(blocks: list[int], ranges: list[tuple[int, int]]) -> list[int]:

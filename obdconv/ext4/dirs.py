@@ -22,6 +22,7 @@ from obdconv.ext4 import libext2fs as L
 
 BLOCK_SIZE = 4096
 _DIRENT = struct.Struct("<IHBB")  # inode, rec_len, name_len, file_type
+_CSUM_TAIL_TYPE = 0xDE  # EXT2_DIR_NAME_LEN_CSUM >> 8: the fake entry holding a dir block's checksum
 
 
 def dirent_size(name_len: int) -> int:
@@ -110,6 +111,9 @@ class DirIndex:
             if off + rec_len == BLOCK_SIZE:
                 break
             off += rec_len
+        last_ino, rec_len, name_len, file_type = _DIRENT.unpack_from(self._buf, off)
+        if not last_ino and off and (rec_len, name_len, file_type) == (12, 0, _CSUM_TAIL_TYPE):
+            return None  # a metadata_csum parent's checksum tail: let ext2fs_link maintain it
         tail = (pblk, off, bytearray(self._buf.raw))
         self._tail[dir_ino] = tail
         return tail

@@ -13,8 +13,10 @@ Claims: a manifest not found converted is claimed per (host, repository, source 
 media type, profile) before any work (`store.wait_for`): if another runner or worker holds the claim
 we wait for its result (up to `claim_timeout`, then ClaimTimeoutError) instead of converting the
 same thing twice. The lease heartbeats while we convert and is released after the manifest is
-pushed and recorded. (Layer-level claims are not taken: two different manifests sharing a chain
-may convert it in parallel; the results are byte-identical and recording is idempotent.)
+pushed and recorded. Layers are claimed the same way per (host, chain id, profile), in chain order:
+a layer another converter is making is waited for and then reused (its parents read back), so two
+images sharing base layers converted at once make each shared layer once. Lookups and claims run in
+the manifest's own thread, in chain order, so no two converters can wait on each other.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from obdconv.dedup.claims import Lease, manifest_claim_key
+from obdconv.dedup.claims import Lease, layer_claim_key, manifest_claim_key
 from obdconv.dedup.lookup import find_converted_layer, find_converted_manifest, record_layer, record_manifest
 from obdconv.dedup.store import DedupStore, manifest_profile_key
 from obdconv.oci import mediatypes as mt
@@ -97,10 +99,24 @@ class Reuse:
                 continue
             layers: list[ConvertedLayer] = []
             for i, chain_id in enumerate(m.chain_ids):
-                found = find_converted_layer(self.store, self.target, chain_id, p)
-                if found is None:
-                    break
-                layers.append(self._layer(p.format, found[0], found[1], m.layers[i]))
+
+                def find_layer(chain_id: str = chain_id, p: ConversionProfile = p) -> tuple[str, int] | None:
+                    return find_converted_layer(self.store, self.target, chain_id, p)
+
+                key = layer_claim_key(self.target.host, chain_id, p)
+                layer_outcome = self.store.wait_for(key, self.owner, find_layer, self.claim_timeout)
+                if layer_outcome.result is not None:
+                    layers.append(self._layer(p.format, *layer_outcome.result, m.layers[i]))
+                    continue
+                assert layer_outcome.lease is not None
+                out.leases.append(layer_outcome.lease.__enter__())
+                # Layers above are ours to convert too; claim them without waiting (anyone else
+                # converting the same chain would have had to get past our claim on this layer).
+                for chain_above in m.chain_ids[i + 1:]:
+                    lease = self.store.acquire(layer_claim_key(self.target.host, chain_above, p), self.owner)
+                    if lease is not None:
+                        out.leases.append(lease.__enter__())
+                break
             if layers:
                 log.info("manifest %s (%s): layers 0..%d already converted", m.digest, p.format, len(layers) - 1)
             out.layers[p.format] = layers

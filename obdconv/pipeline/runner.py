@@ -208,6 +208,8 @@ class _Run:
         self.prepare_futures: dict[str, Future[tuple[dict[str, Any], float]]] = {}
         self.prepared: dict[str, PreparedLayer] = {}
         self.created_spools: list[Path] = []
+        self.prepare_lock = threading.Lock()
+        self.reuse_of: dict[str, ManifestReuse] = {}
         self.native = any(p.format == "native" for p in self.profiles)
         self.turbo = any(p.format == "turbo" for p in self.profiles)
 
@@ -227,23 +229,22 @@ class _Run:
         return self.request.overlaybd_tag if profile.format == "native" else self.request.turbo_tag
 
     # -- stages
-    def start_prepares(self, pool: Executor, plan: ImagePlan) -> None:
-        """Submit a prepare for every distinct layer some format still has to convert."""
+    def ensure_prepares(self, pool: Executor, layers: list[dict[str, Any]]) -> None:
+        """Submit a prepare for each of `layers` not submitted yet (one per distinct digest, shared
+        by every manifest of the run)."""
         r = self.request
-        needed: dict[str, dict[str, Any]] = {}
-        for m in plan.manifests.values():
-            reuse = self.reuse_of[m.digest]
-            if reuse.todo(self.profiles):
-                for layer in m.layers[reuse.start(self.profiles):]:
-                    needed.setdefault(layer["digest"], layer)
-        for i, layer in enumerate(needed.values()):
-            digest = layer["digest"]
-            if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
-                self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
-            self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
-            self.prepare_futures[digest] = pool.submit(
-                task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
-                self.native, self.turbo, r.algorithm, r.block_size, i)
+        with self.prepare_lock:
+            for layer in layers:
+                digest = layer["digest"]
+                if digest in self.prepare_futures:
+                    continue
+                i = len(self.prepare_futures)
+                if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
+                    self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
+                self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
+                self.prepare_futures[digest] = pool.submit(
+                    task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
+                    self.native, self.turbo, r.algorithm, r.block_size, i)
 
     def wait_prepared(self, digest: str) -> PreparedLayer:
         result, seconds = self.prepare_futures[digest].result()
@@ -255,7 +256,11 @@ class _Run:
 
     def convert_manifest(self, pool: Executor, m: ManifestPlan, root: bool,
                          outputs: dict[str, OutputResult]) -> dict[str, PushedManifest]:
-        reuse = self.reuse_of[m.digest]
+        # Dedup lookups and claims happen here, in this manifest's own thread and in chain order, so
+        # a runner never waits for another while holding claims that one needs (no deadlock).
+        reuse = self.reuse.lookup(m, self.profiles, {p.format: self.tag_for(p) for p in self.profiles}
+                                  if root else {})
+        self.reuse_of[m.digest] = reuse
         pushed: dict[str, PushedManifest] = dict(reuse.manifests)
         for fmt, hit in reuse.manifests.items():
             outputs[fmt].manifests[m.digest] = hit.digest
@@ -269,6 +274,7 @@ class _Run:
         # One metadata pass serves every format when all start from mkfs; formats continuing from
         # dedup hits each start from their own converted parents (which may differ in bytes).
         groups = [(0, todo)] if all(v == 0 for v in starts.values()) else [(starts[p.format], [p]) for p in todo]
+        self.ensure_prepares(pool, m.layers[min(starts.values()):])
         futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]] = {}
         for start, group in groups:
             if start < n:
@@ -376,8 +382,7 @@ class _Run:
             _init_worker(_DirectQueue(self))
             pool = _InlineExecutor()
         try:
-            self.open_reuse(plan)
-            self.start_prepares(pool, plan)
+            self.open_reuse()
             results = self.convert_manifests(pool, plan, outputs)
             self.push_indexes(plan, results, outputs)
         except BaseException:
@@ -409,8 +414,8 @@ class _Run:
         self.emit(ProgressEvent("done", finished=True))
         return ConversionResult(list(outputs.values()), plan.root["digest"], self.upload, dict(self.timings))
 
-    def open_reuse(self, plan: ImagePlan) -> None:
-        """Dedup lookups for every manifest, before any layer is downloaded."""
+    def open_reuse(self) -> None:
+        """The dedup store (a disabled one without --db-type) and the lookups over it."""
         request = self.request
         self.store = open_store(request.db_type, self.options.db_str, request.db_required)
         host = getattr(self.target_repo, "host", "")
@@ -420,11 +425,6 @@ class _Run:
 
         self.reuse = Reuse(self.store, self.target_repo, open_sibling, oci=self.oci, referrer=request.referrer,
                            enabled=self.upload and bool(host), claim_timeout=self.options.claim_timeout)
-        self.reuse_of: dict[str, ManifestReuse] = {}
-        root_tags = {p.format: self.tag_for(p) for p in self.profiles}
-        for m in plan.manifests.values():
-            self.reuse_of[m.digest] = self.reuse.lookup(m, self.profiles,
-                                                        root_tags if m.digest == plan.root["digest"] else {})
 
     def convert_manifests(self, pool: Executor, plan: ImagePlan,
                           outputs: dict[str, OutputResult]) -> dict[str, dict[str, PushedManifest]]:

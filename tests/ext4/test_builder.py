@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from obdconv.entries import EntryType, LayerEntry
-from obdconv.errors import BadInputError, FormatError, ObdconvError, UnsafePathError
+from obdconv.errors import BadInputError, FormatError, ObdconvError, UnsafePathError, UnsupportedError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
 from obdconv.ext4.mkfs import FAKE_TIME, data_blocks
 from obdconv.ext4.reader import tree_from_ext4
@@ -60,6 +60,14 @@ def test_mkfs_is_deterministic_and_clean(tmp_path: Path) -> None:
     assert not flags & 0x1000  # no EXT2_INDEX_FL on lost+found (the reference mkfs's defect)
     # sparse: 64 GiB of which well under 1 MiB is allocated
     assert os.stat(images[0]).st_blocks * 512 < 1 << 20
+    # a small layer on the 64 GiB filesystem touches a few hundred blocks, not every group
+    b = Ext4Builder(images[0], 64 << 30, FS_UUID)
+    b.mkfs()
+    mkfs_blocks = set(data_blocks(images[0]))
+    first = b.apply([E("x", T.FILE)])
+    second = b.apply([E("y", T.FILE)])
+    assert {n for n, _ in first.blocks} >= mkfs_blocks and len(first.blocks) < 250
+    assert len(second.blocks) < 64
 
 
 def test_same_input_gives_same_bytes(tmp_path: Path) -> None:
@@ -241,3 +249,24 @@ def test_opaque_root_keeps_this_layer_and_lost_found(tmp_path: Path) -> None:
     assert set(tree_from_ext4(tmp_path / "d.img")) == {"keep", "keep/new"}
     stat = subprocess.run(["debugfs", "-R", "stat /", str(tmp_path / "d.img")], capture_output=True, text=True).stdout
     assert "Mode:  0700" in stat
+
+
+def test_parents_with_metadata_csum_stay_consistent(tmp_path: Path) -> None:
+    """Parents made by another mkfs (metadata_csum: checksummed directory blocks) can be continued."""
+    parent = tmp_path / "csum.img"
+    with open(parent, "wb") as f:
+        f.truncate(VSIZE)
+    env = {"PATH": os.environ["PATH"], "MKE2FS_CONFIG": "/dev/null"}
+    b = Ext4Builder(tmp_path / "m.img", VSIZE, FS_UUID)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(parent)], check=True, capture_output=True, env=env)
+    b.load_parents(RawDevice(parent))  # without the extent feature: refused, nothing written
+    with pytest.raises(UnsupportedError, match="extent"):
+        b.apply([E("x", T.FILE)])
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "extent,metadata_csum,^has_journal", str(parent)],
+                   check=True, capture_output=True, env=env)
+    b.load_parents(RawDevice(parent))
+    b.apply([E("d", T.DIR)] + [E(f"d/{'x' * 60}{i}", T.FILE) for i in range(300)] + [E("d/x" + "x" * 59 + "7", T.WHITEOUT)])
+    b.apply([E("d/again", T.FILE), E("top", T.SYMLINK, link_target="d")])
+    result = fsck(tmp_path / "m.img")
+    assert result.returncode == 0, result.stdout
+    assert len(tree_from_ext4(tmp_path / "m.img")) == 1 + 300 - 1 + 2

@@ -89,6 +89,8 @@ def top() -> list[Member]:
         file("tmp", b"tmp is a file now"),
         directory("n1/n2/n3"),
         file("n1/n2/n3/deep", b"deep"),
+        # > 8 MiB: its extents need more than one index entry (16383-sector limit)
+        file("big.bin", bytes(range(256)) * (9 * 4096) + b"tail"),
     ]
 
 

@@ -209,3 +209,37 @@ def test_loop_mount_matches_source(edge_layout: Path, tmp_path: Path) -> None:
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
         assert diff_trees(expected, actual, ignore={"lost+found"}) == []
+
+
+def test_nested_index_attestation_and_zero_layer_manifest(tmp_path: Path) -> None:
+    from tests.pipeline.images import file, layer
+
+    lay = Layout(tmp_path / "src")
+    amd = {**lay.image([layer([file("a", b"amd")])], docker=True),
+           "platform": {"os": "linux", "architecture": "amd64"}, "annotations": {"keep": "me"}}
+    arm = {**lay.image([layer([file("b", b"arm")], "none", True)], docker=True, arch="arm64"),
+           "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}}
+    empty = {**lay.image([], docker=True, arch="s390x"), "platform": {"os": "linux", "architecture": "s390x"}}
+    att = {**lay.image([layer([file("sbom", b"{}")])]), "platform": {"os": "unknown", "architecture": "unknown"},
+           "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                           "vnd.docker.reference.digest": amd["digest"]}}
+    nested = {**lay.index([arm, empty], docker=True), "annotations": {"nested": "yes"}}
+    lay.index([amd, att, nested], tag="multi")
+    result = run(lay.root, "multi", tmp_path)
+    out = result.output("native")
+    root = manifest(lay.root, out.root_digest)
+    assert root["mediaType"] == "application/vnd.oci.image.index.v1+json"  # source type kept without --oci
+    assert [e.get("annotations") for e in root["manifests"]] == [{"keep": "me"}, {"nested": "yes"}]
+    assert root["manifests"][0]["platform"] == amd["platform"]
+    inner = manifest(lay.root, root["manifests"][1]["digest"])
+    assert root["manifests"][1]["mediaType"] == inner["mediaType"] == (
+        "application/vnd.docker.distribution.manifest.list.v2+json")
+    assert [e["platform"] for e in inner["manifests"]] == [arm["platform"], empty["platform"]]
+    assert manifest(lay.root, inner["manifests"][1]["digest"])["layers"] == []  # zero layers stay zero
+    assert att["digest"] not in out.manifests
+    tags = {e.get("annotations", {}).get("org.opencontainers.image.ref.name"): e["digest"]
+            for e in json.loads((lay.root / "index.json").read_text())["manifests"]}
+    assert tags["obd"] == out.root_digest  # only the root is tagged
+    assert root["manifests"][1]["digest"] not in [d for t, d in tags.items() if t]  # nested: by digest
+    for src, converted in ((amd, root["manifests"][0]), (arm, inner["manifests"][0])):
+        check_converted(lay.root, converted["digest"], src["digest"], tmp_path / "x.img")
