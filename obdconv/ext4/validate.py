@@ -1,0 +1,77 @@
+"""Checks of an entry list that need no filesystem: done before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from obdconv.entries import EntryType, LayerEntry
+from obdconv.errors import BadInputError, UnsafePathError
+from obdconv.ext4.segment import BLOCK_SIZE
+
+MAX_NAME = 255
+MAX_SYMLINK = BLOCK_SIZE - 1
+# xattr namespaces the kernel's ext4 accepts from tar (as the reference: others are skipped).
+XATTR_PREFIXES = ("user.", "trusted.", "security.")
+XATTR_SYSTEM_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+# Room in one external EA block: 32-byte header, 4-byte end marker; per entry 16 bytes + padded name/value.
+XATTR_BLOCK_ROOM = BLOCK_SIZE - 32 - 4
+_BAD_COMPONENTS = frozenset(("", ".", ".."))
+
+
+def encode_name(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def xattr_supported(name: str) -> bool:
+    return name.startswith(XATTR_PREFIXES) or name in XATTR_SYSTEM_NAMES
+
+
+def validate_entries(entries: Sequence[LayerEntry]) -> None:
+    """Checks that need no filesystem; raise naming the first bad entry (nothing written yet)."""
+    for i, e in enumerate(entries):
+        where = f"entry {i} {e.path!r}"
+        if not isinstance(e.type, EntryType):
+            raise UnsafePathError(f"{where}: unsupported entry type {e.type!r}")
+        if e.path == "." and e.type in (EntryType.DIR, EntryType.OPAQUE):
+            pass  # the root directory itself (the scanner reports "./" this way)
+        elif not e.path or e.path.startswith("/") or "\0" in e.path:
+            raise UnsafePathError(f"{where}: path must be relative, non-empty, without NUL")
+        comps = e.path.split("/") if e.path != "." else []
+        if not _BAD_COMPONENTS.isdisjoint(comps):
+            raise UnsafePathError(f"{where}: path is not clean (empty, '.' or '..' component)")
+        if len(e.path) > MAX_NAME and any(len(encode_name(c)) > MAX_NAME for c in comps):
+            raise BadInputError(f"{where}: a name is longer than {MAX_NAME} bytes")
+        if e.type is EntryType.FILE and not e.xattrs and e.size >= 0 and 0 <= e.uid < 1 << 32 \
+                and 0 <= e.gid < 1 << 32 and 0 <= e.mode <= 0o7777:
+            continue  # the common case: nothing more to check
+        if any(len(encode_name(c)) > MAX_NAME for c in comps):
+            raise BadInputError(f"{where}: a name is longer than {MAX_NAME} bytes")
+        if not (0 <= e.uid < 1 << 32 and 0 <= e.gid < 1 << 32):
+            raise BadInputError(f"{where}: uid/gid {e.uid}:{e.gid} out of the 32-bit range")
+        if not 0 <= e.mode <= 0o7777:
+            raise BadInputError(f"{where}: mode {e.mode:o} has bits outside 07777")
+        if e.type is EntryType.FILE and e.size < 0:
+            raise BadInputError(f"{where}: negative size")
+        if e.type is EntryType.SYMLINK:
+            target = encode_name(e.link_target)
+            if not target or len(target) > MAX_SYMLINK or b"\0" in target:
+                raise BadInputError(f"{where}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
+        if e.type is EntryType.HARDLINK:
+            t = e.link_target
+            if not t or t.startswith("/") or any(c in ("", ".", "..") for c in t.split("/")):
+                raise UnsafePathError(f"{where}: hardlink target {t!r} is not a clean relative path")
+            if t == e.path:
+                raise BadInputError(f"{where}: hardlink to itself")
+        if e.type in (EntryType.CHAR, EntryType.BLOCK) and not (
+            0 <= e.devmajor < 1 << 12 and 0 <= e.devminor < 1 << 20
+        ):
+            raise BadInputError(f"{where}: device {e.devmajor}:{e.devminor} out of range (12:20 bits)")
+        room = 0
+        for name, value in e.xattrs:
+            if not xattr_supported(name):
+                continue
+            if len(encode_name(name)) > MAX_NAME:
+                raise BadInputError(f"{where}: xattr name {name!r} too long")
+            room += 16 + ((len(encode_name(name)) + 3) & ~3) + ((len(value) + 3) & ~3)
+        if room > XATTR_BLOCK_ROOM:
+            raise BadInputError(f"{where}: xattrs take {room} bytes; at most one 4 KiB block fits")
