@@ -6,7 +6,15 @@ Same names, meanings and defaults as the reference; bool flags also take `--flag
 `overlaybd-commit --bs`), `--db-required`, `--workers`.
 
 Differences on purpose: an error exits non-zero with the class's exit code (the reference exits 0
-on flag errors); `--fstype erofs` and `--mkfs=false` fail with a clear "not supported".
+on flag errors); `--fstype erofs` and `--mkfs=false` fail with a clear "not supported";
+`--no-upload` pushes nothing at all (the reference still pushes turbo layers and indexes);
+`--disable-sparse` is accepted and has no effect (no sparse RW files are involved); `--db-type`
+also takes `sqlite` (`--db-str PATH`); dedup also covers turboOCI.
+
+Temporary data under `--dir`: `spool/` (prepared layers; removed at the end unless `--reserve`)
+and one metadata work directory per manifest. `--dump-manifest` writes
+`<dir>/<format>/<os_arch>-<manifest hex>/{config,manifest}.json` and `<dir>/<format>/index.json`
+(per format, so `--overlaybd` and `--turboOCI` together do not overwrite each other), and keeps them.
 """
 
 from __future__ import annotations
@@ -158,16 +166,19 @@ class ProgressPrinter:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
-        self.layers: dict[str, list[Any]] = {}  # digest -> [index, stage, done, total, started]
+        self.layers: dict[str, list[Any]] = {}  # digest -> [index, stage, done, total, started, download end]
         self.lines_drawn = 0
         self.stage = ""
         self.last_draw = 0.0
 
     def __call__(self, e: ProgressEvent) -> None:
         if e.layer_digest:
-            row = self.layers.setdefault(e.layer_digest, [e.layer_index, e.stage, 0, 0, time.monotonic()])
+            row = self.layers.setdefault(e.layer_digest, [e.layer_index, e.stage, 0, 0, time.monotonic(), 0.0])
             row[1] = e.stage + (" done" if e.finished else "")
-            row[2], row[3] = max(row[2], e.done), max(row[3], e.total)
+            if e.stage == "prepare":  # bytes are the source blob's; later stages report 1/1
+                row[2], row[3] = max(row[2], e.done), max(row[3], e.total)
+                if e.finished:
+                    row[5] = time.monotonic()
         self.stage = e.stage
         if self.tty:
             if e.finished or time.monotonic() - self.last_draw > 0.1:
@@ -182,10 +193,10 @@ class ProgressPrinter:
     def _draw(self) -> None:
         self.last_draw = time.monotonic()
         out = []
-        for digest, (index, stage, done, total, started) in sorted(self.layers.items(), key=lambda kv: kv[1][0]):
+        for digest, (index, stage, done, total, started, ended) in sorted(self.layers.items(), key=lambda kv: kv[1][0]):
             frac = done / total if total else (1.0 if stage.endswith("done") else 0.0)
             filled = int(frac * self.BAR)
-            rate = done / max(time.monotonic() - started, 1e-3)
+            rate = done / max((ended or time.monotonic()) - started, 1e-3)
             out.append(f"layer {index:>3} {digest[7:19]} [{'#' * filled}{'.' * (self.BAR - filled)}] "
                        f"{_human(done):>10} / {_human(total):<10} {_human(rate)}/s  {stage}")
         out.append(f"stage: {self.stage}")

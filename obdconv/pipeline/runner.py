@@ -315,9 +315,12 @@ class _Run:
                               reuse: ManifestReuse, workdir: Path,
                               futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]]) -> None:
         """Apply layers start.. to ext4 in order, here, as each one's prepare finishes (metadata
-        overlaps the prepares of later layers), then submit the assembles. Assembles upload, so
-        they wait until every layer prepared and applied cleanly: a corrupt blob or a bad tar
-        anywhere in the manifest leaves the registry untouched."""
+        overlaps the prepares of later layers), and submit each layer's assembles once it is
+        applied AND every layer of the manifest has prepared (its digest verified): assembles
+        upload, so a corrupt blob anywhere in the manifest leaves the registry untouched, while
+        the metadata of the last layers still overlaps the assembles of the first ones. (An error
+        in the metadata of a later layer can leave earlier layer blobs uploaded but unreferenced,
+        as the reference convertor does.)"""
         n = len(m.layers)
         parents = None
         if start:
@@ -327,7 +330,23 @@ class _Run:
                                         [x["digest"] for x in m.layers[:start]], workdir / "parents")
             self.add_time("parents", time.monotonic() - t)
         self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
-        applied: list[tuple[int, PreparedLayer, bytes]] = []
+        pending: list[tuple[int, PreparedLayer, bytes]] = []
+        own_prepares = [self.prepare_futures[layer["digest"]] for layer in m.layers[start:]]
+
+        def all_prepared() -> bool:
+            """Every layer prepared, its blob digest verified and its diff_id as the config says."""
+            return all(f.done() and not f.cancelled() and f.exception() is None
+                       and f.result()[0]["diff_id"] == m.diff_ids[start + k] for k, f in enumerate(own_prepares))
+
+        def submit_pending() -> None:
+            for i, prepared, encoded in pending:
+                for profile in group:
+                    futures[(profile.format, i)] = pool.submit(
+                        task_assemble, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
+                        m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
+                        self.upload, self.oci)
+            pending.clear()
+
         t = time.monotonic()
         with MetadataPass(self.request.vsize_gb, m.chain_ids, workdir, parents,
                           keep_image=self.request.reserve) as metadata_pass:
@@ -341,13 +360,11 @@ class _Run:
                 encoded = encode_metadata(metadata_pass.apply(prepared))
                 self.add_time("metadata", time.monotonic() - t)
                 self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
-                applied.append((i, prepared, encoded))
-        for i, prepared, encoded in applied:
-            for profile in group:
-                futures[(profile.format, i)] = pool.submit(
-                    task_assemble, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
-                    m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
-                    self.upload, self.oci)
+                pending.append((i, prepared, encoded))
+                if all_prepared():
+                    submit_pending()
+        # Every layer was waited for and checked by the loop above, so all prepared cleanly here.
+        submit_pending()
 
     def dump_dir(self, profile: ConversionProfile, m: ManifestPlan) -> Path:
         platform = m.platform.replace("/", "_")

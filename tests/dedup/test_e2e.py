@@ -99,8 +99,6 @@ def test_second_repository_mounts_every_layer(registry: Any, mysql: Backend, tmp
     assert len(mysql.sql("select chain_id from obdconv_layers where host=? and repo=?", (host, path))) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="the local runner does not claim layers yet (obdconv.dedup claims "
-                                       "exist; the runner must wrap each layer conversion in store.wait_for)")
 def test_two_conversions_at_once_convert_each_shared_layer_once(registry: Any, mysql: Backend,
                                                                 tmp_path: Path) -> None:
     lay, shared = images(tmp_path)

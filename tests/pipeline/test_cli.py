@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,23 @@ def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert "input-tag" in capsys.readouterr().err
     assert main(["convert", "-r", "oci:/nonexistent", "-i", "t", "-o", "o", "--mkfs=false"]) == UnsupportedError.exit_code
     assert "not supported" in capsys.readouterr().err
+
+
+def test_cli_convert_by_digest_with_referrer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tests.pipeline.images import Layout, file, layer
+    from tests.pipeline.readback import manifest, tag_digest
+
+    lay = Layout(tmp_path / "src")
+    src = lay.image([layer([file("a", b"a")])], docker=True)  # untagged: reachable by digest only
+    code = main(["convert", "-r", f"oci:{lay.root}", "-g", src["digest"], "--overlaybd", "obd", "--referrer",
+                 "--json", "--workers", "1", "-d", str(tmp_path / "w")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    out = result["outputs"][0]
+    assert out["tag"] == "obd" and tag_digest(lay.root, "obd") == out["root_digest"]
+    m = manifest(lay.root, out["root_digest"])
+    assert m["mediaType"] == "application/vnd.oci.image.manifest.v1+json"  # --referrer forces --oci
+    assert m["artifactType"] == "application/vnd.containerd.overlaybd.native.v1+json"
+    assert m["subject"] == {"mediaType": src["mediaType"], "digest": src["digest"], "size": src["size"]}

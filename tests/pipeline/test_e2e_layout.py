@@ -243,3 +243,12 @@ def test_nested_index_attestation_and_zero_layer_manifest(tmp_path: Path) -> Non
     assert root["manifests"][1]["digest"] not in [d for t, d in tags.items() if t]  # nested: by digest
     for src, converted in ((amd, root["manifests"][0]), (arm, inner["manifests"][0])):
         check_converted(lay.root, converted["digest"], src["digest"], tmp_path / "x.img")
+
+
+def test_edge3_fixture_source(fixtures_dir: Path, tmp_path: Path) -> None:
+    """The reference's 3-layer edge-case image (umoci-built): our conversion gives its tree."""
+    lay = copy_layout(fixtures_dir / "oci" / "edge3", tmp_path / "e3")
+    result = run(lay, "source", tmp_path, turbo="turbo")
+    src = tag_digest(lay, "source")
+    for fmt in ("native", "turbo"):
+        check_converted(lay, result.output(fmt).root_digest, src, tmp_path / f"{fmt}.img")
