@@ -15,7 +15,21 @@ environment (`OBDCONV_*`). Workers, the client and the CLI all read them through
 | retry_max            | OBDCONV_RETRY_MAX              | 5 retries of a NetworkError               |
 | retry_backoff_max    | OBDCONV_RETRY_BACKOFF_MAX      | 120 s                                     |
 | worker_concurrency   | OBDCONV_WORKER_CONCURRENCY     | 0 (= number of CPUs)                      |
-| claim_timeout        | OBDCONV_CLAIM_TIMEOUT          | 600 s (dedup claim expiry)                |
+| claim_timeout        | OBDCONV_CLAIM_TIMEOUT          | 600 s (longest wait for another request's claim) |
+| claim_ttl            | OBDCONV_CLAIM_TTL              | 300 s (a claim nobody heartbeats expires) |
+| spool_max_bytes      | OBDCONV_SPOOL_MAX_BYTES        | 64 GiB per worker spool (0 = no limit)    |
+| spool_max_age        | OBDCONV_SPOOL_MAX_AGE          | 172800 s since last use (0 = no limit)    |
+
+Dedup claims (tasks/claims.py): a request claims each manifest and layer it converts; every task
+of the request heartbeats its claims while it runs, so `claim_ttl` must exceed the longest time a
+request's next task can wait in a queue (a longer wait lets another request take the claim over and
+convert the same thing in parallel: wasted work, same bytes). A request waiting for another's
+claim gives up after `claim_timeout` with ClaimTimeoutError (retried like any DatabaseError).
+
+Spool eviction (tasks/spool.py), after each prepare on that worker: prepared layers unused for
+`spool_max_age`, then the least recently used ones until the spool is under `spool_max_bytes`.
+A prepared layer some task is using right now (prepare, assemble) is never evicted; evicting one a
+later assemble wanted only costs a re-prepare there (the assemble task falls back to it).
 
 The file is TOML with the same names as keys (top level or under `[obdconv]`); its path comes from
 `OBDCONV_CONFIG_FILE` or the `path` argument. Secrets do not belong here: registry credentials live
@@ -53,6 +67,9 @@ class Settings:
     retry_backoff_max: int = 120
     worker_concurrency: int = 0
     claim_timeout: int = 600
+    claim_ttl: int = 300
+    spool_max_bytes: int = 64 << 30
+    spool_max_age: int = 172800
 
     @property
     def visibility_timeout(self) -> int:

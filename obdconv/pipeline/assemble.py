@@ -83,7 +83,7 @@ def fs_meta_name(fstype: str) -> str:
 
 
 def _to_mappings(runs: Iterable[Run]) -> list[SegmentMapping]:
-    return [SegmentMapping(r.offset, r.length, r.moffset, False, r.tag) for r in runs]
+    return [SegmentMapping(r.offset, r.length, r.moffset, r.zeroed, r.tag) for r in runs]
 
 
 def _uuid(chain_id: str) -> str | None:

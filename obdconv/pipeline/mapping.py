@@ -5,7 +5,8 @@ becomes a `formats.lsmt.SegmentMapping` (all quantities in 512-byte sectors).
 
 Native: metadata blocks map to themselves (stored after the data area), every file extent maps to
 its bytes in the prepared data area. TurboOCI: metadata blocks are tag-0 data in the fs.meta file,
-file extents are tag-1 entries pointing into the uncompressed source tar.
+file extents are tag-1 entries pointing into the uncompressed source tar, and the unused tail of
+each file's last 4 KiB block is a zeroed entry (so a lower layer's stale bytes never show there).
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ class ExtentLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """Device sectors [offset, offset+length) read from file sectors [moffset, moffset+length)."""
+    """Device sectors [offset, offset+length) read from file sectors [moffset, moffset+length);
+    a `zeroed` run reads as zeros and stores nothing (`moffset` is a dummy position, spec §1.4)."""
 
     offset: int
     length: int
     moffset: int
     tag: int = TAG_LOCAL
+    zeroed: bool = False
 
     @property
     def end(self) -> int:
@@ -49,7 +52,7 @@ class Run:
 
     @property
     def mend(self) -> int:
-        return self.moffset + self.length
+        return self.moffset if self.zeroed else self.moffset + self.length
 
 
 class MappingError(ObdconvError):
@@ -109,10 +112,14 @@ def native_file_runs(
     return sorted(runs, key=lambda r: r.offset)
 
 
-def turbo_file_runs(entries: Sequence[LayerEntry], file_extents: Iterable[tuple[int, Sequence[ExtentLike]]]) -> list[Run]:
+def turbo_file_runs(entries: Sequence[LayerEntry], file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
+                    zero_moffset: int) -> list[Run]:
     """File extents -> tag-1 runs into the uncompressed source tar (like turboOCI-apply's
-    RemoteData: each covers roundup512 of the bytes remaining in the file, so the unused tail of
-    the last 4 KiB block stays unmapped)."""
+    RemoteData: each covers roundup512 of the bytes remaining in the file), plus a zeroed run over
+    the unused tail of the file's last 4 KiB block. turboOCI-apply leaves that tail unmapped, so
+    it reads through to lower layers: when the block belonged to a file deleted above them, the
+    deleted file's bytes would show past EOF. `zero_moffset` is the zeroed runs' dummy file
+    position (any sector inside the LSMT's data region is accepted by readers)."""
     runs = []
     for index, extents in file_extents:
         entry = entries[index]
@@ -121,6 +128,9 @@ def turbo_file_runs(entries: Sequence[LayerEntry], file_extents: Iterable[tuple[
         for dev, within, length in _file_extent_pieces(entry.size, extents):
             covered = round_up(min(length, entry.size - within), SECTOR)
             runs.append(Run(dev // SECTOR, covered // SECTOR, (entry.tar_offset + within) // SECTOR, TAG_TARGET))
+            if covered < length:
+                runs.append(Run((dev + covered) // SECTOR, (length - covered) // SECTOR, zero_moffset,
+                                TAG_LOCAL, zeroed=True))
     return sorted(runs, key=lambda r: r.offset)
 
 
@@ -141,8 +151,9 @@ def normalise(runs: Iterable[Run]) -> list[Run]:
             continue
         if merged:
             last = merged[-1]
-            if last.end == r.offset and last.mend == r.moffset and last.tag == r.tag:
-                merged[-1] = Run(last.offset, last.length + r.length, last.moffset, last.tag)
+            if (last.end == r.offset and last.mend == r.moffset and last.tag == r.tag
+                    and last.zeroed == r.zeroed):
+                merged[-1] = Run(last.offset, last.length + r.length, last.moffset, last.tag, last.zeroed)
                 continue
         merged.append(r)
     out = []
@@ -150,14 +161,15 @@ def normalise(runs: Iterable[Run]) -> list[Run]:
         done = 0
         while done < r.length:
             n = min(MAX_RUN_SECTORS, r.length - done)
-            out.append(Run(r.offset + done, n, r.moffset + done, r.tag))
+            out.append(Run(r.offset + done, n, r.moffset if r.zeroed else r.moffset + done, r.tag, r.zeroed))
             done += n
     return out
 
 
 def verify_runs(runs: Sequence[Run], *, local_lo: int, local_hi: int, virtual_size: int) -> None:
     """The reader's acceptance rules (spec §1.5): sorted, non-overlapping, lengths 1..16383,
-    inside the device, and tag-0 data inside [local_lo, local_hi) sectors of the file."""
+    inside the device, tag-0 data inside [local_lo, local_hi) sectors of the file, and a zeroed
+    run's dummy moffset inside [local_lo, local_hi]."""
     device_sectors = virtual_size // SECTOR
     prev_end = 0
     for r in runs:
@@ -167,7 +179,11 @@ def verify_runs(runs: Sequence[Run], *, local_lo: int, local_hi: int, virtual_si
             raise MappingError(f"runs overlap at device sector {r.offset} (previous ends at {prev_end})")
         if r.end > device_sectors:
             raise MappingError(f"run [{r.offset}, {r.end}) beyond the device ({device_sectors} sectors)")
-        if r.tag == TAG_LOCAL and not (local_lo <= r.moffset and r.mend <= local_hi):
+        if r.zeroed:
+            if not local_lo <= r.moffset <= local_hi:
+                raise MappingError(f"zeroed run at sector {r.offset} has moffset {r.moffset} outside "
+                                   f"[{local_lo}, {local_hi}]")
+        elif r.tag == TAG_LOCAL and not (local_lo <= r.moffset and r.mend <= local_hi):
             raise MappingError(f"run at sector {r.offset} reads file sectors [{r.moffset}, {r.mend}) "
                                f"outside [{local_lo}, {local_hi})")
         prev_end = r.end
@@ -197,10 +213,11 @@ def turbo_runs(
     metadata_start: int,
 ) -> tuple[list[tuple[int, bytes]], list[Run]]:
     """The same for a turboOCI fs.meta: metadata blocks as tag-0 data from `metadata_start`,
-    file extents as tag-1 runs into the source tar."""
-    files = turbo_file_runs(entries, file_extents)
-    # Exclude whole 4 KiB blocks touched by file runs (their last run may cover only part of one).
-    whole = [Run(r.offset, round_up(r.length, SECTORS_PER_BLOCK), r.moffset, r.tag) for r in files]
+    file extents as tag-1 runs into the source tar, the tails of their last blocks as zeroed runs."""
+    files = turbo_file_runs(entries, file_extents, metadata_start // SECTOR)
+    # Exclude whole 4 KiB blocks touched by file data runs (each file's last data run may cover
+    # only part of its block; the zeroed tail after it ends on that block's boundary).
+    whole = [Run(r.offset, round_up(r.length, SECTORS_PER_BLOCK), r.moffset, r.tag) for r in files if not r.zeroed]
     ordered = ordered_metadata_blocks(blocks, exclude=normalise(whole))
     meta = metadata_runs(ordered, metadata_start)
     return ordered, normalise([*files, *meta])

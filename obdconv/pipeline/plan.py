@@ -23,7 +23,6 @@ Decisions (each tested in tests/pipeline/test_plan.py):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 from obdconv.errors import BadInputError, UnsupportedError
 from obdconv.oci import mediatypes
 from obdconv.oci.digests import chain_ids
-from obdconv.oci.manifest import is_attestation, parse_platforms, platform_matches
+from obdconv.oci.manifest import is_attestation, parse_json, parse_platforms, platform_matches
 
 log = logging.getLogger(__name__)
 
@@ -106,29 +105,19 @@ class ImagePlan:
         )
 
 
-def _load(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise BadInputError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise BadInputError(f"{what} is not a JSON object")
-    return doc
-
-
 def _read_blob(repo: Any, digest: str) -> bytes:
     with repo.open_blob(digest) as f:
         return f.read()
 
 
 def _plan_manifest(repo: Any, desc: dict[str, Any], data: bytes) -> ManifestPlan:
-    doc = _load(data, f"manifest {desc['digest']}")
+    doc = parse_json(data, f"manifest {desc['digest']}")
     config_desc = doc.get("config") or {}
     if "digest" not in config_desc:
         raise BadInputError(f"manifest {desc['digest']} has no config")
     config = _read_blob(repo, config_desc["digest"])
     layers = doc.get("layers") or []
-    diff_ids = ((_load(config, f"config {config_desc['digest']}").get("rootfs") or {}).get("diff_ids")) or []
+    diff_ids = ((parse_json(config, f"config {config_desc['digest']}").get("rootfs") or {}).get("diff_ids")) or []
     if len(diff_ids) != len(layers):
         raise BadInputError(
             f"manifest {desc['digest']}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
@@ -158,7 +147,7 @@ def resolve_image(repo: Any, ref: str, platforms: list[str] | None = None) -> Im
             raise UnsupportedError(f'unsupported media type "{media_type}" ({desc["digest"]})')
         if depth > MAX_DEPTH:
             raise BadInputError(f"index {desc['digest']}: nested deeper than {MAX_DEPTH}")
-        doc = _load(data, f"index {desc['digest']}")
+        doc = parse_json(data, f"index {desc['digest']}")
         children = []
         for entry in doc.get("manifests") or []:
             if is_attestation(entry):

@@ -13,7 +13,6 @@ computed so results and dumps are complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,7 +22,8 @@ from typing import Any
 
 from obdconv.errors import BadInputError
 from obdconv.oci import mediatypes
-from obdconv.oci.manifest import go_json
+from obdconv.oci.digests import sha256_digest
+from obdconv.oci.manifest import go_json, parse_json
 from obdconv.pipeline.annotations import ARTIFACT_TYPE, config_media_type, descriptor, manifest_media_type
 
 MANIFEST_KEY_ORDER = ("schemaVersion", "mediaType", "artifactType", "config", "layers", "subject", "annotations")
@@ -35,20 +35,6 @@ def encode(doc: Any) -> bytes:
     return out.encode() if isinstance(out, str) else bytes(out)
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _load_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise BadInputError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise BadInputError(f"{what} is not a JSON object")
-    return doc
-
-
 def _ordered(doc: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
     """Known keys in the reference's order, then any other keys in their source order."""
     out = {k: doc[k] for k in order if k in doc}
@@ -58,7 +44,7 @@ def _ordered(doc: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
 
 def rewrite_config(config: bytes, diff_ids: Sequence[str]) -> bytes:
     """The source config with `rootfs.diff_ids` replaced; every other field kept, in order."""
-    doc = _load_object(config, "image config")
+    doc = parse_json(config, "image config")
     rootfs = doc.get("rootfs")
     if not isinstance(rootfs, dict):
         raise BadInputError("image config has no rootfs object")
@@ -80,7 +66,7 @@ def build_manifest(
 ) -> bytes:
     """The source manifest with config and layers replaced and the media type set per --oci.
     `subject`/`artifact_type` (--referrer) override the source's; otherwise the source's stay."""
-    doc = _load_object(source, "manifest")
+    doc = parse_json(source, "manifest")
     doc["mediaType"] = manifest_media_type(oci)
     doc["config"] = config_desc
     doc["layers"] = list(layers)
@@ -103,7 +89,7 @@ def build_index(
     its platform, annotations and other fields) and entries whose child is None dropped
     (attestations, platforms not asked for). The media type is OCI with --oci, else the source's
     (or, when the source omits it, the type the registry resolved it as: spec §10.5)."""
-    doc = _load_object(source, "index")
+    doc = parse_json(source, "index")
     entries = doc.get("manifests")
     if not isinstance(entries, list) or len(entries) != len(children):
         raise BadInputError("index manifests list changed while converting")

@@ -17,6 +17,15 @@ pushed and recorded. Layers are claimed the same way per (host, chain id, profil
 a layer another converter is making is waited for and then reused (its parents read back), so two
 images sharing base layers converted at once make each shared layer once. Lookups and claims run in
 the manifest's own thread, in chain order, so no two converters can wait on each other.
+
+Two ways to meet a claim someone else holds (`Reuse(wait=...)`):
+* `wait=True` (the local runner): block in `store.wait_for` until the holder's result appears or its
+  lease expires; leases we take heartbeat from a thread of this process until `release()`.
+* `wait=False` (the Celery fleet): never block a worker slot; `lookup` raises `ClaimHeld` after
+  releasing whatever it took, and the caller retries the lookup later. Leases taken are returned
+  un-entered (no heartbeat thread): a conversion spans several tasks on several workers, so each
+  task of the owning request heartbeats the claims while it runs (tasks/claims.py), and the owner
+  name is stable for the request so a redelivered task re-takes its own claims.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from obdconv.dedup.claims import Lease, layer_claim_key, manifest_claim_key
+from obdconv.dedup.claims import DEFAULT_TTL, Lease, WaitOutcome, layer_claim_key, manifest_claim_key
 from obdconv.dedup.lookup import find_converted_layer, find_converted_manifest, record_layer, record_manifest
 from obdconv.dedup.store import DedupStore, manifest_profile_key
 from obdconv.oci import mediatypes as mt
@@ -41,6 +50,14 @@ from obdconv.pipeline.push import PushedManifest
 from obdconv.pipeline.request import ConversionProfile
 
 log = logging.getLogger(__name__)
+
+
+class ClaimHeld(Exception):  # noqa: N818  (control flow, not an error: "come back later")
+    """`Reuse(wait=False).lookup`: another converter holds the claim on `key`; nothing is held now."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"claim {key} is held by another converter")
+        self.key = key
 
 
 @dataclass(slots=True)
@@ -65,7 +82,8 @@ class ManifestReuse:
 
 class Reuse:
     def __init__(self, store: DedupStore, target_repo: Any, open_sibling: Callable[[str], Any], *, oci: bool,
-                 referrer: bool, enabled: bool, claim_timeout: float = 3600.0) -> None:
+                 referrer: bool, enabled: bool, claim_timeout: float = 3600.0, *, wait: bool = True,
+                 ttl: float = DEFAULT_TTL, owner: str = "") -> None:
         self.store = store
         self.target = target_repo
         self.open_sibling = open_sibling
@@ -73,12 +91,41 @@ class Reuse:
         self.referrer = referrer
         self.enabled = enabled and store.enabled
         self.claim_timeout = claim_timeout
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.wait = wait
+        self.ttl = ttl
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    def _claim_or_result(self, key: str, find: Callable[[], tuple[str, int] | None]) -> WaitOutcome[tuple[str, int]]:
+        if self.wait:
+            return self.store.wait_for(key, self.owner, find, self.claim_timeout, self.ttl)
+        # One round of `wait_for`, without the waiting.
+        found = find()
+        if found is not None:
+            return WaitOutcome(result=found)
+        if self.store.claim(key, self.owner, self.ttl):
+            found = find()
+            if found is not None:  # recorded and released between our two steps
+                self.store.release(key, self.owner)
+                return WaitOutcome(result=found)
+            return WaitOutcome(lease=Lease(self.store, key, self.owner, self.ttl))
+        raise ClaimHeld(key)
+
+    def _hold(self, lease: Lease) -> Lease:
+        return lease.__enter__() if self.wait else lease  # heartbeat thread only in the waiting mode
 
     def lookup(self, m: ManifestPlan, profiles: list[ConversionProfile], tags: dict[str, str]) -> ManifestReuse:
         out = ManifestReuse()
         if not self.enabled:
             return out
+        try:
+            self._lookup(out, m, profiles, tags)
+        except BaseException:
+            out.release()  # never keep claims we will not use (a retry takes them again)
+            raise
+        return out
+
+    def _lookup(self, out: ManifestReuse, m: ManifestPlan, profiles: list[ConversionProfile],
+                tags: dict[str, str]) -> None:
         media_type = manifest_media_type(self.oci)
         for p in profiles:
             tag = tags.get(p.format) or None
@@ -89,10 +136,10 @@ class Reuse:
 
             key = manifest_claim_key(self.target.host, self.target.name, m.digest, media_type,
                                      manifest_profile_key(p, self.referrer))
-            outcome = self.store.wait_for(key, self.owner, find, self.claim_timeout)
+            outcome = self._claim_or_result(key, find)
             hit = outcome.result
             if outcome.lease is not None:
-                out.leases.append(outcome.lease.__enter__())  # heartbeat until released
+                out.leases.append(self._hold(outcome.lease))  # heartbeat until released
             if hit is not None:
                 log.info("manifest %s already converted (%s): %s", m.digest, p.format, hit[0])
                 out.manifests[p.format] = PushedManifest(media_type, hit[0], hit[1], "", [])
@@ -104,23 +151,23 @@ class Reuse:
                     return find_converted_layer(self.store, self.target, chain_id, p)
 
                 key = layer_claim_key(self.target.host, chain_id, p)
-                layer_outcome = self.store.wait_for(key, self.owner, find_layer, self.claim_timeout)
+                layer_outcome = self._claim_or_result(key, find_layer)
                 if layer_outcome.result is not None:
                     layers.append(self._layer(p.format, *layer_outcome.result, m.layers[i]))
                     continue
                 assert layer_outcome.lease is not None
-                out.leases.append(layer_outcome.lease.__enter__())
+                out.leases.append(self._hold(layer_outcome.lease))
                 # Layers above are ours to convert too; claim them without waiting (anyone else
                 # converting the same chain would have had to get past our claim on this layer).
                 for chain_above in m.chain_ids[i + 1:]:
-                    lease = self.store.acquire(layer_claim_key(self.target.host, chain_above, p), self.owner)
+                    lease = self.store.acquire(layer_claim_key(self.target.host, chain_above, p), self.owner,
+                                               self.ttl)
                     if lease is not None:
-                        out.leases.append(lease.__enter__())
+                        out.leases.append(self._hold(lease))
                 break
             if layers:
                 log.info("manifest %s (%s): layers 0..%d already converted", m.digest, p.format, len(layers) - 1)
             out.layers[p.format] = layers
-        return out
 
     def _layer(self, fmt: str, digest: str, size: int, source: dict[str, Any]) -> ConvertedLayer:
         if fmt == "native":

@@ -23,6 +23,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from obdconv.errors import AuthError, BadInputError, IntegrityError, NetworkError, NotFoundError, UsageError
+from obdconv.oci.digests import sha256_digest
 from obdconv.registry.auth import (
     Authenticator,
     Credentials,
@@ -41,14 +42,13 @@ from obdconv.registry.repository import (
     VerifyingReader,
     buffered,
     iter_file_chunks,
-    sha256_digest,
 )
 from obdconv.registry.tls import build_ssl_context
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 4 << 20
-STREAM_MERGE_BELOW = 256 << 10  # streamed uploads merge pieces smaller than this (fewer tiny HTTP chunks)  # distribution's own limit for a manifest body
+MAX_MANIFEST_BYTES = 4 << 20  # distribution's own limit for a manifest body
+STREAM_MERGE_BELOW = 256 << 10  # streamed uploads merge pieces smaller than this (fewer tiny HTTP chunks)
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 POOL_SIZE = 32  # connections kept per host (the reference convertor's MaxConnsPerHost)
 _ACCEPT_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
+from obdconv.oci.digests import sha256_digest
 from obdconv.registry.reference import check_digest, is_digest
 from obdconv.registry.repository import (
     MANIFEST_MEDIA_TYPES,
@@ -28,7 +29,6 @@ from obdconv.registry.repository import (
     VerifyingReader,
     buffered,
     iter_file_chunks,
-    sha256_digest,
 )
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"

@@ -22,10 +22,6 @@ MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFES
 READ_CHUNK = 1 << 20
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """A manifest or index exactly as stored: its media type, raw bytes, and the sha256 of those bytes."""

@@ -95,7 +95,7 @@ def test_later_write_of_same_metadata_block_wins() -> None:
     assert ordered == [(3, _block(2))]
 
 
-def test_turbo_runs_point_into_tar_and_leave_block_tail_unmapped() -> None:
+def test_turbo_runs_point_into_tar_and_zero_the_block_tail() -> None:
     entries = [_file("a", 5000, -1, tar_offset=1536), _file("b", 100, -1, tar_offset=8192)]
     extents = [(0, [Ext(0, 100, 2)]), (1, [Ext(0, 200, 1)])]
     ordered, runs = turbo_runs(entries, [(7, _block(1))], extents, metadata_start=4096)
@@ -104,7 +104,24 @@ def test_turbo_runs_point_into_tar_and_leave_block_tail_unmapped() -> None:
     # 5000 bytes -> roundup512 = 5120 = 10 sectors, from tar offset 1536 (sector 3)
     assert Run(800, 10, 3, TAG_TARGET) in runs
     assert Run(1600, 1, 16, TAG_TARGET) in runs
+    # the rest of each file's last 4 KiB block reads as zeros (dummy moffset at the data start)
+    assert Run(810, 6, 8, zeroed=True) in runs  # a: 2 blocks = 16 sectors, 10 covered
+    assert Run(1601, 7, 8, zeroed=True) in runs  # b: 1 block = 8 sectors, 1 covered
+    assert sum(r.length for r in runs if r.offset >= 800) == 16 + 8
     verify_runs(runs, local_lo=8, local_hi=16, virtual_size=VSIZE)
+
+
+def test_zeroed_runs_merge_only_with_zeroed_runs_and_keep_their_moffset() -> None:
+    runs = normalise([Run(0, 8, 8, zeroed=True), Run(8, 8, 8, zeroed=True), Run(16, 8, 8)])
+    assert runs == [Run(0, 16, 8, zeroed=True), Run(16, 8, 8)]
+    long = normalise([Run(0, MAX_RUN_SECTORS + 8, 9, zeroed=True)])
+    assert long == [Run(0, MAX_RUN_SECTORS, 9, zeroed=True), Run(MAX_RUN_SECTORS, 8, 9, zeroed=True)]
+
+
+def test_verify_rejects_zeroed_moffset_outside_the_file() -> None:
+    verify_runs([Run(0, 8, 16, zeroed=True)], local_lo=8, local_hi=16, virtual_size=VSIZE)
+    with pytest.raises(MappingError):
+        verify_runs([Run(0, 8, 17, zeroed=True)], local_lo=8, local_hi=16, virtual_size=VSIZE)
 
 
 def test_turbo_rejects_unaligned_tar_offset() -> None:
