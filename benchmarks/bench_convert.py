@@ -4,10 +4,15 @@
    package layers, >= 1 GiB uncompressed, tens of thousands of files), cached in benchmarks/.cache/.
 2. Starts a local docker-registry on 127.0.0.1 (tests/services/registry.py) and pushes the image with skopeo.
 3. Baseline, on the same layer blobs: stream-decompress + sha256 + LZ4-compress in 4 KiB blocks, with the
-   same decompressor the pipeline uses, one process per layer over the same number of CPUs.
+   same decompressor the pipeline uses, one process per layer over a pool as big as the pipeline's
+   (os.cpu_count(), the runner's default): same layers, same machine, same run, same parallelism.
+   It is measured again right before each conversion, so both see the same load from other work.
 4. Runs the pipeline's local runner (`obdconv.pipeline.runner.convert`) for native (and turbo), timing each
    stage and the total, sampling peak RSS of this process plus all its children (psutil).
-5. Prints seconds per stage, total, baseline, ratio (target <= 1.5x) and peak RSS (target < 1 GiB).
+5. Prints seconds per stage (summed over tasks, so they add up to more than the wall time), total,
+   baseline, ratio (target <= 1.5x) and peak RSS (target < 1 GiB); and CPU seconds of the converter
+   (+ of the registry, which serves and stores the blobs) against the baseline's CPU seconds: on a
+   shared machine wall ratios move with other load, the CPU ratio much less.
 
 Usage: python benchmarks/bench_convert.py [--formats native,turbo] [--skip-convert] [--verify] [--json]
 """
@@ -18,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -51,14 +57,26 @@ TARGET_RSS = 1 << 30
 
 class PeakRSS:
     """Samples RSS of this process + all descendants every `interval` s; `.peak` in bytes.
-    `exclude` pids (the registry we started) are not the converter's memory and are left out."""
+    `exclude` pids (the registry we started) are not the converter's memory and are left out.
+
+    Also `.cpu_s`: CPU seconds (user + system) the converter's processes used while sampled, from
+    the last sample of each process (a pool worker's final < `interval` s is missed). CPU time
+    hardly depends on what else runs on the machine, unlike wall time: on a shared machine it is
+    the steadier measure of how much work a run does."""
 
     def __init__(self, interval: float = 0.05, exclude: frozenset[int] = frozenset()) -> None:
         self.interval = interval
         self.exclude = exclude
         self.peak = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._running = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
 
     def _sample(self) -> int:
         me = psutil.Process()
@@ -68,6 +86,10 @@ class PeakRSS:
                 continue
             try:
                 total += p.memory_info().rss
+                cpu = p.cpu_times()
+                self._cpu_last[p.pid] = cpu.user + cpu.system
+                if not self._running:  # the sample before the run: its baseline
+                    self._cpu_start[p.pid] = self._cpu_last[p.pid]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return total
@@ -79,12 +101,19 @@ class PeakRSS:
 
     def __enter__(self) -> PeakRSS:
         self.peak = self._sample()
+        self._running = True
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+
+
+def process_cpu_s(pid: int) -> float:
+    cpu = psutil.Process(pid).cpu_times()
+    return cpu.user + cpu.system
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -124,13 +153,22 @@ def baseline_layer(path: str) -> tuple[float, int, str]:
     return time.perf_counter() - t0, raw, "sha256:" + h.hexdigest()
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_baseline(paths: list[Path], workers: int) -> dict[str, Any]:
+    """All layers over a pool of `workers` processes (the pipeline's pool has as many), so both
+    sides have the same parallelism; the biggest layer bounds the baseline's wall time as it
+    bounds the pipeline's. `cpu_s`: CPU seconds of the pool (its workers are reaped at shutdown)."""
     t0 = time.perf_counter()
+    cpu0 = _children_cpu_s()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(baseline_layer, [str(p) for p in paths]))
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "cpu_sum_s": sum(r[0] for r in results), "raw_bytes": sum(r[1] for r in results),
-            "diff_ids": [r[2] for r in results], "workers": workers}
+    return {"wall_s": wall, "cpu_s": _children_cpu_s() - cpu0, "cpu_sum_s": sum(r[0] for r in results),
+            "raw_bytes": sum(r[1] for r in results), "diff_ids": [r[2] for r in results], "workers": workers}
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -248,17 +286,25 @@ def main() -> int:
                 # The machine is shared: measure the baseline right before each conversion, so the
                 # ratio compares runs made under the same load.
                 near = run_baseline(blobs, args.workers)
+                registry_cpu0 = process_cpu_s(reg.process.pid)
                 with PeakRSS(exclude=frozenset({reg.process.pid})) as rss:
                     conv = run_conversion(f"{reg.host}/bench", "src", fmt, Path(tmp))
                 conv["peak_rss_bytes"] = rss.peak
                 conv["baseline_s"] = near["wall_s"]
                 conv["ratio"] = conv["total_s"] / near["wall_s"]
+                conv["cpu_s"] = rss.cpu_s
+                conv["registry_cpu_s"] = process_cpu_s(reg.process.pid) - registry_cpu0
+                conv["baseline_cpu_s"] = near["cpu_s"]
+                conv["cpu_ratio"] = conv["cpu_s"] / near["cpu_s"]
                 results["conversions"].append(conv)
                 stages = ", ".join(f"{k} {v:.2f} s" for k, v in conv["stages"].items() if k != "total") \
                     or "no stage timings reported"
                 verdict = "OK" if conv["ratio"] <= TARGET_RATIO and rss.peak < TARGET_RSS else "MISSES TARGET"
                 print(f"{fmt}: total {conv['total_s']:.2f} s ({stages}); ratio to baseline ({near['wall_s']:.2f} s) {conv['ratio']:.2f}x "
                       f"(target <= {TARGET_RATIO}x); peak RSS {rss.peak / 2**20:.0f} MiB (target < 1024 MiB): {verdict}")
+                print(f"{fmt}: CPU {conv['cpu_s']:.2f} s (+ registry {conv['registry_cpu_s']:.2f} s) vs baseline CPU "
+                      f"{near['cpu_s']:.2f} s: {conv['cpu_ratio']:.2f}x the work (wall ratios swing with other load "
+                      "on the machine; this one does not)")
                 if args.verify:
                     v = run_verify(reg.host, "src", fmt)
                     conv["verify"] = v

@@ -1,19 +1,24 @@
 """Benchmark: the ext4 metadata pass (files/s, metadata bytes) against a data-path baseline.
 
-Synthesises one layer of N files (default 50,000) in a realistic tree (nested dirs, file sizes
-log-normal around 2 KiB, capped at 4 MiB, some symlinks and hard links, xattrs on a few), then:
-  * metadata pass: Ext4Builder.mkfs() once (not timed), apply() of the layer (timed): files/s;
-  * metadata segment: blocks and bytes, and the compact serialised size;
-  * baseline, same run, same bytes: gzip inflate of the layer's file bytes + LZ4 compression in
-    4 KiB blocks (what the prepare stage does with the data).
-Prints the ratio metadata pass / baseline (target <= 10 %) and files/s (target >= 20k).
+Each pass runs twice in the same run: with the C fast path (obdconv/ext4/_fastapply, if built)
+and with the ctypes path (the fallback; the "before" figure), and checks both give the same bytes.
+  1. synthetic layer of N files (default 50,000) in a realistic tree (nested dirs, file sizes
+     log-normal around 2 KiB, capped at 4 MiB, some symlinks and hard links, xattrs on a few):
+     Ext4Builder.mkfs() (not timed), apply() (timed): entries/s, files/s; the metadata segment
+     (blocks, bytes, serialised size); baseline = gzip inflate of the layer's file bytes + LZ4 in
+     4 KiB blocks (what the prepare stage does with the data), same run; ratio (target <= 10 %).
+  2. one directory of N plain regular files (default 100,000): files/s.
+  3. realistic: the biggest layer of the cached benchmark image (benchmarks/.cache, made by
+     build_image.py), if present: the same figures, baseline = inflate of the real blob + LZ4.
+Targets: >= 20k files/s; metadata pass <= 10 % of the baseline.
 
-Usage: .venv/bin/python benchmarks/bench_metadata.py [--files N] [--dir-size N] [--workdir DIR]
+Usage: .venv/bin/python benchmarks/bench_metadata.py [--files N] [--big-dir N] [--workdir DIR] [--no-real]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import tempfile
 import time
@@ -24,8 +29,11 @@ from pathlib import Path
 import lz4.block
 
 from obdconv.entries import EntryType, LayerEntry
-from obdconv.ext4 import Ext4Builder
-from obdconv.ext4.reader import tree_from_ext4
+from obdconv.ext4 import Ext4Builder, LayerMetadata, fast
+from obdconv.oci.tarscan import TarScanner
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+PATHS = ("C", "ctypes")
 
 
 def synth_layer(n_files: int, seed: int = 7) -> list[LayerEntry]:
@@ -74,7 +82,11 @@ def synth_bytes(total: int, seed: int = 7) -> bytes:
 def baseline_seconds(data: bytes) -> tuple[float, float]:
     """(wall, cpu) seconds of gzip inflate + LZ4 per 4 KiB block."""
     gz = zlib.compressobj(6, zlib.DEFLATED, 31)
-    blob = gz.compress(data) + gz.flush()
+    return baseline_of_gzip(gz.compress(data) + gz.flush())
+
+
+def baseline_of_gzip(blob: bytes) -> tuple[float, float]:
+    """(wall, cpu) seconds of inflating a gzip blob + LZ4 per 4 KiB block of the result."""
     t, c = time.perf_counter(), time.process_time()
     inflated = zlib.decompressobj(31).decompress(blob)
     view = memoryview(inflated)
@@ -83,47 +95,99 @@ def baseline_seconds(data: bytes) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--files", type=int, default=50_000)
-    ap.add_argument("--big-dir", type=int, default=100_000, help="entries in the one-directory test (0 = skip)")
-    ap.add_argument("--workdir", type=Path, default=None)
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        entries = synth_layer(args.files)
-        n_files = sum(e.type is EntryType.FILE for e in entries)
-        data_bytes = sum(e.size for e in entries if e.type is EntryType.FILE)
-        b = Ext4Builder(Path(tmp) / "meta.img", 64 << 30, uuid.UUID(int=1))
+def metadata_pass(tmp: Path, entries: list[LayerEntry], path: str) -> tuple[float, float, LayerMetadata]:
+    """(wall, cpu, result) of one apply() on a fresh 64 GiB image, with the C or the ctypes path."""
+    saved = fast.FAST
+    if path == "ctypes":
+        fast.FAST = None  # read when the builder's state is made: this builder uses ctypes
+    elif saved is None:
+        raise SystemExit("the C fast path is not built (pip install -e . with gcc and libext2fs-dev)")
+    try:
+        b = Ext4Builder(tmp / f"meta-{path}.img", 64 << 30, uuid.UUID(int=1))
         b.mkfs()
         t, c = time.perf_counter(), time.process_time()
         meta = b.apply(entries)
-        meta_s, meta_cpu = time.perf_counter() - t, time.process_time() - c
-        t = time.perf_counter()
-        wire = meta.to_bytes()
-        wire_s = time.perf_counter() - t
-        base_s, base_cpu = baseline_seconds(synth_bytes(data_bytes))
-        t = time.perf_counter()
-        tree = tree_from_ext4(Path(tmp) / "meta.img")
-        read_s = time.perf_counter() - t
-        print(f"layer: {len(entries)} entries ({n_files} files), {data_bytes / 1e6:.1f} MB of file data")
-        print(f"metadata pass: {meta_s:.2f} s wall = {len(entries) / meta_s:,.0f} entries/s; "
-              f"{meta_cpu:.2f} s CPU = {len(entries) / meta_cpu:,.0f} entries/s (target >= 20,000)")
-        print(f"metadata segment: {len(meta.blocks)} blocks = {len(meta.blocks) * 4096 / 1e6:.1f} MB; "
-              f"serialised {len(wire) / 1e6:.2f} MB in {wire_s:.2f} s")
-        print(f"baseline gzip inflate + LZ4 4 KiB blocks of the same bytes: {base_s:.2f} s wall, {base_cpu:.2f} s CPU")
-        print(f"ratio metadata/baseline: {meta_s / base_s:.1%} wall, {meta_cpu / base_cpu:.1%} CPU (target <= 10%)")
-        print(f"reader: tree_from_ext4 of the layer's image: {len(tree)} paths in {read_s:.2f} s")
+        return time.perf_counter() - t, time.process_time() - c, meta
+    finally:
+        fast.FAST = saved
+
+
+def compare_paths(tmp: Path, label: str, entries: list[LayerEntry], base: tuple[float, float] | None) -> None:
+    n_files = sum(e.type is EntryType.FILE for e in entries)
+    results = {p: metadata_pass(tmp, entries, p) for p in PATHS}
+    for p in PATHS:
+        wall, cpu, _ = results[p]
+        line = (f"  {label} [{p:6}]: {wall:.3f} s wall, {cpu:.3f} s CPU = {len(entries) / cpu:,.0f} entries/s, "
+                f"{n_files / cpu:,.0f} files/s (CPU)")
+        if base:
+            line += f"; ratio to baseline {wall / base[0]:.1%} wall, {cpu / base[1]:.1%} CPU"
+        print(line)
+    c_meta, py_meta = results["C"][2], results["ctypes"][2]
+    same = c_meta.blocks == py_meta.blocks and c_meta.file_extents == py_meta.file_extents
+    print(f"  {label}: speed-up C/ctypes {results['ctypes'][1] / results['C'][1]:.1f}x (CPU); "
+          f"byte-identical output: {'yes' if same else 'NO'}")
+    if not same:
+        raise SystemExit("C and ctypes paths differ")
+    wire = c_meta.to_bytes()
+    print(f"  {label}: metadata segment {len(c_meta.blocks)} blocks = {len(c_meta.blocks) * 4096 / 1e6:.1f} MB; "
+          f"serialised {len(wire) / 1e6:.2f} MB")
+
+
+def biggest_cached_layer() -> tuple[str, Path] | None:
+    try:
+        image = json.loads((CACHE / "image.json").read_text())
+    except (OSError, ValueError):
+        return None
+    layer = max(image["layers"], key=lambda la: la["uncompressed_size"])
+    blob = Path(image["layout"]) / "blobs" / "sha256" / layer["digest"].split(":")[1]
+    return (layer["name"], blob) if blob.exists() else None
+
+
+def scan_gzip_layer(blob: bytes) -> list[LayerEntry]:
+    scanner = TarScanner()
+    inflater = zlib.decompressobj(31)
+    for off in range(0, len(blob), 1 << 20):
+        scanner.feed(inflater.decompress(blob[off:off + (1 << 20)]))
+    scanner.feed(inflater.flush())
+    return scanner.finish()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=50_000)
+    ap.add_argument("--big-dir", type=int, default=100_000, help="files in the one-directory test (0 = skip)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--no-real", action="store_true", help="skip the cached image's layer")
+    args = ap.parse_args()
+    print(f"C fast path: {'built' if fast.FAST is not None else 'NOT BUILT'}")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp_name:
+        tmp = Path(tmp_name)
+        entries = synth_layer(args.files)
+        n_files = sum(e.type is EntryType.FILE for e in entries)
+        data_bytes = sum(e.size for e in entries if e.type is EntryType.FILE)
+        base = baseline_seconds(synth_bytes(data_bytes))
+        print(f"synthetic layer: {len(entries)} entries ({n_files} files), {data_bytes / 1e6:.1f} MB of file data; "
+              f"baseline gzip inflate + LZ4 4 KiB blocks: {base[0]:.2f} s wall, {base[1]:.2f} s CPU")
+        compare_paths(tmp, "synthetic", entries, base)
         if args.big_dir:
-            b2 = Ext4Builder(Path(tmp) / "bigdir.img", 64 << 30, uuid.UUID(int=2))
-            b2.mkfs()
             big = [LayerEntry("d", EntryType.DIR)] + [
                 LayerEntry(f"d/some-package-file-name-{i:07d}", EntryType.FILE, size=100) for i in range(args.big_dir)
             ]
-            t, c = time.perf_counter(), time.process_time()
-            b2.apply(big)
-            s, cpu = time.perf_counter() - t, time.process_time() - c
-            print(f"one directory with {args.big_dir} files: {s:.2f} s wall, {cpu:.2f} s CPU "
-                  f"= {args.big_dir / cpu:,.0f} files/s (CPU)")
+            print(f"one directory with {args.big_dir} plain regular files:")
+            compare_paths(tmp, "one-dir", big, None)
+        found = None if args.no_real else biggest_cached_layer()
+        if found:
+            name, blob_path = found
+            blob = blob_path.read_bytes()
+            real = scan_gzip_layer(blob)
+            n_real = sum(e.type is EntryType.FILE for e in real)
+            base = baseline_of_gzip(blob)
+            print(f"realistic layer {name!r} (cached image's biggest): {len(real)} entries ({n_real} files), "
+                  f"{len(blob) / 1e6:.1f} MB gzip; baseline inflate + LZ4 4 KiB blocks: {base[0]:.2f} s wall, "
+                  f"{base[1]:.2f} s CPU")
+            compare_paths(tmp, "realistic", real, base)
+        elif not args.no_real:
+            print("realistic layer: skipped (no benchmarks/.cache image; run benchmarks/build_image.py)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from obdconv.errors import DatabaseError, UsageError
 from obdconv.pipeline.request import ConversionRequest
+from obdconv.pipeline.validate import validate_request
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -66,6 +67,7 @@ def submit(request: ConversionRequest, *, request_id: str | None = None, app: Ce
         raise UsageError("nothing to do: give an output tag (overlaybd_tag and/or turbo_tag)")
     if not (request.input_tag or request.input_digest):
         raise UsageError("give an input tag or digest")
+    validate_request(request)  # the local runner's checks, before anything is queued
     celery_app = _app(app)
     request_id = request_id or str(uuid.uuid4())
     body = request.to_dict()

@@ -17,6 +17,7 @@ from celery import Task
 
 from obdconv.errors import DatabaseError, NetworkError
 from obdconv.status import record_failure
+from tasks.claims import release_claims
 from tasks.context import open_worker_database, settings
 
 log = logging.getLogger(__name__)
@@ -46,5 +47,6 @@ class FleetTask(Task):
             try:
                 open_worker_database()
                 record_failure(request_id, error_class_name(exc), str(exc))
+                release_claims(job)  # a failed request converts nothing more: let waiters take over now
             except DatabaseError as e:  # the Celery result still carries the error
                 log.error("cannot record failure of %s: %s", request_id, e)

@@ -15,26 +15,50 @@
 
 Every task gets `job` = {"request_id", "request", ...}. The last task records SUCCESS in the
 durable status record and returns {"outputs": {format: {"tag", "digest", "mediaType", "size"}}}.
+
+Dedup, per manifest (root or index child), in `obdconv.convert_manifest` before any layer is touched
+(`Reuse(wait=False)` of obdconv/pipeline/reuse.py, the local runner's lookups and claims):
+* every format's manifest converted -> no canvas at all (re-tagged when root; `"dedup": true`);
+* else the leading converted layers 0..k-1 are reused: only layers k.. are prepared, their metadata
+  pass starts from the converted parents read back from their blobs, and only they are assembled
+  (with two formats left to convert: k = 0, see `_start_layer`);
+* claims another request holds -> the task retries itself shortly (no worker slot held) until the
+  holder's results are recorded or its lease expires; claims taken travel in `job["reuse"]`, are
+  heartbeated by every task of the manifest and released after its push (tasks/claims.py).
+
+Flags with fleet semantics (the client cannot see a worker's disk):
+* `dump_manifest`: the converted manifest/config (and root index) JSON are returned in the outputs
+  under `"dump"` instead of being written to files;
+* `reserve`: the worker running the metadata pass keeps its scratch directory (ext4 metadata image)
+  in `<spool>/<node>/scratch/`, logged; spool eviction removes it after `spool_max_age`;
+* `mkfs=false` fails with UnsupportedError, as in the local runner (obdconv/pipeline/validate.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 from celery import chain, chord
 from celery.canvas import Signature
 
+from obdconv.dedup.claims import ClaimTimeoutError
 from obdconv.pipeline import push as push_stage
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.plan import IndexPlan, ManifestPlan, resolve_image
 from obdconv.pipeline.push import PushedManifest
-from obdconv.pipeline.request import ConversionRequest
+from obdconv.pipeline.request import ConversionProfile, ConversionRequest
+from obdconv.pipeline.reuse import ClaimHeld, ManifestReuse
+from obdconv.pipeline.validate import validate_request
 from obdconv.status import record_success
 from tasks.base import FleetTask
+from tasks.claims import claim_owner, held_claims, release_claims
 from tasks.context import open_repository, open_worker_database, settings
-from tasks.dedup import find_manifest_hits, remember_manifest
+from tasks.dedup import fleet_reuse, remember_manifest
 from tasks.stages import (
     _broker_client,
     assemble_layer_task,
@@ -57,6 +81,8 @@ from workers.queues import (
 
 log = logging.getLogger(__name__)
 
+CLAIM_POLL_SECONDS = 1.0  # how soon a request waiting for another's claim looks again
+
 
 def compact_repr(**fields: Any) -> str:
     """What Flower and worker logs show as a task's kwargs: the request id and what the task works
@@ -73,9 +99,10 @@ def _target_repo(request: ConversionRequest) -> Any:
 
 
 def manifest_canvas(job: dict[str, Any]) -> Signature:
-    """prepare chord -> metadata -> schedule_assemble, for the manifest in `job["manifest"]`."""
-    slim = {"request_id": job["request_id"], "request": job["request"]}
-    layers = job["manifest"]["layers"]
+    """prepare chord -> metadata -> schedule_assemble, for the layers of the manifest in
+    `job["manifest"]` from `job["reuse"]["start"]` on (the ones below are dedup hits)."""
+    slim = {"request_id": job["request_id"], "request": job["request"], "reuse": job.get("reuse") or {}}
+    layers = job["manifest"]["layers"][start_of(job):]
     rid, digest = job["request_id"], job["manifest"]["descriptor"]["digest"]
     prepares = [prepare_layer_task.signature(kwargs={"job": slim, "layer": layer},
                                              kwargsrepr=compact_repr(request_id=rid, layer=layer["digest"]))
@@ -84,6 +111,10 @@ def manifest_canvas(job: dict[str, Any]) -> Signature:
                      kwargs={"job": job}, kwargsrepr=compact_repr(request_id=rid, manifest=digest))),
                  schedule_assemble_task.signature(kwargs={"job": job},
                                                   kwargsrepr=compact_repr(request_id=rid, manifest=digest)))
+
+
+def start_of(job: dict[str, Any]) -> int:
+    return int((job.get("reuse") or {}).get("start", 0))
 
 
 def _manifest_job(job: dict[str, Any], manifest: ManifestPlan, *, is_root: bool) -> dict[str, Any]:
@@ -106,10 +137,7 @@ def lanes(items: list[Any], limit: int) -> list[list[Any]]:
 def convert_task(self: Any, *, job: dict[str, Any]) -> Any:
     """The entry point: job = {"request_id", "request": ConversionRequest dict}."""
     request = request_of(job)
-    if not request.profiles():
-        from obdconv.errors import UsageError
-
-        raise UsageError("nothing to do: the request names no output tag")
+    validate_request(request)  # the local runner's checks and errors (e.g. mkfs=false: UnsupportedError)
     if settings().db_type:
         from obdconv.client import source_of
         from obdconv.status import record_running
@@ -119,13 +147,9 @@ def convert_task(self: Any, *, job: dict[str, Any]) -> Any:
     source_repo = open_repository(request.repository, request.access)
     plan = resolve_image(source_repo, request.input_tag or request.input_digest, request.platforms)
     if not plan.root_is_index:
-        manifest = plan.manifests[plan.root["digest"]]
-        tags = {p.format: output_tag(request, p.format) for p in request.profiles()}
-        if not request.no_upload:
-            hits = find_manifest_hits(request, _target_repo(request), manifest.digest, tags)
-            if hits is not None:  # every format already converted: nothing to run
-                return finish(job, hits)
-        return self.replace(manifest_canvas(_manifest_job(job, manifest, is_root=True)))
+        manifest_job = _manifest_job(job, plan.manifests[plan.root["digest"]], is_root=True)
+        return self.replace(convert_manifest_task.signature(args=(None,), kwargs={"job": manifest_job},
+                                                            kwargsrepr=_mrepr(manifest_job)))
     manifest_jobs = [_manifest_job(job, m, is_root=False) for m in plan.manifests.values()]
     header = []
     for lane in lanes(manifest_jobs, request.concurrency_limit):
@@ -145,8 +169,51 @@ def _mrepr(job: dict[str, Any]) -> str:
 
 @app.task(bind=True, base=FleetTask, name=TASK_CONVERT_MANIFEST)
 def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, job: dict[str, Any]) -> Any:
-    """One manifest of an index, in a lane: `previous` = results of the lane's earlier manifests."""
-    return self.replace(manifest_canvas({**job, "acc": previous or []}))
+    """One manifest (the root, or one of an index's in a lane: `previous` = results of the lane's
+    earlier manifests): dedup lookups and claims, then nothing more, or push only, or the canvas."""
+    request = request_of(job)
+    mark_stage(job, "dedup")
+    job = {**job, "acc": previous or []}
+    manifest = job["manifest"]
+    profiles = request.profiles()
+    tags = {p.format: output_tag(request, p.format) for p in profiles} if job["is_root"] else {}
+    owner = claim_owner(job["request_id"], manifest["descriptor"]["digest"])
+    reuse = fleet_reuse(request, _target_repo(request), owner)
+    found = ManifestReuse()
+    if reuse is not None:
+        try:
+            found = reuse.lookup(ManifestPlan(**manifest), profiles, tags)
+        except ClaimHeld as held:
+            since = job.get("claim_wait_since") or time.time()
+            if time.time() - since > settings().claim_timeout:
+                raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
+                                        f"{held.key}") from None
+            log.info("%s: waiting for %s", job["request_id"], held)
+            raise self.retry(args=(previous,), kwargs={"job": {**job, "claim_wait_since": since}},
+                             countdown=CLAIM_POLL_SECONDS, max_retries=None) from None
+    todo = found.todo(profiles)
+    start = _start_layer(found, todo)
+    job["reuse"] = {
+        "owner": owner, "claims": [lease.key for lease in found.leases], "start": start,
+        "manifests": {fmt: {**pm.to_dict(), "dedup": True} for fmt, pm in found.manifests.items()},
+        "layers": {p.format: [x.to_dict() for x in found.layers.get(p.format, [])[:start]] for p in todo},
+        "parents_format": todo[0].format if todo else "",
+    }
+    if not todo:  # every format's manifest already converted
+        return _manifest_done(job, {})
+    if start == len(manifest["layers"]):  # every layer converted, the manifest not yet
+        return self.replace(push_manifest_task.signature(args=([],), kwargs={"job": job}, kwargsrepr=_mrepr(job)))
+    return self.replace(manifest_canvas(job))
+
+
+def _start_layer(found: ManifestReuse, todo: list[ConversionProfile]) -> int:
+    """First layer to convert. One format left: after its leading converted layers. Two: their
+    converted parents may differ in bytes (made by different converters) while one metadata pass
+    serves both here, so both start from mkfs (correct, less reuse; the local runner runs one pass
+    per format instead)."""
+    if len(todo) != 1:
+        return 0
+    return len(found.layers.get(todo[0].format, []))
 
 
 @app.task(bind=True, base=FleetTask, name=TASK_SCHEDULE_ASSEMBLE)
@@ -155,12 +222,14 @@ def schedule_assemble_task(self: Any, metadata_result: dict[str, Any], *, job: d
     mark_stage(job, "assemble")
     manifest = job["manifest"]
     chain_ids = manifest["chain_ids"]
+    start = start_of(job)
+    slim = {"request_id": job["request_id"], "request": job["request"], "reuse": job.get("reuse") or {}}
     broker = _broker_client()
     header = []
-    for i, (info, key) in enumerate(zip(metadata_result["layers"], metadata_result["metadata_keys"], strict=True)):
+    for j, (info, key) in enumerate(zip(metadata_result["layers"], metadata_result["metadata_keys"], strict=True)):
+        i = start + j
         queue = worker_queue(info["node"]) if is_worker_alive(broker, info["node"]) else ASSEMBLE
-        kwargs = {"job": {"request_id": job["request_id"], "request": job["request"]}, "index": i,
-                  "layer": manifest["layers"][i], "chain_id": chain_ids[i],
+        kwargs = {"job": slim, "index": i, "layer": manifest["layers"][i], "chain_id": chain_ids[i],
                   "parent_chain_id": chain_ids[i - 1] if i else "", "metadata_key": key}
         header.append(assemble_layer_task.signature(
             kwargs=kwargs, queue=queue,
@@ -180,33 +249,67 @@ def finish(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(bind=True, base=FleetTask, name=TASK_PUSH_MANIFEST)
 def push_manifest_task(self: Any, assembled: list[dict[str, Any]], *, job: dict[str, Any]) -> Any:
-    """Config + manifest per format. Root manifest: tagged, request finished. Otherwise the lane's
-    accumulated results + this manifest's."""
+    """Config + manifest per format still to convert (dedup-hit layers below the assembled ones),
+    record them, release the manifest's claims. Root manifest: tagged, request finished."""
     request = request_of(job)
     mark_stage(job, "push")
     manifest = job["manifest"]
+    reuse = job.get("reuse") or {}
     target = _target_repo(request)
     outputs: dict[str, Any] = {}
-    for profile in request.profiles():
-        layers = [ConvertedLayer.from_dict(a[profile.format]) for a in assembled]
-        tag = output_tag(request, profile.format) if job["is_root"] else ""
-        pushed = push_stage.push_manifest(
-            target, source_manifest=manifest["data"].encode(), source_config=manifest["config"].encode(),
-            source_desc=manifest["descriptor"], fmt=profile.format, layers=[x.descriptor() for x in layers],
-            diff_ids=[x.diff_id for x in layers], oci=request.oci, referrer=request.referrer, ref=tag,
-            upload=not request.no_upload)
-        outputs[profile.format] = {**pushed.to_dict(), "tag": tag}
-        if not request.no_upload:
-            remember_manifest(request, target, manifest["descriptor"]["digest"], profile, pushed.media_type,
-                              pushed.digest, pushed.size)
+    with held_claims(job):
+        for profile in request.profiles():
+            if profile.format in reuse.get("manifests", {}):
+                continue
+            hits = [ConvertedLayer.from_dict(x) for x in reuse.get("layers", {}).get(profile.format, [])]
+            layers = hits + [ConvertedLayer.from_dict(a[profile.format]) for a in assembled]
+            tag = output_tag(request, profile.format) if job["is_root"] else ""
+            with tempfile.TemporaryDirectory(prefix="dump-") as dump:
+                dump_dir = Path(dump) if request.dump_manifest else None
+                pushed = push_stage.push_manifest(
+                    target, source_manifest=manifest["data"].encode(), source_config=manifest["config"].encode(),
+                    source_desc=manifest["descriptor"], fmt=profile.format, layers=[x.descriptor() for x in layers],
+                    diff_ids=[x.diff_id for x in layers], oci=request.oci, referrer=request.referrer, ref=tag,
+                    upload=not request.no_upload, dump_dir=dump_dir)
+                outputs[profile.format] = {**pushed.to_dict(), "tag": tag}
+                if dump_dir is not None:
+                    outputs[profile.format]["dump"] = {f.name: f.read_text() for f in sorted(dump_dir.iterdir())}
+            if not request.no_upload:
+                remember_manifest(request, target, manifest["descriptor"]["digest"], profile, pushed.media_type,
+                                  pushed.digest, pushed.size)
+    release_claims(job)  # results are recorded: waiters find them now
+    return _manifest_done(job, outputs)
+
+
+def _manifest_done(job: dict[str, Any], outputs: dict[str, Any]) -> Any:
+    """Merge this manifest's converted `outputs` with its dedup hits; finish a root, or hand the
+    lane's accumulated results on."""
+    request = request_of(job)
+    for fmt, hit in (job.get("reuse") or {}).get("manifests", {}).items():
+        outputs[fmt] = {**hit, "tag": output_tag(request, fmt) if job["is_root"] else ""}
+        if request.dump_manifest:  # a hit is dumped too: read back what the target holds
+            outputs[fmt]["dump"] = _dump_of(_target_repo(request), hit["digest"])
     if job["is_root"]:
         return finish(job, {fmt: _public(o) for fmt, o in outputs.items()})
-    return [*job.get("acc", []), {"source_digest": manifest["descriptor"]["digest"], "outputs": outputs}]
+    return [*job.get("acc", []), {"source_digest": job["manifest"]["descriptor"]["digest"], "outputs": outputs}]
+
+
+def _dump_of(target: Any, digest: str) -> dict[str, str]:
+    manifest = target.get_manifest(digest).data
+    config = target.read_blob(json.loads(manifest)["config"]["digest"])
+    return {"config.json": config.decode(), "manifest.json": manifest.decode()}
 
 
 def _public(o: dict[str, Any]) -> dict[str, Any]:
-    return {"tag": o.get("tag", ""), "digest": o["digest"], "mediaType": o.get("media_type", o.get("mediaType")),
-            "size": o["size"]}
+    out = {"tag": o.get("tag", ""), "digest": o["digest"], "mediaType": o.get("media_type", o.get("mediaType")),
+           "size": o["size"]}
+    for extra in ("dedup", "dump"):
+        if extra in o:
+            out[extra] = o[extra]
+    return out
+
+
+_PUSHED_FIELDS = ("media_type", "digest", "size", "config_digest", "layer_digests")
 
 
 @app.task(bind=True, base=FleetTask, name=TASK_PUSH_INDEX)
@@ -218,20 +321,31 @@ def push_index_task(self: Any, lane_results: list[list[dict[str, Any]]], *, job:
     by_source = {r["source_digest"]: r["outputs"] for lane in lane_results for r in lane}
     root_digest = job["root"]["digest"]
     outputs: dict[str, Any] = {}
+    index_dump = ""
     for profile in request.profiles():
         converted: dict[str, dict[str, Any] | None] = {
-            digest: PushedManifest.from_dict({k: v for k, v in outs[profile.format].items() if k != "tag"}).descriptor()
+            digest: PushedManifest.from_dict({k: v for k, v in outs[profile.format].items()
+                                              if k in _PUSHED_FIELDS}).descriptor()
             for digest, outs in by_source.items()}
         for raw in job["indexes"]:
             index = IndexPlan(**raw)
             is_root = index.digest == root_digest
             tag = output_tag(request, profile.format) if is_root else ""
-            converted[index.digest] = push_stage.push_index(
-                target, source_index=index.data.encode(), source_desc=index.descriptor,
-                children=[converted.get(c) if c else None for c in index.children], fmt=profile.format,
-                oci=request.oci, referrer=request.referrer, ref=tag, upload=not request.no_upload)
+            with tempfile.TemporaryDirectory(prefix="dump-") as dump:
+                dump_path = Path(dump) / "index.json" if request.dump_manifest and is_root else None
+                converted[index.digest] = push_stage.push_index(
+                    target, source_index=index.data.encode(), source_desc=index.descriptor,
+                    children=[converted.get(c) if c else None for c in index.children], fmt=profile.format,
+                    oci=request.oci, referrer=request.referrer, ref=tag, upload=not request.no_upload,
+                    dump_path=dump_path)
+                if dump_path is not None:
+                    index_dump = dump_path.read_text()
         root = converted[root_digest]
         assert root is not None
         outputs[profile.format] = {"tag": output_tag(request, profile.format), "digest": root["digest"],
                                    "mediaType": root["mediaType"], "size": root["size"]}
+        if request.dump_manifest:
+            outputs[profile.format]["dump"] = {
+                "index.json": index_dump,
+                "manifests": {d: outs[profile.format].get("dump", {}) for d, outs in by_source.items()}}
     return finish(job, outputs)

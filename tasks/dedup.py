@@ -1,6 +1,7 @@
-"""Dedup hooks of the fleet (obdconv.dedup does the work): manifest hits short-cut a whole
-request before any layer is touched; converted layers and manifests are recorded after they are
-in the target repository (idempotent upserts: a redelivered task records the same row again).
+"""Dedup hooks of the fleet (obdconv.dedup does the work, through the local runner's
+obdconv/pipeline/reuse.py): lookups and claims per manifest before any layer is touched (see
+tasks/canvas.py); converted layers and manifests are recorded after they are in the target
+repository (idempotent upserts: a redelivered task records the same row again).
 
 Registries only: an `oci:` layout has no host, so it is never deduplicated.
 """
@@ -10,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from obdconv.dedup.lookup import find_converted_manifest, record_layer, record_manifest
-from obdconv.pipeline.annotations import manifest_media_type
+from obdconv.dedup.lookup import record_layer, record_manifest
 from obdconv.pipeline.request import ConversionProfile, ConversionRequest
-from tasks.context import dedup_store, open_repository
+from obdconv.pipeline.reuse import Reuse
+from tasks.context import dedup_store, open_repository, settings
 
 log = logging.getLogger(__name__)
 
@@ -23,28 +24,21 @@ def _usable(target: Any) -> Any:
     return store if store is not None and store.enabled and getattr(target, "host", "") else None
 
 
-def find_manifest_hits(request: ConversionRequest, target: Any, source_digest: str,
-                       tags: dict[str, str]) -> dict[str, dict[str, Any]] | None:
-    """{format: output} when EVERY requested format of this root manifest is already converted
-    (re-tagged by the lookup), else None (convert)."""
+def fleet_reuse(request: ConversionRequest, target: Any, owner: str) -> Reuse | None:
+    """The local runner's lookups and claims (obdconv/pipeline/reuse.py) in the fleet's mode: never
+    waiting inside a task (`ClaimHeld` instead), leases heartbeated by the request's tasks under
+    `owner`. None when there is nothing to deduplicate against (no database, `oci:` target,
+    `no_upload`: a hit would re-tag or mount, i.e. write to the registry)."""
     store = _usable(target)
-    if store is None:
+    if store is None or request.no_upload:
         return None
-    media_type = manifest_media_type(request.oci or request.referrer)
 
     def open_sibling(name: str) -> Any:
         return open_repository(f"{target.host}/{name}", request.access)
 
-    outputs = {}
-    for profile in request.profiles():
-        hit = find_converted_manifest(store, target, source_digest, media_type, profile, tags[profile.format] or None,
-                                      referrer=request.referrer, open_sibling=open_sibling)
-        if hit is None:
-            return None
-        outputs[profile.format] = {"tag": tags[profile.format], "digest": hit[0], "mediaType": media_type,
-                                   "size": hit[1], "dedup": True}
-    log.info("manifest %s already converted for every format: %s", source_digest, outputs)
-    return outputs
+    s = settings()
+    return Reuse(store, target, open_sibling, oci=request.oci or request.referrer, referrer=request.referrer,
+                 enabled=True, claim_timeout=float(s.claim_timeout), wait=False, ttl=float(s.claim_ttl), owner=owner)
 
 
 def remember_layer(target: Any, chain_id: str, profile: ConversionProfile, digest: str, size: int) -> None:

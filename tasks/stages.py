@@ -22,13 +22,16 @@ from typing import Any
 
 from obdconv.pipeline.assemble import assemble_layer
 from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
+from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
 from obdconv.pipeline.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask
+from tasks.claims import held_claims
 from tasks.context import open_repository, open_worker_database, settings, spool_dir
 from tasks.dedup import remember_layer
 from tasks.progress import ProgressReporter, backend_client
+from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
 from workers.app import app
 from workers.lease import is_worker_alive
@@ -127,9 +130,11 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
             raise self.retry(countdown=WAIT_FOR_HOLDER_SECONDS, max_retries=None)
     try:
         mark_stage(job, "prepare")
-        prepared = _prepare_here(self, job, layer, node, (client, lock, me, lease) if client is not None else None)
-        _count_run("prepare", layer["digest"])
-        entries_key = put_bytes("entries:" + key, prepared.entries_path.read_bytes())
+        with held_claims(job), layer_in_use(spool_dir(node), key):
+            prepared = _prepare_here(self, job, layer, node,
+                                     (client, lock, me, lease) if client is not None else None)
+            _count_run("prepare", layer["digest"])
+            entries_key = put_bytes("entries:" + key, prepared.entries_path.read_bytes())
         info = {"node": node, "prepared": prepared.to_dict(), "entries_key": entries_key}
         if client is not None:
             client.set(HOLDER_PREFIX + key, json.dumps(info), ex=settings().result_expires)
@@ -137,6 +142,16 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
     finally:
         if client is not None and client.get(lock) == me.encode():
             client.delete(lock)
+        _evict_spool(node)
+
+
+def _evict_spool(node: str) -> None:
+    """Keep this worker's spool within the settings' limits (never fails the task over it)."""
+    s = settings()
+    try:
+        evict_spool(spool_dir(node), s.spool_max_bytes, s.spool_max_age)
+    except OSError as e:
+        log.warning("spool eviction on %s failed: %s", node, e)
 
 
 @app.task(bind=True, base=FleetTask, name=TASK_BUILD_METADATA)
@@ -147,21 +162,36 @@ def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
     request = request_of(job)
     manifest = job["manifest"]
     mark_stage(job, "metadata")
-    scratch = Path(tempfile.mkdtemp(prefix="meta-", dir=_scratch_root(self.request.hostname)))
+    reuse = job.get("reuse") or {}
+    start = int(reuse.get("start", 0))
+    node = self.request.hostname
+    scratch = Path(tempfile.mkdtemp(prefix="meta-", dir=_scratch_root(node)))
     try:
-        layers = []
-        for i, info in enumerate(prepared_results):
-            shadow = scratch / f"layer{i}"  # a spool holding only the entry list
-            shadow.mkdir()
-            prepared = PreparedLayer.from_dict(info["prepared"])
-            prepared.spool = str(shadow)
-            prepared.entries_path.write_bytes(get_bytes(info["entries_key"]))
-            layers.append(prepared)
-        metas = build_metadata(layers, request.vsize_gb, manifest["chain_ids"], scratch / "work")
-        keys = [put_bytes(f"meta:{job['request_id']}:{manifest['descriptor']['digest']}:{i}", encode_metadata(m))
-                for i, m in enumerate(metas)]
+        with held_claims(job):
+            layers = []
+            for i, info in enumerate(prepared_results):
+                shadow = scratch / f"layer{start + i}"  # a spool holding only the entry list
+                shadow.mkdir()
+                prepared = PreparedLayer.from_dict(info["prepared"])
+                prepared.spool = str(shadow)
+                prepared.entries_path.write_bytes(get_bytes(info["entries_key"]))
+                layers.append(prepared)
+            parents = None
+            if start:  # layers 0..start-1 are dedup hits: continue from exactly what their blobs hold
+                fmt = reuse["parents_format"]
+                target = open_repository(request.output_repository or request.repository, request.access)
+                parents = read_back_parents(target, fmt, [x["digest"] for x in reuse["layers"][fmt][:start]],
+                                            [x["digest"] for x in manifest["layers"][:start]], scratch / "parents")
+            metas = build_metadata(layers, request.vsize_gb, manifest["chain_ids"], scratch / "work", parents,
+                                   keep_image=request.reserve)
+            keys = [put_bytes(f"meta:{job['request_id']}:{manifest['descriptor']['digest']}:{start + i}",
+                              encode_metadata(m)) for i, m in enumerate(metas)]
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if request.reserve:  # the fleet's `reserve`: keep the metadata pass's scratch on this worker
+            log.warning("%s: reserve: metadata scratch of %s kept at %s:%s", job["request_id"],
+                        manifest["descriptor"]["digest"], node, scratch)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     return {"layers": prepared_results, "metadata_keys": keys}
 
 
@@ -179,23 +209,27 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
     request = request_of(job)
     native, turbo = _formats(request)
     node = self.request.hostname
-    prepared = load_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
-    if prepared is None or not prepared.covers(native=native, turbo=turbo):
-        log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
-        prepared = _prepare_here(self, job, layer, node)
-        _count_run("reprepare", layer["digest"])
-    metadata = decode_metadata(get_bytes(metadata_key))
-    source_repo = open_repository(request.repository, request.access)
-    target_repo = (open_repository(request.output_repository, request.access)
-                   if request.output_repository else source_repo)
+    key = spool_key(layer["digest"], request.algorithm, request.block_size)
     out: dict[str, Any] = {}
-    for profile in request.profiles():
-        converted = assemble_layer(prepared, metadata, profile, chain_id, parent_chain_id, target_repo,
-                                   upload=not request.no_upload, oci=request.oci or request.referrer,
-                                   source_repo=source_repo)
-        out[profile.format] = converted.to_dict()
-        if not request.no_upload:
-            remember_layer(target_repo, chain_id, profile, converted.digest, converted.size)
+    with held_claims(job), layer_in_use(spool_dir(node), key):
+        prepared = load_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
+        if prepared is None or not prepared.covers(native=native, turbo=turbo):
+            log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
+            prepared = _prepare_here(self, job, layer, node)
+            _count_run("reprepare", layer["digest"])
+        metadata = decode_metadata(get_bytes(metadata_key))
+        source_repo = open_repository(request.repository, request.access)
+        target_repo = (open_repository(request.output_repository, request.access)
+                       if request.output_repository else source_repo)
+        for profile in request.profiles():
+            if profile.format in (job.get("reuse") or {}).get("manifests", {}):
+                continue  # this format's manifest is a dedup hit: nothing to assemble for it
+            converted = assemble_layer(prepared, metadata, profile, chain_id, parent_chain_id, target_repo,
+                                       upload=not request.no_upload, oci=request.oci or request.referrer,
+                                       source_repo=source_repo)
+            out[profile.format] = converted.to_dict()
+            if not request.no_upload:
+                remember_layer(target_repo, chain_id, profile, converted.digest, converted.size)
     _count_run("assemble", f"{layer['digest']}@{index}")
     ProgressReporter(self, job, "assemble", layer["digest"]).done(prepared.source_size)
     return out

@@ -104,7 +104,10 @@ def find_converted_manifest(store: DedupStore, target: RepositoryLike, src_diges
     row = store.get_manifest(host, repo, src_digest, media_type, profile, referrer)
     if row is not None:
         manifest = _fetch_manifest(target, row.out_digest)
-        if manifest is None or manifest.media_type != media_type:
+        # A manifest whose blobs were garbage-collected is as stale as a missing one: re-tagging it
+        # would publish an image that cannot be pulled.
+        if (manifest is None or manifest.media_type != media_type
+                or any(target.head_blob(d) is None for d in _referenced_blobs(manifest.data))):
             log.info("dedup row for manifest %s in %s/%s is stale; deleting it", src_digest, host, repo)
             store.delete_manifest(host, repo, src_digest, media_type, profile, row.out_digest, referrer)
         else:

@@ -11,6 +11,10 @@ entries: ~30M block reads). Instead:
 - Directories with the htree index flag (e.g. from reference-converted parents) go through
   `ext2fs_link`, which maintains the index.
 The state stays valid across layers; `clear()` after the image is replaced under us.
+
+With the C fast path (fast.py) `add()` runs `obd_dir_add` in _fastapply_impl.c (the same calls as
+`_find_tail`/`_append` below, in C) and a directory's tail is a C `struct obd_dir_tail`; the C
+`obd_create_file` appends through the same tail.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from obdconv.ext4 import fast
 from obdconv.ext4 import libext2fs as L
 
 BLOCK_SIZE = 4096
 _DIRENT = struct.Struct("<IHBB")  # inode, rec_len, name_len, file_type
+_RECORD = struct.Struct("<IBB")  # obd_iterate_dir's records: inode, file type, name length
 _CSUM_TAIL_TYPE = 0xDE  # EXT2_DIR_NAME_LEN_CSUM >> 8: the fake entry holding a dir block's checksum
 
 
@@ -35,10 +41,15 @@ class DirIndex:
     def __init__(self) -> None:
         self.fs = 0  # the open ext2_filsys handle; set by the builder for each pass
         self._names: dict[int, dict[bytes, tuple[int, int]]] = {}
+        self.loaded_names = self._names  # read-only view for hot loops: names() of loaded dirs
         # dir -> (pblk of its last block, offset of that block's last entry, the block's bytes).
         # Keeping the bytes saves a read per append: only we change that block until the tail is
         # dropped (unlink) or replaced (expand_dir).
         self._tail: dict[int, tuple[int, int, bytearray]] = {}
+        self.fast = fast.FAST
+        # C path: dir -> its `struct obd_dir_tail` (valid = 0 until found), and one result struct.
+        self.fast_tails: dict[int, object] = {}
+        self.fast_result = self.fast.ffi.new("struct obd_result *") if self.fast else None
         self._buf = ctypes.create_string_buffer(BLOCK_SIZE)
         self._inode = L.Ext2InodeLarge()
         self._pblk = L.blk64_t()
@@ -46,33 +57,72 @@ class DirIndex:
     def clear(self) -> None:
         self._names.clear()
         self._tail.clear()
+        self.fast_tails.clear()
 
     def names(self, dir_ino: int) -> dict[bytes, tuple[int, int]]:
         """name -> (inode, file type) of a directory (loaded once, then kept current)."""
         names = self._names.get(dir_ino)
         if names is None:
-            names = {name: (ino, ftype) for name, ino, ftype in L.iterate_dir(self.fs, dir_ino)}
+            # Read even when we know it is empty (just made): the reads go through unix_io's
+            # 8-block write-back cache, and the flushes they cause feed the superblock's
+            # s_kbytes_written, so skipping them would change the bytes (not the meaning).
+            entries = self._fast_iterate(dir_ino) if self.fast is not None else L.iterate_dir(self.fs, dir_ino)
+            names = {name: (ino, ftype) for name, ino, ftype in entries}
             self._names[dir_ino] = names
         return names
+
+    def _fast_iterate(self, dir_ino: int) -> list[tuple[bytes, int, int]]:
+        """`L.iterate_dir` in C (obd_iterate_dir: the same ext2fs_dir_iterate2 call, no Python callback)."""
+        ffi, lib = self.fast.ffi, self.fast.lib  # type: ignore[union-attr]
+        out, size = ffi.new("const unsigned char **"), ffi.new("size_t *")
+        rc = lib.obd_iterate_dir(self.fs, dir_ino, out, size)
+        L.check(rc, "ext2fs_dir_iterate2", f"inode {dir_ino}")
+        raw = ffi.buffer(out[0], size[0])[:]
+        entries = []
+        pos, end = 0, len(raw)
+        while pos < end:  # records: u32 inode, u8 file type, u8 name length, name
+            ino, ftype, name_len = _RECORD.unpack_from(raw, pos)
+            pos += _RECORD.size
+            entries.append((raw[pos:pos + name_len], ino, ftype))
+            pos += name_len
+        return entries
 
     def forget(self, dir_ino: int) -> None:
         """The directory was deleted."""
         self._names.pop(dir_ino, None)
         self._tail.pop(dir_ino, None)
+        self.fast_tails.pop(dir_ino, None)
 
     def remove(self, dir_ino: int, name: bytes, ino: int) -> None:
         L.check(L.lib.ext2fs_unlink(self.fs, dir_ino, name, ino, 0), "ext2fs_unlink", name.decode(errors="replace"))
         self.names(dir_ino).pop(name, None)
         # unlink may have merged the last entry into its predecessor: find the tail again next time.
         self._tail.pop(dir_ino, None)
+        self.fast_tails.pop(dir_ino, None)
+
+    def fast_tail(self, dir_ino: int) -> object:
+        """The C tail struct of a directory (C path only)."""
+        tail = self.fast_tails.get(dir_ino)
+        if tail is None:
+            tail = self.fast_tails[dir_ino] = self.fast.ffi.new("struct obd_dir_tail *")  # type: ignore[union-attr]
+        return tail
 
     def add(self, dir_ino: int, name: bytes, ino: int, ftype: int) -> None:
         names = self.names(dir_ino)
+        if self.fast is not None:
+            res = self.fast_result
+            rc = self.fast.lib.obd_dir_add(self.fs, dir_ino, name, len(name), ino, ftype, self.fast_tail(dir_ino), res)
+            if rc == self.fast.lib.OBD_NEED_LINK:
+                self.link_with_libext2fs(dir_ino, name, ino, ftype)
+            elif rc:
+                raise L.Ext2fsError(self.fast.ffi.string(res.call).decode(), rc, name.decode(errors="replace"))
+            names[name] = (ino, ftype)
+            return
         tail = self._tail.get(dir_ino)
         if tail is None:
             tail = self._find_tail(dir_ino)
         if tail is None:  # indexed or inline directory: let libext2fs maintain its structure
-            self._link(dir_ino, name, ino, ftype)
+            self.link_with_libext2fs(dir_ino, name, ino, ftype)
         elif not self._append(dir_ino, tail, name, ino, ftype):
             L.check(L.lib.ext2fs_expand_dir(self.fs, dir_ino), "ext2fs_expand_dir", name.decode(errors="replace"))
             tail = self._find_tail(dir_ino)
@@ -80,7 +130,8 @@ class DirIndex:
                 raise L.Ext2fsError("directory append", L.EXT2_ET_DIR_NO_SPACE, name.decode(errors="replace"))
         names[name] = (ino, ftype)
 
-    def _link(self, dir_ino: int, name: bytes, ino: int, ftype: int) -> None:
+    def link_with_libext2fs(self, dir_ino: int, name: bytes, ino: int, ftype: int) -> None:
+        """ext2fs_link (for directories we cannot append to: indexed, inline, checksum tail)."""
         rc = L.lib.ext2fs_link(self.fs, dir_ino, name, ino, ftype)
         if rc == L.EXT2_ET_DIR_NO_SPACE:
             L.check(L.lib.ext2fs_expand_dir(self.fs, dir_ino), "ext2fs_expand_dir")

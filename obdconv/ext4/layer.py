@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Sequence
+from types import ModuleType
 
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import BadInputError, ObdconvError, UnsafePathError
@@ -47,6 +48,7 @@ _I_BLOCK = L.Ext2InodeLarge.i_block.offset
 _EXT_HEADER = struct.Struct("<HHHHI")  # ext3_extent_header: magic, entries, max, depth, generation
 _EXT_LEAF = struct.Struct("<IHHI")  # ext3_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
 _EXT_INIT_MAX_LEN = 1 << 15  # ee_len above this marks an uninitialised extent
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1  # mtime_ns the C fast path takes (int64_t)
 
 
 class LayerApply:
@@ -72,17 +74,94 @@ class LayerApply:
 
     # --- driver ---
     def run(self) -> None:
-        for i, e in enumerate(self.entries):
-            self.where = f"entry {i} {e.path!r}"
-            try:
-                self.apply_entry(i, e)
-            except L.Ext2fsError as exc:
-                raise BadInputError(f"{self.where}: {exc}") from exc
+        if self.dirs.fast is not None:
+            self.run_fast()
+        else:
+            for i, e in enumerate(self.entries):
+                self.apply_one(i, e)
         self.where = "directory times"
+        fastmod = self.dirs.fast
         for ino, i in self.dir_entries.items():  # after all children were added
+            mtime_ns = self.entries[i].mtime_ns
+            if fastmod is not None and _I64_MIN <= mtime_ns <= _I64_MAX:
+                self.fast_check(fastmod.lib.obd_set_times(self.fs, ino, mtime_ns, self.dirs.fast_result))
+                continue
             inode = self.read_inode(ino)
             fields.set_times(inode, self.entries[i].mtime_ns)
             self.write_inode(ino, inode)
+
+    def apply_one(self, i: int, e: LayerEntry) -> None:
+        self.where = f"entry {i} {e.path!r}"
+        try:
+            self.apply_entry(i, e)
+        except L.Ext2fsError as exc:
+            raise BadInputError(f"{self.where}: {exc}") from exc
+
+    def run_fast(self) -> None:
+        """`run` with the C fast path: a new regular file without xattrs in a directory already
+        resolved in this layer (nearly every entry) is created by one C call (`obd_create_file`:
+        the calls of `create_file` + `DirIndex.add`, same order); everything else goes through
+        `apply_one`. Kept flat on purpose: this loop runs once per entry."""
+        fastmod = self.dirs.fast
+        assert fastmod is not None
+        create = fastmod.lib.obd_create_file
+        res = self.dirs.fast_result
+        res_ext = res.ext
+        file_type = EntryType.FILE
+        reg = L.LINUX_S_IFREG
+        ft_reg = L.EXT2_FT_REG_FILE
+        unpack = fastmod.ffi.unpack
+        make_extent = Extent._make  # tuple.__new__: no Python-level __new__ frame per extent
+        fs = self.fs
+        dirs = self.dirs
+        names_of = dirs.names
+        loaded_names = dirs.loaded_names
+        tails = dirs.fast_tails
+        dir_cache = self.dir_cache
+        live_files = self.live_files
+        known_extents = self.known_extents
+        track_touched = self.track_touched
+        for i, e in enumerate(self.entries):
+            if e.type is file_type and not e.xattrs and _I64_MIN <= e.mtime_ns <= _I64_MAX:
+                path = e.path
+                slash = path.rfind("/")
+                parent = dir_cache.get(path[:slash] if slash >= 0 else "")
+                if parent is not None:
+                    name = path[slash + 1:].encode("utf-8", "surrogateescape")
+                    names = loaded_names.get(parent)
+                    if names is None:
+                        names = names_of(parent)
+                    if name not in names:
+                        if track_touched:
+                            self.mark_touched(path)
+                        tail = tails.get(parent) or dirs.fast_tail(parent)
+                        rc = create(fs, parent, reg | e.mode, e.uid, e.gid, e.size, e.mtime_ns, name, len(name),
+                                    tail, res)
+                        ino = res.ino
+                        if rc:
+                            self.fast_failed(i, e, rc, parent, name, ino)
+                        names[name] = (ino, ft_reg)
+                        n = res.nextents
+                        if n == 1:
+                            known_extents[ino] = [make_extent(unpack(res_ext, 3))]
+                        elif n >= 0:
+                            flat = unpack(res_ext, 3 * n)
+                            known_extents[ino] = [make_extent(flat[k:k + 3]) for k in range(0, 3 * n, 3)]
+                        live_files[ino] = i
+                        continue
+            self.apply_one(i, e)
+
+    def fast_failed(self, i: int, e: LayerEntry, rc: int, parent: int, name: bytes, ino: int) -> None:
+        """obd_create_file did not finish: link with ext2fs_link (no appendable tail), or raise."""
+        self.where = f"entry {i} {e.path!r}"
+        fastmod = self.dirs.fast
+        assert fastmod is not None
+        try:
+            if rc != fastmod.lib.OBD_NEED_LINK:
+                raise L.Ext2fsError(fastmod.ffi.string(self.dirs.fast_result.call).decode(), rc)
+            self.dirs.link_with_libext2fs(parent, name, ino, L.EXT2_FT_REG_FILE)
+        except L.Ext2fsError as exc:
+            raise BadInputError(f"{self.where}: {exc}") from exc
 
     def file_extents(self) -> list[tuple[int, list[Extent]]]:
         out = []
@@ -209,6 +288,9 @@ class LayerApply:
 
     # --- creators ---
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, mtime_ns: int) -> int:
+        fastmod = self.dirs.fast
+        if fastmod is not None and _I64_MIN <= mtime_ns <= _I64_MAX:
+            return self.mkdir_fast(fastmod, parent, name, mode, uid, gid, mtime_ns)
         ino = self.new_inode(parent, L.LINUX_S_IFDIR | 0o755)
         # name=NULL: ext2fs_mkdir builds the inode, its block, "." and "..", bumps the parent's link
         # count and the allocation stats, but does not link it (its lookup+link scan the parent).
@@ -228,6 +310,29 @@ class LayerApply:
         fields.set_times(inode, mtime_ns)
         self.write_inode(ino, inode)
         return ino
+
+    def mkdir_fast(self, fastmod: ModuleType, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                   mtime_ns: int) -> int:
+        """`mkdir` in one C call (obd_mkdir: the same libext2fs calls in the same order)."""
+        res = self.dirs.fast_result
+        # Every caller looked the name up first, so the parent's names are loaded: fetching them
+        # here moves no libext2fs reads (their order shows in s_kbytes_written, see dirs.py).
+        names = self.dirs.names(parent)
+        rc = fastmod.lib.obd_mkdir(self.fs, parent, name, len(name), mode, uid, gid, mtime_ns,
+                                   self.dirs.fast_tail(parent), res)
+        ino = res.ino
+        if rc == fastmod.lib.OBD_NEED_LINK:  # no appendable tail: ext2fs_link, then the inode's fields
+            self.dirs.link_with_libext2fs(parent, name, ino, L.EXT2_FT_DIR)
+            rc = fastmod.lib.obd_finish_dir(self.fs, ino, mode, uid, gid, mtime_ns, res)
+        self.fast_check(rc)
+        names[name] = (ino, L.EXT2_FT_DIR)
+        return ino
+
+    def fast_check(self, rc: int) -> None:
+        """Raise `Ext2fsError` for a failed C fast-path call (its result names the call)."""
+        if rc:
+            assert self.dirs.fast is not None
+            raise L.Ext2fsError(self.dirs.fast.ffi.string(self.dirs.fast_result.call).decode(), rc, self.where)
 
     def create_file(self, parent: int, name: bytes, e: LayerEntry) -> int:
         """The hot path (most entries): the inode is packed in one struct call, not field by field."""

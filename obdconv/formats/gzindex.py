@@ -25,6 +25,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO
 
 from obdconv.errors import FormatError
@@ -40,6 +41,7 @@ DEFAULT_LEVEL = 6
 DEFAULT_SPAN = 1 << 20
 MIN_SPAN = 65536  # DEFLATE_BLOCK_UNCOMPRESS_MAX_SIZE
 WINSIZE = 32768
+OUTPUT_ROOM = 4 << 20  # inflated bytes buffered per copy-out (see GzipIndexBuilder)
 EACH_DEFLATE_BLOCK_BIT = 0x80
 LAST_DEFLATE_BLOCK_BIT = 0x40
 
@@ -181,23 +183,31 @@ class GzipIndexHeader:
 
 class _Recorder:
     """IndexFilterRecorder: picks, for each multiple of span, the last block boundary at or before
-    it (and every boundary landing exactly on one)."""
+    it (and every boundary landing exactly on one). Windows are callables, called only for the
+    boundaries that become access points (most boundaries are passed over); `freeze` copies the
+    pending candidate's window before the builder overwrites the bytes it reads."""
 
     def __init__(self, span: int, add: Callable[[int, int, int, bytes], None]) -> None:
         self.span = span
         self.expected = 0
-        self.last: tuple[int, int, int, bytes] | None = None
+        self.last: tuple[int, int, int, Callable[[], bytes]] | None = None
         self._add = add
+
+    def freeze(self) -> None:
+        if self.last is not None:
+            window = self.last[3]()
+            self.last = (*self.last[:3], lambda: window)
 
     def record(self, bits: int, en_pos: int, de_pos: int, window: Callable[[], bytes]) -> None:
         if de_pos < self.expected:
-            self.last = (bits, en_pos, de_pos, window())
+            self.last = (bits, en_pos, de_pos, window)
             return
         if de_pos > self.expected:
             if self.last is not None:
-                self._add(*self.last)
+                b, e, d, w = self.last
+                self._add(b, e, d, w())
                 self.last = None
-            self.last = (bits, en_pos, de_pos, window())
+            self.last = (bits, en_pos, de_pos, window)
             while self.expected < de_pos:
                 self.expected += self.span
         if de_pos == self.expected:
@@ -215,9 +225,14 @@ class GzipIndexBuilder:
         self.span = span
         self.level = level
         self._z = _Inflater(47)  # 32 + 15: gzip or zlib header auto-detected, as the tool does
-        self._window = ctypes.create_string_buffer(WINSIZE)
-        self._window_addr = ctypes.addressof(self._window)
-        self._avail_out = 0
+        # Output goes into one large buffer: WINSIZE bytes of history, then room for OUTPUT_ROOM new
+        # bytes. Each feed returns its output with one copy (not one per deflate block), and the
+        # window of an access point is simply the WINSIZE bytes before the current position. When
+        # the room is used up, the last WINSIZE bytes move to the front. The history starts as
+        # zeros, as the reference's window buffer does.
+        self._buf = ctypes.create_string_buffer(WINSIZE + OUTPUT_ROOM)
+        self._buf_addr = ctypes.addressof(self._buf)
+        self._pos = WINSIZE  # next output byte goes to _buf[_pos]
         self.total_in = 0
         self.total_out = 0
         self.first_member_size: int | None = None
@@ -231,11 +246,10 @@ class GzipIndexBuilder:
         self._entries.append((de_pos, en_pos, bits, len(self._windows)))
         self._windows.append(zlib.compress(window, self.level))
 
-    def _current_window(self) -> bytes:
-        """The last 32 KiB of output in order (the circular buffer rotated; zeros before the start)."""
-        left = self._avail_out
-        raw = self._window.raw
-        return raw[WINSIZE - left :] + raw[: WINSIZE - left] if left else raw
+    def _window_at(self, pos: int) -> bytes:
+        """The 32 KiB of output before buffer position `pos` (zeros before the start); valid until
+        the buffer wraps (the builder freezes the recorder's candidate first)."""
+        return ctypes.string_at(self._buf_addr + pos - WINSIZE, WINSIZE)
 
     def feed(self, compressed: bytes | bytearray | memoryview) -> bytes:
         """Inflate the next piece of the blob; returns the bytes it decompressed to."""
@@ -246,34 +260,46 @@ class GzipIndexBuilder:
         z.set_input(data)
         out: list[bytes] = []
         s = z.s
-        while s.avail_in:
-            if self._avail_out == 0:
-                s.next_out = self._window_addr
-                s.avail_out = WINSIZE
-                self._avail_out = WINSIZE
-            in_before, out_before = s.avail_in, s.avail_out
+        addr = self._buf_addr
+        end = WINSIZE + OUTPUT_ROOM
+        pos = emitted = self._pos
+        avail_in = s.avail_in
+        # The loop runs once per deflate block (Z_BLOCK): local variables instead of ctypes
+        # attribute reads where possible, since it runs tens of thousands of times per layer.
+        while avail_in:
+            if pos == end:
+                out.append(ctypes.string_at(addr + emitted, pos - emitted))
+                self._recorder.freeze()
+                ctypes.memmove(addr, addr + pos - WINSIZE, WINSIZE)
+                pos = emitted = WINSIZE
+            s.next_out = addr + pos
+            s.avail_out = end - pos
             rc = z.inflate(Z_BLOCK)
-            produced = out_before - s.avail_out
-            self.total_in += in_before - s.avail_in
-            if produced:
-                start = WINSIZE - out_before
-                out.append(ctypes.string_at(self._window_addr + start, produced))
-                self.total_out += produced
-            self._avail_out = s.avail_out
+            left_in = s.avail_in
+            self.total_in += avail_in - left_in
+            avail_in = left_in
+            produced = end - pos - s.avail_out
+            pos += produced
+            self.total_out += produced
             if rc == Z_STREAM_END:
+                self._pos = pos
+                out.append(ctypes.string_at(addr + emitted, pos - emitted))
                 self.first_member_size = self.total_out
-                rest = data[len(data) - s.avail_in :]
+                rest = data[len(data) - left_in :]
                 self._tail = _MemberChain(rest, trailer_left=0)
                 out.append(self._tail.feed(b""))
-                break
+                return b"".join(out)
             if rc not in (Z_OK, Z_BUF_ERROR):
                 raise FormatError(f"gzip blob is corrupt at input byte {self.total_in}: {z.error(rc)}")
             dt = s.data_type
             if dt & EACH_DEFLATE_BLOCK_BIT and not dt & LAST_DEFLATE_BLOCK_BIT and \
                     self.total_out != self._last_reported:
                 self._last_reported = self.total_out
-                self._recorder.record(dt & 7, self.total_in, self.total_out, self._current_window)
-        return b"".join(out)
+                self._recorder.record(dt & 7, self.total_in, self.total_out, partial(self._window_at, pos))
+        self._pos = pos
+        if pos > emitted:
+            out.append(ctypes.string_at(addr + emitted, pos - emitted))
+        return out[0] if len(out) == 1 else b"".join(out)
 
     @property
     def entries(self) -> list[tuple[int, int, int]]:

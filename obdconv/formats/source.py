@@ -71,6 +71,10 @@ class BytesSource:
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self._data[offset : offset + max(length, 0)])
 
+    def pread_view(self, offset: int, length: int) -> memoryview:
+        """Like `pread` but without the copy (readers that only decode from the bytes use it)."""
+        return memoryview(self._data)[offset : offset + max(length, 0)]
+
 
 class WindowSource:
     """`size` bytes of another source starting at `base` (e.g. the payload inside a tar wrapper)."""
@@ -82,6 +86,16 @@ class WindowSource:
         if offset >= self.size or length <= 0:
             return b""
         return self._inner.pread(self._base + offset, min(length, self.size - offset))
+
+    def pread_view(self, offset: int, length: int) -> memoryview:
+        """`pread` as a memoryview, without a copy when the inner source has `pread_view` too."""
+        if offset >= self.size or length <= 0:
+            return memoryview(b"")
+        inner_view = getattr(self._inner, "pread_view", None)
+        length = min(length, self.size - offset)
+        if inner_view is None:
+            return memoryview(self._inner.pread(self._base + offset, length))
+        return inner_view(self._base + offset, length)  # type: ignore[no-any-return]
 
 
 def source_size(src: RandomAccess) -> int:

@@ -48,6 +48,9 @@ READ_CHUNK = 1 << 20
 SNIFF_BYTES = 512
 COMPRESS_BATCH = 1 << 20  # data-area bytes handed to the block compressor at once
 GZIP_INDEX_SPAN = 1 << 20  # the access-point spacing turboOCI-apply uses (spec §5)
+# zlib level of the 32 KiB windows in gzip.meta: level 1 compresses them ~2.7x faster than the
+# reference's 6 for ~6% bigger windows (the header records the level; readers only inflate).
+GZIP_INDEX_LEVEL = 1
 SPOOL_FORMAT = 1  # bump when the spool layout changes, so old spools are not misread
 
 ProgressFn = Callable[[int, int], None]  # (bytes read, total bytes)
@@ -157,42 +160,55 @@ class DataAreaBlocks:
         self.block_size = block_size
         self.compressor = BlockCompressor(algorithm=algorithm, block_size=block_size)
         self.lengths = array.array("I")
-        self.buffer = bytearray()
         self.raw_size = 0
         self.compressed_size = 0
         self.batch = max(COMPRESS_BATCH // block_size, 1) * block_size
+        # One batch buffer, allocated once and filled by slice assignment: most files are small,
+        # so most bytes pass through it, and growing a fresh bytearray per batch cost reallocs.
+        self.buffer = bytearray(self.batch)
+        self.view = memoryview(self.buffer)
+        self.fill = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        # Whole batches are compressed straight from the caller's buffer; only the tail that does
-        # not fill a batch is copied (tar members arrive as slices of large decompressed chunks).
-        mv = memoryview(data).cast("B")
-        if self.buffer:
-            take = self.batch - len(self.buffer)
-            self.buffer += mv[:take]
-            mv = mv[take:]
-            if len(self.buffer) < self.batch:
+        # Whole batches are compressed straight from the caller's buffer; only the bytes that do
+        # not fill a batch are copied (tar members arrive as slices of large decompressed chunks).
+        mv = data if isinstance(data, memoryview) and mv_is_bytes(data) else memoryview(data).cast("B")
+        n = len(mv)
+        fill = self.fill
+        batch = self.batch
+        if fill:
+            take = min(batch - fill, n)
+            self.view[fill:fill + take] = mv[:take]
+            fill += take
+            if fill < batch:
+                self.fill = fill
                 return
-            self._compress(self.buffer)
-            self.buffer = bytearray()
-        whole = len(mv) - len(mv) % self.batch
+            self._compress(self.view)
+            mv = mv[take:]
+            n -= take
+        whole = n - n % batch
         if whole:
             self._compress(mv[:whole])
-        if whole < len(mv):
-            self.buffer += mv[whole:]
+        rest = n - whole
+        if rest:
+            self.view[:rest] = mv[whole:]
+        self.fill = rest
 
     def _compress(self, data: bytes | bytearray | memoryview) -> None:
-        blocks = self.compressor.compress(data)
-        self.out.write(b"".join(blocks))
-        self.lengths.extend(len(b) for b in blocks)
-        self.compressed_size += sum(len(b) for b in blocks)
+        # compress_packed: the blocks back to back, as blocks.bin holds them (no bytes per block).
+        packed, lengths = self.compressor.compress_packed(data)
+        self.out.write(packed)
+        self.lengths.extend(lengths)
+        self.compressed_size += len(packed)
         self.raw_size += len(data)
 
     def finish(self) -> int:
         """Pad the area to a block_size multiple (so every block is full) and flush; returns its size."""
-        if self.buffer:
-            pad = -len(self.buffer) % self.block_size
-            self._compress(bytes(self.buffer) + bytes(pad))
-            self.buffer.clear()
+        if self.fill:
+            end = self.fill + (-self.fill % self.block_size)
+            self.view[self.fill:end] = bytes(end - self.fill)
+            self._compress(self.view[:end])
+            self.fill = 0
         return self.raw_size
 
     def write_lengths(self, path: Path) -> None:
@@ -201,6 +217,11 @@ class DataAreaBlocks:
             lengths.byteswap()
         with open(path, "wb") as f:
             lengths.tofile(f)
+
+
+def mv_is_bytes(mv: memoryview) -> bool:
+    """A flat view of unsigned bytes (what TarScanner passes), usable without a cast."""
+    return mv.format == "B" and mv.ndim == 1
 
 
 def _inflater(kind: str, gzip_index: GzipIndexBuilder | None
@@ -292,7 +313,7 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         kind = sniff(head[:SNIFF_BYTES]) if head else "none"
         if turbo and kind == "zstd":
             raise _turbo_zstd(digest)
-        gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN) if turbo and kind == "gzip" else None
+        gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN, level=GZIP_INDEX_LEVEL) if turbo and kind == "gzip" else None
         feed, flush = _inflater(kind, gzip_index)
         sink = DataAreaBlocks(blocks_out, algorithm, block_size) if native else None
         scanner = TarScanner(data_sink=sink)

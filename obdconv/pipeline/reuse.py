@@ -52,7 +52,7 @@ from obdconv.pipeline.request import ConversionProfile
 log = logging.getLogger(__name__)
 
 
-class ClaimHeld(Exception):  # noqa: N818  (control flow, not an error: "come back later")
+class ClaimHeld(Exception):  # control flow ("come back later"), not an ObdconvError
     """`Reuse(wait=False).lookup`: another converter holds the claim on `key`; nothing is held now."""
 
     def __init__(self, key: str) -> None:
@@ -82,7 +82,7 @@ class ManifestReuse:
 
 class Reuse:
     def __init__(self, store: DedupStore, target_repo: Any, open_sibling: Callable[[str], Any], *, oci: bool,
-                 referrer: bool, enabled: bool, claim_timeout: float = 3600.0, *, wait: bool = True,
+                 referrer: bool, enabled: bool, claim_timeout: float = 3600.0, wait: bool = True,
                  ttl: float = DEFAULT_TTL, owner: str = "") -> None:
         self.store = store
         self.target = target_repo

@@ -29,7 +29,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,7 +320,11 @@ class _Run:
         upload, so a corrupt blob anywhere in the manifest leaves the registry untouched, while
         the metadata of the last layers still overlaps the assembles of the first ones. (An error
         in the metadata of a later layer can leave earlier layer blobs uploaded but unreferenced,
-        as the reference convertor does.)"""
+        as the reference convertor does.)
+
+        With a process pool a helper thread opens that gate the moment the last prepare finishes:
+        the applied layers' assembles then start at once instead of when the metadata apply under
+        way returns (the metadata of a big layer takes seconds, and it is the critical path)."""
         n = len(m.layers)
         parents = None
         if start:
@@ -338,7 +342,11 @@ class _Run:
             return all(f.done() and not f.cancelled() and f.exception() is None
                        and f.result()[0]["diff_id"] == m.diff_ids[start + k] for k, f in enumerate(own_prepares))
 
-        def submit_pending() -> None:
+        gate = threading.Lock()  # guards pending, futures and the two flags below
+        gate_open = False  # every prepare finished cleanly: assembles may upload
+        stopped = False  # the metadata loop failed: submit nothing more
+
+        def submit_pending() -> None:  # with `gate` held
             for i, prepared, encoded in pending:
                 for profile in group:
                     futures[(profile.format, i)] = pool.submit(
@@ -347,24 +355,48 @@ class _Run:
                         self.upload, self.oci)
             pending.clear()
 
-        t = time.monotonic()
-        with MetadataPass(self.request.vsize_gb, m.chain_ids, workdir, parents,
-                          keep_image=self.request.reserve) as metadata_pass:
-            self.add_time("metadata", time.monotonic() - t)
-            for i in range(start, n):
-                prepared = self.wait_prepared(m.layers[i]["digest"])
-                if prepared.diff_id != m.diff_ids[i]:
-                    raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
-                                        f"{prepared.diff_id}, config says {m.diff_ids[i]}")
-                t = time.monotonic()
-                encoded = encode_metadata(metadata_pass.apply(prepared))
-                self.add_time("metadata", time.monotonic() - t)
-                self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
-                pending.append((i, prepared, encoded))
-                if all_prepared():
+        def open_gate_when_prepared() -> None:
+            nonlocal gate_open
+            wait(own_prepares)
+            with gate:
+                if not stopped and all_prepared():
+                    gate_open = True
                     submit_pending()
+
+        # Inline (workers=1) tasks run at submit time, in the submitting thread: keep them all in
+        # this one, in order, so a one-process run stays simple to debug.
+        helper = None
+        if not isinstance(pool, _InlineExecutor):
+            helper = threading.Thread(target=open_gate_when_prepared, name="assemble-gate", daemon=True)
+            helper.start()
+        t = time.monotonic()
+        try:
+            with MetadataPass(self.request.vsize_gb, m.chain_ids, workdir, parents,
+                              keep_image=self.request.reserve) as metadata_pass:
+                self.add_time("metadata", time.monotonic() - t)
+                for i in range(start, n):
+                    prepared = self.wait_prepared(m.layers[i]["digest"])
+                    if prepared.diff_id != m.diff_ids[i]:
+                        raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
+                                            f"{prepared.diff_id}, config says {m.diff_ids[i]}")
+                    t = time.monotonic()
+                    encoded = encode_metadata(metadata_pass.apply(prepared))
+                    self.add_time("metadata", time.monotonic() - t)
+                    self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
+                    with gate:
+                        pending.append((i, prepared, encoded))
+                        if gate_open or all_prepared():
+                            gate_open = True
+                            submit_pending()
+        except BaseException:
+            with gate:
+                stopped = True
+            raise
         # Every layer was waited for and checked by the loop above, so all prepared cleanly here.
-        submit_pending()
+        with gate:
+            submit_pending()
+        if helper is not None:
+            helper.join()  # returns at once: every prepare is done
 
     def dump_dir(self, profile: ConversionProfile, m: ManifestPlan) -> Path:
         platform = m.platform.replace("/", "_")

@@ -99,6 +99,29 @@ def test_second_repository_mounts_every_layer(registry: Any, mysql: Backend, tmp
     assert len(mysql.sql("select chain_id from obdconv_layers where host=? and repo=?", (host, path))) == 3
 
 
+def test_stale_rows_lead_to_a_fresh_conversion_and_corrected_rows(registry: Any, mysql: Backend,
+                                                                  tmp_path: Path) -> None:
+    lay, shared = images(tmp_path)
+    name = f"{registry.host}/e2e-stale-{uuid.uuid4().hex[:8]}"
+    push_layout_image(lay.root, "a", name)
+    first, prepared = run(name, "a", tmp_path / "w1", mysql, native="obd")
+    top_source = next(d for d in prepared if d not in shared)
+    repo = open_repository(name, RegistryOptions(plain=True))
+    converted = json.loads(repo.get_manifest(first.output("native").root_digest).data)
+    top_blob = converted["layers"][-1]["digest"]
+    repo.delete_blob(top_blob)  # e.g. a registry garbage collection
+    assert repo.head_blob(top_blob) is None
+    again, prepared = run(name, "a", tmp_path / "w2", mysql, native="obd-again")
+    # The manifest row (its image lost a blob) and the top layer's row were stale: only that layer is
+    # converted again, on top of the converted parents; the result is the same image, whole again.
+    assert len(prepared) == 1 and prepared[0] == top_source
+    assert again.output("native").root_digest == first.output("native").root_digest
+    assert all_blobs_present(name, again.output("native").root_digest)
+    host, path = name.split("/", 1)
+    rows = mysql.sql("select data_digest from obdconv_layers where host=? and repo=?", (host, path))
+    assert len(rows) == 3 and (top_blob,) in [tuple(r) for r in rows]
+
+
 def test_two_conversions_at_once_convert_each_shared_layer_once(registry: Any, mysql: Backend,
                                                                 tmp_path: Path) -> None:
     lay, shared = images(tmp_path)

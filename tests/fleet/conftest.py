@@ -3,6 +3,7 @@ different node names) and Flower, all on 127.0.0.1 and stopped at the end even o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -100,14 +101,8 @@ def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regis
         service.stop()
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, private_registry: RegistryService) -> Iterator[Fleet]:
-    workdir = tmp_path_factory.mktemp("fleet")
-    redis = RedisServer(workdir / "redis").start()
-    credentials = workdir / "credentials.json"
-    credentials.write_text(json.dumps({CREDENTIAL_REF: {private_registry.host: f"{BASIC_USER}:{BASIC_PASSWORD}"}}))
-    os.chmod(credentials, 0o600)
-    env = {
+def fleet_env(workdir: Path, redis: RedisServer, credentials: Path, **overrides: str) -> dict[str, str]:
+    return {
         "OBDCONV_BROKER_URL": redis.url(0),
         "OBDCONV_RESULT_BACKEND": redis.url(1),
         "OBDCONV_DB_TYPE": "sqlite",
@@ -116,12 +111,25 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, private_registry: RegistrySe
         "OBDCONV_CREDENTIALS_FILE": str(credentials),
         "OBDCONV_LEASE_SECONDS": str(LEASE_SECONDS),
         "OBDCONV_RETRY_BACKOFF_MAX": "4",
+        **overrides,
     }
+
+
+@contextlib.contextmanager
+def running_fleet(workdir: Path, credentials: dict[str, dict[str, str]], *, flower: bool = True,
+                  **env_overrides: str) -> Iterator[Fleet]:
+    """Redis + two workers (w1, w2) (+ Flower), stopped at the end even on failure."""
+    redis = RedisServer(workdir / "redis").start()
+    credentials_file = workdir / "credentials.json"
+    credentials_file.write_text(json.dumps(credentials))
+    os.chmod(credentials_file, 0o600)
+    env = fleet_env(workdir, redis, credentials_file, **env_overrides)
     fleet = Fleet(workdir, redis, env, create_app(load_settings(env=env)))
     try:
         fleet.start_worker("w1")
         fleet.start_worker("w2")
-        fleet.flower = FlowerServer(workdir / "logs", env).start()
+        if flower:
+            fleet.flower = FlowerServer(workdir / "logs", env).start()
         yield fleet
     finally:
         if fleet.flower is not None:
@@ -129,6 +137,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, private_registry: RegistrySe
         for proc in fleet.workers.values():
             proc.stop(timeout=15)
         redis.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, private_registry: RegistryService) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet")
+    creds = {CREDENTIAL_REF: {private_registry.host: f"{BASIC_USER}:{BASIC_PASSWORD}"}}
+    with running_fleet(workdir, creds) as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,10 @@
+"""Only the C extension build hook; everything else is in pyproject.toml.
+
+setuptools' pyproject configuration has no `cffi_modules` key (it is a setup() keyword that cffi
+registers), so it lives here: obdconv/ext4/_build_fast.py compiles obdconv.ext4._fastapply
+against the system libext2fs (needs gcc and libext2fs-dev; scripts/setup.sh installs them).
+"""
+
+from setuptools import setup
+
+setup(cffi_modules=["obdconv/ext4/_build_fast.py:ffibuilder"])

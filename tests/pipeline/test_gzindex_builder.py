@@ -1,0 +1,83 @@
+"""The gzip index builder's large output buffer (formats.gzindex.OUTPUT_ROOM): access-point windows
+and inflated bytes stay exact across buffer wraps, whatever the input chunking."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from obdconv.formats.gzindex import OUTPUT_ROOM, WINSIZE, GzipIndex, GzipIndexBuilder, GzipRandomReader
+
+# Spans whose access points include some less than WINSIZE after a buffer wrap (their window
+# straddles it), checked by the test itself.
+SPANS = (65536, 69632, 90112)
+
+
+def _payload(size: int) -> bytes:
+    rnd = random.Random(3)
+    words = [bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz", k=rnd.randint(2, 9))) for _ in range(300)]
+    out = bytearray()
+    while len(out) < size:
+        out += rnd.randbytes(rnd.randint(100, 20000)) if rnd.random() < 0.3 else b" ".join(rnd.choices(words, k=900))
+    return bytes(out[:size])
+
+
+DATA = _payload(2 * OUTPUT_ROOM + 123_457)  # wraps the output buffer twice
+
+
+def _gzip_blob() -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return c.compress(DATA) + c.flush()
+
+
+def _build(blob: bytes, chunk: int, span: int = SPANS[0]) -> tuple[bytes, bytes]:
+    b = GzipIndexBuilder(span)
+    out = b"".join(b.feed(blob[i:i + chunk]) for i in range(0, len(blob), chunk))
+    return out, b.finish(len(blob))
+
+
+def test_windows_and_output_exact_across_buffer_wraps_and_chunkings() -> None:
+    blob = _gzip_blob()
+    straddling = 0
+    for span in SPANS:
+        results = {chunk: _build(blob, chunk, span) for chunk in (1000, 65536, 1 << 20, len(blob))}
+        for out, _ in results.values():
+            assert out == DATA
+        metas = {meta for _, meta in results.values()}
+        assert len(metas) == 1
+        index = GzipIndex.parse(metas.pop())
+        assert index.entries[-1].de_pos > 2 * OUTPUT_ROOM  # access points after both wraps
+        for k, e in enumerate(index.entries):
+            expected = (bytes(WINSIZE) + DATA)[e.de_pos:e.de_pos + WINSIZE]  # zeros before the start
+            assert index.window(k) == expected, (span, k)
+            straddling += any(w < e.de_pos < w + WINSIZE for w in (OUTPUT_ROOM, 2 * OUTPUT_ROOM))
+    assert straddling >= 2  # the case the wrap's history copy exists for was exercised
+
+
+def test_random_reads_after_the_wraps() -> None:
+    blob = _gzip_blob()
+    _, meta = _build(blob, 1 << 20)
+    reader = GzipRandomReader(blob, meta)
+    rnd = random.Random(11)
+    for _ in range(30):
+        off = rnd.randrange(OUTPUT_ROOM, len(DATA))
+        length = rnd.randrange(1, 100_000)
+        assert reader.pread(off, length) == DATA[off:off + length]
+
+
+def test_window_of_a_boundary_before_a_block_longer_than_the_buffer() -> None:
+    """A deflate block of zeros can inflate to more than the buffer holds (memLevel 9: ~8 MiB per
+    block): the boundary before it is still the pending access point while the buffer wraps, and
+    its window must be the bytes before that boundary, not what the wrap wrote over them."""
+    rnd = random.Random(5)
+    data = rnd.randbytes(300_000) + bytes(3 * OUTPUT_ROOM) + rnd.randbytes(300_000)
+    c = zlib.compressobj(9, zlib.DEFLATED, 31, 9)
+    blob = c.compress(data) + c.flush()
+    for span in (65536, 1 << 20):
+        b = GzipIndexBuilder(span)
+        assert b.feed(blob) == data
+        index = GzipIndex.parse(b.finish(len(blob)))
+        gaps = [y.de_pos - x.de_pos for x, y in zip(index.entries, index.entries[1:], strict=False)]
+        assert max(gaps) > OUTPUT_ROOM  # the long block is there
+        for k, e in enumerate(index.entries):
+            assert index.window(k) == (bytes(WINSIZE) + data)[e.de_pos:e.de_pos + WINSIZE], (span, k)
