@@ -26,15 +26,16 @@ struct obd_result {
     int32_t nextents;
     uint64_t ext[12];
     const char *call;
+    long rc;
 };
 void obd_capture_start(void);
 void obd_capture_stop(void);
 long obd_capture_take(const uint64_t **out);
 long obd_dir_add(uintptr_t fs, uint32_t dir, const char *name, int name_len, uint32_t ino, int ftype,
                  struct obd_dir_tail *tail, struct obd_result *res);
-long obd_create_file(uintptr_t fs, uint32_t parent, uint32_t mode, uint32_t uid, uint32_t gid, uint64_t size,
-                     int64_t mtime_ns, const char *name, int name_len, struct obd_dir_tail *tail,
-                     struct obd_result *res);
+uint32_t obd_create_file(uintptr_t fs, uint32_t parent, uint32_t perm, uint32_t uid, uint32_t gid, uint64_t size,
+                         int64_t mtime_ns, const char *name, int name_len, struct obd_dir_tail *tail,
+                         struct obd_result *res);
 long obd_finish_dir(uintptr_t fs, uint32_t ino, uint32_t mode, uint32_t uid, uint32_t gid, int64_t mtime_ns,
                     struct obd_result *res);
 long obd_mkdir(uintptr_t fs, uint32_t parent, const char *name, int name_len, uint32_t mode, uint32_t uid,

@@ -46,6 +46,7 @@ struct obd_result {
     int32_t nextents;  /* leaf extents of a depth-0 tree in ext, or -1: read them via libext2fs */
     uint64_t ext[12];  /* up to 4 x (lblk, pblk, length) */
     const char *call;  /* the call that failed, when the return code is an errcode */
+    long rc;           /* obd_create_file's outcome: 0, OBD_NEED_LINK or an errcode */
 };
 
 /* ---------------- write capture (test_io callbacks; one capture per process) ---------------- */
@@ -297,6 +298,10 @@ static void encode_time(int64_t ns, uint32_t *lo, uint32_t *extra)
     *extra = (uint32_t)(nsec << 2) | (uint32_t)(epoch & 3);
 }
 
+static long create_file(ext2_filsys fs, uint32_t parent, uint32_t mode, uint32_t uid, uint32_t gid, uint64_t size,
+                        int64_t mtime_ns, const char *name, int name_len, struct obd_dir_tail *tail,
+                        struct obd_result *res);
+
 /* layer.py _root_extents: the leaf extents of a depth-0 tree, or -1 (deeper, or uninitialised). */
 static int root_extents(const struct ext2_inode_large *inode, uint64_t *ext)
 {
@@ -321,13 +326,25 @@ static int root_extents(const struct ext2_inode_large *inode, uint64_t *ext)
 /*
  * A new regular file without xattrs: new_inode, alloc_stats, the inode with i_size set and an
  * empty extent root, fallocate(FORCE_INIT) of its blocks, write_inode_full, then the directory
- * entry. Returns 0, OBD_NEED_LINK (the file exists, res->ino; the caller links it), or an errcode.
+ * entry. `perm` is the permission bits (S_IFREG is added here).
+ * Returns the new inode number (> 0) when done; else 0 and res->rc is OBD_NEED_LINK (the file
+ * exists, res->ino; the caller links it) or an errcode (res->call names the call).
+ * (The inode comes back as the return value because reading it from res costs the Python
+ * caller an attribute lookup per file.)
  */
-long obd_create_file(uintptr_t fsp, uint32_t parent, uint32_t mode, uint32_t uid, uint32_t gid, uint64_t size,
-                     int64_t mtime_ns, const char *name, int name_len, struct obd_dir_tail *tail,
-                     struct obd_result *res)
+uint32_t obd_create_file(uintptr_t fsp, uint32_t parent, uint32_t perm, uint32_t uid, uint32_t gid, uint64_t size,
+                         int64_t mtime_ns, const char *name, int name_len, struct obd_dir_tail *tail,
+                         struct obd_result *res)
 {
-    ext2_filsys fs = (ext2_filsys)fsp;
+    res->rc = create_file((ext2_filsys)fsp, parent, LINUX_S_IFREG | perm, uid, gid, size, mtime_ns, name, name_len,
+                          tail, res);
+    return res->rc ? 0 : res->ino;
+}
+
+static long create_file(ext2_filsys fs, uint32_t parent, uint32_t mode, uint32_t uid, uint32_t gid, uint64_t size,
+                        int64_t mtime_ns, const char *name, int name_len, struct obd_dir_tail *tail,
+                        struct obd_result *res)
+{
     union { struct ext2_inode_large inode; unsigned char raw[OBD_INODE_SIZE]; } u;
     struct ext2_inode_large *inode = &u.inode;
     ext2_ino_t ino;

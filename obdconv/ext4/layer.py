@@ -108,7 +108,6 @@ class LayerApply:
         res = self.dirs.fast_result
         res_ext = res.ext
         file_type = EntryType.FILE
-        reg = L.LINUX_S_IFREG
         ft_reg = L.EXT2_FT_REG_FILE
         unpack = fastmod.ffi.unpack
         make_extent = Extent._make  # tuple.__new__: no Python-level __new__ frame per extent
@@ -135,11 +134,9 @@ class LayerApply:
                         if track_touched:
                             self.mark_touched(path)
                         tail = tails.get(parent) or dirs.fast_tail(parent)
-                        rc = create(fs, parent, reg | e.mode, e.uid, e.gid, e.size, e.mtime_ns, name, len(name),
-                                    tail, res)
-                        ino = res.ino
-                        if rc:
-                            self.fast_failed(i, e, rc, parent, name, ino)
+                        ino = create(fs, parent, e.mode, e.uid, e.gid, e.size, e.mtime_ns, name, len(name), tail, res)
+                        if not ino:
+                            ino = self.fast_failed(i, e, parent, name)
                         names[name] = (ino, ft_reg)
                         n = res.nextents
                         if n == 1:
@@ -151,17 +148,20 @@ class LayerApply:
                         continue
             self.apply_one(i, e)
 
-    def fast_failed(self, i: int, e: LayerEntry, rc: int, parent: int, name: bytes, ino: int) -> None:
-        """obd_create_file did not finish: link with ext2fs_link (no appendable tail), or raise."""
+    def fast_failed(self, i: int, e: LayerEntry, parent: int, name: bytes) -> int:
+        """obd_create_file did not finish: link with ext2fs_link (no appendable tail) and return
+        the new inode, or raise."""
         self.where = f"entry {i} {e.path!r}"
         fastmod = self.dirs.fast
         assert fastmod is not None
+        res = self.dirs.fast_result
         try:
-            if rc != fastmod.lib.OBD_NEED_LINK:
-                raise L.Ext2fsError(fastmod.ffi.string(self.dirs.fast_result.call).decode(), rc)
-            self.dirs.link_with_libext2fs(parent, name, ino, L.EXT2_FT_REG_FILE)
+            if res.rc != fastmod.lib.OBD_NEED_LINK:
+                raise L.Ext2fsError(fastmod.ffi.string(res.call).decode(), res.rc)
+            self.dirs.link_with_libext2fs(parent, name, res.ino, L.EXT2_FT_REG_FILE)
         except L.Ext2fsError as exc:
             raise BadInputError(f"{self.where}: {exc}") from exc
+        return res.ino
 
     def file_extents(self) -> list[tuple[int, list[Extent]]]:
         out = []

