@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +24,7 @@ from obdconv.dedup.store import manifest_profile_key, open_store
 from obdconv.errors import UnsupportedError
 from obdconv.pipeline.annotations import manifest_media_type
 from obdconv.pipeline.request import ConversionRequest, RegistryAccess
-from obdconv.pipeline.runner import RunnerOptions, convert
-from tests.fleet.conftest import Fleet, push_layout, running_fleet, wait_until
+from tests.fleet.conftest import ROOT, Fleet, push_layout, running_fleet, wait_until
 from tests.services.mariadb import MariaDB, mariadb  # noqa: F401  (session fixture)
 from tests.services.registry import RegistryService
 from workers.queues import CONTROL, TASK_CONVERT
@@ -115,11 +116,15 @@ def test_bottom_layers_converted_before_are_reused(
                                                                  enumerate(grown_layers) if i >= 2}
     assert_verifies(dfleet, registry, "fleetd/grown", "obd")
 
-    # The same image converted from scratch (local runner, no database) gives the same manifest.
+    # The same image converted from scratch (`obdconv convert`, no database) gives the same manifest.
     push_layout(layout[0], "grown", f"{registry.host}/fleetd/grown-scratch:src")
-    scratch = convert(request_for(registry, "fleetd/grown-scratch", "obd", workdir=str(tmp_path / "work")),
-                      options=RunnerOptions(workers=1, spool_dir=str(tmp_path / "spool")))
-    assert scratch.outputs[0].root_digest == grown["outputs"]["native"]["digest"]
+    subprocess.run([sys.executable, "-m", "obdconv", "convert", "-r", f"{registry.host}/fleetd/grown-scratch",
+                    "-i", "src", "--overlaybd", "obd", "--plain"], cwd=tmp_path, check=True, capture_output=True,
+                   timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                          f"docker://{registry.host}/fleetd/grown-scratch:obd"],
+                         capture_output=True, check=True).stdout
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == grown["outputs"]["native"]["digest"]
 
 
 def test_simultaneous_requests_convert_each_layer_once(
