@@ -21,9 +21,8 @@ from config.settings import load_settings
 from obdconv.client import status, submit, wait
 from obdconv.pipeline.request import ConversionRequest
 from tests.services.base import ManagedProcess
-from tests.services.fixtures import registry  # noqa: F401  (session fixture)
 from tests.services.flower import FlowerServer
-from tests.services.redis import RedisServer, redis_server  # noqa: F401  (session fixture)
+from tests.services.redis import RedisServer
 from tests.services.registry import BASIC_PASSWORD, BASIC_USER, RegistryService, start_registry
 from workers.app import create_app
 from workers.lease import alive_key

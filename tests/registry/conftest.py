@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.services.fixtures import registry  # noqa: F401 - the shared plain registry, re-exported
 from tests.services.registry import (
     RegistryService,
     TLSMaterial,
