@@ -4,7 +4,6 @@ the output must not depend on the pool (same digests as a one-process run)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -18,15 +17,7 @@ from tests.conftest import requires_root
 from tests.pipeline.edge import edge_layers
 from tests.pipeline.images import Layout, copy_layout
 from tests.pipeline.readback import blob_path, manifest, tag_digest
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+from tests.pipeline.test_e2e_layout import tree_hash
 
 
 def run(layout: Path, work: Path, workers: int) -> ConversionResult:
