@@ -29,9 +29,8 @@ COPY_CHUNK = 1 << 20
 class ParentDevice:
     """An `LSMTStack` as the block device `Ext4Builder.load_parents` reads.
 
-    Why an adapter: `LSMTStack.extents()` yields `StackExtent(offset, length, layer, mapping)` (and
-    includes zeroed pieces) while the ext4 builder unpacks `(offset, length)` pairs of data ranges.
-    TODO(formats/ext4): agree on one shape; this maps one to the other.
+    `LSMTStack.extents()` also yields zeroed pieces (they can span gigabytes in layers made by other
+    tools); the fresh metadata image already reads zeros there, so only data pieces are offered.
     """
 
     def __init__(self, stack: LSMTStack) -> None:
