@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,11 @@ CONFIG_FILE_ENV = "OBDCONV_CONFIG_FILE"
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    broker_url: str = "redis://127.0.0.1:6379/0"
-    result_backend: str = "redis://127.0.0.1:6379/1"
+    # URLs and DSNs may carry passwords (redis://:pw@host, user:pw@tcp(...)): kept out of repr.
+    broker_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    result_backend: str = field(default="redis://127.0.0.1:6379/1", repr=False)
     db_type: str = "sqlite"
-    db_str: str = "/var/lib/obdconv/obdconv.sqlite"
+    db_str: str = field(default="/var/lib/obdconv/obdconv.sqlite", repr=False)
     spool_dir: str = "/var/tmp/obdconv/spool"
     credentials_file: str = "/etc/obdconv/credentials.json"
     task_time_limit: int = 7200

@@ -28,6 +28,9 @@ RUNNING = "RUNNING"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 FINAL_STATES = frozenset({SUCCESS, FAILURE})
+# Error messages can quote untrusted input (a 100 KB tar path): keep them well inside MySQL's
+# TEXT (65535 bytes, 4 per utf8mb4 character), where a longer value fails the whole write.
+MAX_ERROR_MESSAGE = 8000
 
 
 
@@ -133,6 +136,9 @@ def record_failure(request_id: str, error_class: str, message: str) -> None:
         row = ConversionStatus.get_or_none(ConversionStatus.request_id == request_id)
         if row is not None and row.state in FINAL_STATES:
             return
+    if len(message) > MAX_ERROR_MESSAGE:
+        cut = len(message) - MAX_ERROR_MESSAGE
+        message = f"{message[:MAX_ERROR_MESSAGE]}... ({cut} more characters)"
     _upsert(request_id, state=FAILURE, error_class=error_class[:64], error_message=message,
             finished_at=time.time())
 

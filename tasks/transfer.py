@@ -8,14 +8,19 @@ request-scoped, so a redelivered task overwrites with the same bytes (idempotent
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from obdconv.errors import NetworkError, NotFoundError
 from tasks.context import settings
 from tasks.progress import backend_client
 
+if TYPE_CHECKING:  # redis is imported where used (worker side only)
+    import redis
+
 KEY_PREFIX = "obdconv:data:"
 
 
-def _client():  # type: ignore[no-untyped-def]
+def _client() -> redis.Redis:
     client = backend_client()
     if client is None:
         raise NetworkError("task data transfer needs a Redis result backend (OBDCONV_RESULT_BACKEND)")

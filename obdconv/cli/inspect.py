@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
-        raise NotFoundError(f"no such file: {path}")
+        raise NotFoundError(f"not a regular file: {path}" if path.exists() else f"no such file: {path}")
     info = inspect_bytes(path.read_bytes(), path.name)
     print(json.dumps(info, indent=2) if args.json else "\n".join(_text(info)))
     return 0

@@ -42,6 +42,7 @@ long obd_mkdir(uintptr_t fs, uint32_t parent, const char *name, int name_len, ui
                uint32_t gid, int64_t mtime_ns, struct obd_dir_tail *tail, struct obd_result *res);
 long obd_set_times(uintptr_t fs, uint32_t ino, int64_t mtime_ns, struct obd_result *res);
 long obd_iterate_dir(uintptr_t fs, uint32_t dir, const unsigned char **out, size_t *len);
+void obd_alloc_hint_reset(void);
 """
 
 ffibuilder = FFI()

@@ -124,6 +124,10 @@ class Ext4Builder:
                 layer = LayerApply(fs, self._dirs, entries)
                 layer.run()
                 file_extents = layer.file_extents()
+                # s_kbytes_written would count the bytes the io channel pushed to the file, which
+                # depends on its cache (when blocks get evicted), not on the layer. 0 means "not
+                # tracked", and ext2fs_close2 leaves a 0 alone: pinned, the bytes are the layer's.
+                L.set_super_u64(fs, L.SB_KBYTES_WRITTEN, 0)
                 # No fsync: the metadata image is scratch (re-made from the entries after a crash)
                 # and the captured blocks are read back through the page cache; a sync per layer
                 # only waits for the disk.

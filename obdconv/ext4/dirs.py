@@ -63,9 +63,6 @@ class DirIndex:
         """name -> (inode, file type) of a directory (loaded once, then kept current)."""
         names = self._names.get(dir_ino)
         if names is None:
-            # Read even when we know it is empty (just made): the reads go through unix_io's
-            # 8-block write-back cache, and the flushes they cause feed the superblock's
-            # s_kbytes_written, so skipping them would change the bytes (not the meaning).
             entries = self._fast_iterate(dir_ino) if self.fast is not None else L.iterate_dir(self.fs, dir_ino)
             names = {name: (ino, ftype) for name, ino, ftype in entries}
             self._names[dir_ino] = names
@@ -86,6 +83,10 @@ class DirIndex:
             entries.append((raw[pos:pos + name_len], ino, ftype))
             pos += name_len
         return entries
+
+    def made_empty(self, dir_ino: int) -> None:
+        """A directory we just made (only "." and ".."): no need to read it back."""
+        self._names[dir_ino] = {}
 
     def forget(self, dir_ino: int) -> None:
         """The directory was deleted."""

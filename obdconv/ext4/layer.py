@@ -74,6 +74,7 @@ class LayerApply:
 
     # --- driver ---
     def run(self) -> None:
+        self.blocks_freed()  # a new pass (and filesystem handle): the C allocation hint starts over
         if self.dirs.fast is not None:
             self.run_fast()
         else:
@@ -303,6 +304,7 @@ class LayerApply:
             parent_inode.i_links_count = 1
             self.write_inode(parent, parent_inode)
         self.dirs.add(parent, name, ino, L.EXT2_FT_DIR)
+        self.dirs.made_empty(ino)
         inode = self.read_inode(ino)
         inode.i_mode = L.LINUX_S_IFDIR | mode
         inode.i_extra_isize = L.EXT2_INODE_EXTRA_ISIZE
@@ -315,8 +317,6 @@ class LayerApply:
                    mtime_ns: int) -> int:
         """`mkdir` in one C call (obd_mkdir: the same libext2fs calls in the same order)."""
         res = self.dirs.fast_result
-        # Every caller looked the name up first, so the parent's names are loaded: fetching them
-        # here moves no libext2fs reads (their order shows in s_kbytes_written, see dirs.py).
         names = self.dirs.names(parent)
         rc = fastmod.lib.obd_mkdir(self.fs, parent, name, len(name), mode, uid, gid, mtime_ns,
                                    self.dirs.fast_tail(parent), res)
@@ -326,7 +326,14 @@ class LayerApply:
             rc = fastmod.lib.obd_finish_dir(self.fs, ino, mode, uid, gid, mtime_ns, res)
         self.fast_check(rc)
         names[name] = (ino, L.EXT2_FT_DIR)
+        self.dirs.made_empty(ino)
         return ino
+
+    def blocks_freed(self) -> None:
+        """Blocks may be freed now: drop the C path's "all in use up to here" allocation hint
+        (obd_alloc_hint_reset in _fastapply_impl.c)."""
+        if self.dirs.fast is not None:
+            self.dirs.fast.lib.obd_alloc_hint_reset()
 
     def fast_check(self, rc: int) -> None:
         """Raise `Ext2fsError` for a failed C fast-path call (its result names the call)."""
@@ -432,6 +439,7 @@ class LayerApply:
         wanted = [(k, v) for k, v in e.xattrs if xattr_supported(k) and not (special and k.startswith("user."))]
         if not wanted and not replace:
             return
+        self.blocks_freed()  # changing xattrs may free or replace the inode's EA block
         h = L.P()
         L.check(L.lib.ext2fs_xattrs_open(self.fs, ino, ctypes.byref(h)), "ext2fs_xattrs_open", self.where)
         try:
@@ -460,6 +468,7 @@ class LayerApply:
 
     def drop(self, ino: int, ftype: int) -> None:
         """One name of `ino` is gone (already unlinked): free it when it was the last."""
+        self.blocks_freed()
         if ftype == L.EXT2_FT_DIR:
             # The directory's blocks are freed whole, so its children need no unlinking one by one.
             for child, cftype in list(self.dirs.names(ino).values()):

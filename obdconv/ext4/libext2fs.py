@@ -197,6 +197,7 @@ assert Ext2Filsys.now.offset == 184
 SB_INODES_COUNT = 0x00
 SB_FREE_INODES_COUNT = 0x10
 SB_LOG_BLOCK_SIZE = 0x18
+SB_KBYTES_WRITTEN = 0x178  # __u64 s_kbytes_written; 0 = "not tracked"
 
 DirIterateFunc = CFUNCTYPE(c_int, ext2_ino_t, c_int, POINTER(Ext2DirEntry), c_int, c_int, c_void_p, c_void_p)
 XattrIterateFunc = CFUNCTYPE(c_int, c_void_p, c_void_p, ctypes.c_size_t, c_void_p)
@@ -302,6 +303,10 @@ def filsys(fs: int) -> Ext2Filsys:
 
 def super_u32(fs: int, offset: int) -> int:
     return c_uint32.from_address(filsys(fs).super + offset).value
+
+
+def set_super_u64(fs: int, offset: int, value: int) -> None:
+    ctypes.c_uint64.from_address(filsys(fs).super + offset).value = value
 
 
 def open_fs(path: str, *, rw: bool, io_manager: str = "unix_io_manager") -> int:

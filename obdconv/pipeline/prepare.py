@@ -336,6 +336,9 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
                 chunk = blob.read(READ_CHUNK)
             # EOF reached: the verifying reader has checked the digest by now.
             consume(flush())
+            # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
+            # the truncated tar it decompresses to (the Decompressor's flush above does the same).
+            gzip_meta = gzip_index.finish(source_size) if gzip_index is not None else None
             entries = scanner.finish()
         except BadInputError as e:
             if isinstance(e, IntegrityError):
@@ -350,8 +353,8 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         sink.write_lengths(tmp / "lengths.u32")
     else:
         (tmp / "lengths.u32").write_bytes(b"")
-    if gzip_index is not None:
-        (tmp / "gzip.meta").write_bytes(gzip_index.finish(source_size))
+    if gzip_meta is not None:
+        (tmp / "gzip.meta").write_bytes(gzip_meta)
     save_entries(tmp / "entries.json.zst", entries)
     return PreparedLayer(
         source_digest=digest,

@@ -22,6 +22,7 @@ bytes done/total); prepare reports bytes read while it streams.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -116,7 +117,9 @@ class RunnerOptions:
     registry: RegistryOptions | None = None  # default: from request.access
     workers: int = 0  # process pool size; 0 = cpu count; 1 = run everything in this process
     spool_dir: str = ""  # default <workdir>/spool
-    db_str: str = ""  # dedup DSN (the CLI's --db-str); the request only carries a reference
+    # dedup DSN (the CLI's --db-str; the request only carries a reference). It may hold a password:
+    # kept out of repr so a logged or printed RunnerOptions never shows it.
+    db_str: str = field(default="", repr=False)
     keep_spool: bool = False  # keep prepared layers made by this run (also kept with --reserve)
     claim_timeout: float = 3600.0  # seconds to wait for another converter holding a manifest's claim
     # Nice steps the metadata thread is raised by while it applies layers, when the OS allows it
@@ -213,6 +216,7 @@ class _Run:
         self.prepare_futures: dict[str, Future[tuple[dict[str, Any], float]]] = {}
         self.prepared: dict[str, PreparedLayer] = {}
         self.created_spools: list[Path] = []
+        self.metadata_workdirs: list[Path] = []
         self.prepare_lock = threading.Lock()
         self.reuse_of: dict[str, ManifestReuse] = {}
         self.native = any(p.format == "native" for p in self.profiles)
@@ -276,6 +280,7 @@ class _Run:
         starts = {p.format: len(reuse.layers.get(p.format, [])) for p in todo}
         name = m.platform.replace("/", "_") or "image"
         workdir = self.workdir / f"{name}-{m.digest.partition(':')[2][:16]}"
+        self.metadata_workdirs.append(workdir)  # removed at the end of the run even when it fails
         # One metadata pass serves every format when all start from mkfs; formats continuing from
         # dedup hits each start from their own converted parents (which may differ in bytes).
         groups = [(0, todo)] if all(v == 0 for v in starts.values()) else [(starts[p.format], [p]) for p in todo]
@@ -470,6 +475,11 @@ class _Run:
             if not (request.reserve or self.options.keep_spool):
                 for path in self.created_spools:
                     shutil.rmtree(path, ignore_errors=True)
+            # A failed manifest's metadata work directory: MetadataPass removed the image inside,
+            # the directories stay (a successful manifest removed its own already).
+            if not request.reserve:
+                for path in self.metadata_workdirs:
+                    shutil.rmtree(path, ignore_errors=True)
         self.timings["total"] = time.monotonic() - started
         self.emit(ProgressEvent("done", finished=True))
         return ConversionResult(list(outputs.values()), plan.root["digest"], self.upload, dict(self.timings))
@@ -583,4 +593,7 @@ def convert(request: ConversionRequest, *, options: RunnerOptions | None = None,
     except ObdconvError:
         raise
     except OSError as e:
-        raise ObdconvError(f"conversion failed: {e}") from e
+        # A full disk is reported by write(), without a file name: say which directory filled up.
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename
+        where = f" (writing under --dir {request.workdir})" if full else ""
+        raise ObdconvError(f"conversion failed: {e}{where}") from e

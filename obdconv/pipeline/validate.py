@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from obdconv.errors import UnsupportedError, UsageError
+from obdconv.errors import BadInputError, UnsupportedError, UsageError
 from obdconv.pipeline.request import ConversionProfile, ConversionRequest
+from obdconv.registry.reference import check_tag
 
 ALGORITHMS = ("lz4", "zstd")
 
@@ -17,6 +18,15 @@ def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
     profiles = request.profiles()
     if not profiles:
         raise UsageError("output-tag is required, you can specify it by [-o|--overlaybd|--turboOCI]")
+    # A bad output tag would otherwise fail only at the final push, after every layer was converted
+    # and uploaded.
+    for flag, tag in (("--overlaybd/-o", request.overlaybd_tag), ("--turboOCI", request.turbo_tag)):
+        try:
+            if tag:
+                check_tag(tag)
+        except BadInputError:
+            raise UsageError(f"{flag} {tag!r}: not a valid tag (letters, digits, '_', '.', '-'; "
+                             "at most 128, not starting with '.' or '-')") from None
     if not request.mkfs:
         raise UnsupportedError("--mkfs=false (a base layer from /opt/overlaybd/baselayers) is not supported: "
                                "obdconv always creates the filesystem in layer 0")

@@ -148,3 +148,26 @@ def test_non_ascii_name_over_255_bytes_rejected(tmp_path: Path) -> None:
     name = "\u00e9" * 200  # 200 characters, 400 bytes in UTF-8
     with pytest.raises(BadInputError, match="longer than 255 bytes"):
         b.apply([E(f"d/{name}", T.FILE, size=1)])
+
+
+@needs_fast
+def test_full_inode_groups_same_bytes_both_paths(tmp_path: Path) -> None:
+    """Inode allocation once whole block groups are full (the C path skips full groups, the
+    ctypes path lets ext2fs_new_inode scan them): 20k files fill groups 0-1 (8192 inodes each);
+    the next layer frees inodes in a full group (whiteout) and adds files under directories
+    whose groups are full, which must reuse the freed inodes exactly as ext2fs_new_inode does.
+    The last layer does the same with blocks (the C path's fallocate goal hint)."""
+    one = [E(f"d{d}", T.DIR) for d in range(4)]
+    one += [E(f"d{i % 4}/f{i}", T.FILE, size=i % 3 * 5000) for i in range(20_000)]
+    two = [E("d1", T.WHITEOUT)] + [E(f"d{d}/new{i}", T.FILE, size=1) for d in (0, 2, 3) for i in range(3000)]
+    three = [E(f"d0/sub{i}", T.DIR) for i in range(20)] + [E(f"d0/sub{i}/x", T.FILE) for i in range(20)]
+    # Blocks freed between new files of one layer (replaced files, a whiteout): later files must
+    # reuse those holes (the C path's allocation hint is dropped when blocks are freed).
+    four = [E(f"e/f{i}", T.FILE, size=3 * 4096) for i in range(600)]
+    four += [E(f"e/f{i}", T.FILE, size=4096) for i in range(0, 600, 3)] + [E("d2", T.WHITEOUT)]
+    four += [E(f"e/g{i}", T.FILE, size=(i % 4) * 4096) for i in range(2000)]
+    layers = [one, two, three, four]
+    c = build_with("C", tmp_path / "c.img", layers, vsize=1 << 30)
+    py = build_with("ctypes", tmp_path / "py.img", layers, vsize=1 << 30)
+    assert_same(c, py)
+    assert fsck(tmp_path / "c.img").returncode == 0

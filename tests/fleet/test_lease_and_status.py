@@ -70,6 +70,17 @@ def test_status_record_lifecycle(tmp_path: Path) -> None:
     assert get_status("missing") is None
 
 
+def test_failure_message_quoting_huge_input_is_bounded(tmp_path: Path) -> None:
+    """A message quoting a 100 KB tar path would not fit MySQL's TEXT (the write would fail and
+    the cause be lost): it is stored cut, saying how much was cut."""
+    open_status_database("sqlite", str(tmp_path / "status.sqlite"))
+    message = "entry 0 '" + "a" * 100_000 + "': a name is longer than 255 bytes"
+    record_failure("r3", "BadInputError", message)
+    stored = get_status("r3")["error"]["message"]
+    assert stored.startswith("entry 0 'aaaa") and len(stored.encode()) < 65535 // 4
+    assert stored.endswith(f"... ({len(message) - len(stored.partition('...')[0])} more characters)")
+
+
 @pytest.mark.parametrize("items, limit, expected", [
     (list(range(5)), 2, [[0, 2, 4], [1, 3]]),
     (list(range(3)), 0, [[0], [1], [2]]),

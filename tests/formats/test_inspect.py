@@ -77,3 +77,6 @@ def test_malformed_exits_nonzero(obd_dir: Path, tmp_path: Path, capsys: pytest.C
     assert "magic" in capsys.readouterr().err
     assert main(["inspect", str(obd_dir / "rw_index.bin")]) == 65
     assert main(["inspect", str(tmp_path / "missing")]) == 66
+    assert "no such file" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 66
+    assert f"not a regular file: {tmp_path}" in capsys.readouterr().err

@@ -70,6 +70,12 @@ def test_validation_messages() -> None:
         validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--bs", "12"))
     with pytest.raises(UsageError, match="4 to 32 KiB"):
         validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--bs", "64"))
+    # output tags are checked before any work (a registry would refuse them only at the final push)
+    for flag, name in (("-obad tag", "--overlaybd/-o"), ("--overlaybd=-dash", "--overlaybd/-o"),
+                       ("--turboOCI=a/b", "--turboOCI"), ("--turboOCI=" + "x" * 129, "--turboOCI")):
+        with pytest.raises(UsageError, match=f"^{name} '.*': not a valid tag"):
+            validate_request(parse("-r", "h:1/x", "-i", "t", flag))
+    assert validate_request(parse("-r", "h:1/x", "-i", "t", "--turboOCI", "v1.2_x-" + "y" * 121))
 
 
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
