@@ -146,9 +146,13 @@ def _dump(path: Path, data: bytes) -> None:
     """Atomic write, mode 0644, like the reference's --dump-manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C leaves no stray temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def push_manifest(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from obdconv.oci import mediatypes as mt
 from obdconv.pipeline.annotations import layer_annotations
-from obdconv.pipeline.push import build_index, build_manifest, rewrite_config
+from obdconv.pipeline.push import _dump, build_index, build_manifest, rewrite_config
 
 SOURCE_CONFIG = (
     b'{"architecture":"amd64","config":{"Hostname":"","Env":["A=<b>&c"],"Cmd":["/hello"],'
@@ -90,3 +93,16 @@ def test_index_entries_keep_platform_and_drop_skipped() -> None:
     bare = json.dumps({"schemaVersion": 2, "manifests": entries[:1]}).encode()
     out = json.loads(build_index(bare, [c1], oci=False, resolved_media_type=mt.OCI_INDEX))
     assert out["mediaType"] == mt.OCI_INDEX
+
+
+def test_dump_failure_leaves_no_temp_file(tmp_path: Path) -> None:
+    """--dump-manifest writes atomically; when the final rename fails (here: a directory sits at
+    the target path) the error surfaces and no hidden temp file stays behind."""
+    target = tmp_path / "manifest.json"
+    (target / "occupied").mkdir(parents=True)
+    with pytest.raises(OSError):
+        _dump(target, b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    _dump(tmp_path / "config.json", b"{}")
+    assert (tmp_path / "config.json").read_bytes() == b"{}"
+    assert oct((tmp_path / "config.json").stat().st_mode & 0o777) == "0o644"
