@@ -20,7 +20,7 @@ from obdconv.ext4 import libext2fs as L
 from obdconv.ext4.dirs import DirIndex
 from obdconv.ext4.mkfs import FAKE_TIME
 from obdconv.ext4.segment import BLOCK_SIZE, Extent
-from obdconv.ext4.validate import encode_name, xattr_supported
+from obdconv.ext4.validate import encode_name, entry_label, xattr_supported
 
 ROOT = L.EXT2_ROOT_INO
 NO_GOAL = (1 << 64) - 1  # ~0ULL: let libext2fs pick the goal (ext2fs_find_inode_goal)
@@ -92,7 +92,7 @@ class LayerApply:
             self.write_inode(ino, inode)
 
     def apply_one(self, i: int, e: LayerEntry) -> None:
-        self.where = f"entry {i} {e.path!r}"
+        self.where = entry_label(i, e.path)
         try:
             self.apply_entry(i, e)
         except L.Ext2fsError as exc:
@@ -152,7 +152,7 @@ class LayerApply:
     def fast_failed(self, i: int, e: LayerEntry, parent: int, name: bytes) -> int:
         """obd_create_file did not finish: link with ext2fs_link (no appendable tail) and return
         the new inode, or raise."""
-        self.where = f"entry {i} {e.path!r}"
+        self.where = entry_label(i, e.path)
         fastmod = self.dirs.fast
         assert fastmod is not None
         res = self.dirs.fast_result

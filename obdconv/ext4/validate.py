@@ -18,6 +18,13 @@ XATTR_BLOCK_ROOM = BLOCK_SIZE - 32 - 4
 _BAD_COMPONENTS = frozenset(("", ".", ".."))
 
 
+def entry_label(index: int, path: str, limit: int = 200) -> str:
+    """How errors name an entry: its index and path, the path shortened past `limit` characters
+    (a malicious tar can carry a path of megabytes; the index still identifies the entry)."""
+    shown = path if len(path) <= limit else f"{path[:limit]}...({len(path) - limit} more characters)"
+    return f"entry {index} {shown!r}"
+
+
 def encode_name(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
@@ -46,7 +53,7 @@ def validate_entries(entries: Sequence[LayerEntry]) -> None:
 
 def _validate_entry(i: int, e: LayerEntry) -> None:
     """All checks of one entry."""
-    where = f"entry {i} {e.path!r}"
+    where = entry_label(i, e.path)
     if not isinstance(e.type, EntryType):
         raise UnsafePathError(f"{where}: unsupported entry type {e.type!r}")
     if e.path == "." and e.type in (EntryType.DIR, EntryType.OPAQUE):

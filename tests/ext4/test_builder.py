@@ -270,3 +270,12 @@ def test_parents_with_metadata_csum_stay_consistent(tmp_path: Path) -> None:
     result = fsck(tmp_path / "m.img")
     assert result.returncode == 0, result.stdout
     assert len(tree_from_ext4(tmp_path / "m.img")) == 1 + 300 - 1 + 2
+
+
+def test_errors_name_a_huge_path_without_quoting_all_of_it() -> None:
+    from obdconv.ext4.validate import entry_label
+
+    label = entry_label(7, "a/" * 50_000)
+    assert label.startswith("entry 7 'a/a/") and "more characters" in label
+    assert len(label) < 300
+    assert entry_label(3, "etc/passwd") == "entry 3 'etc/passwd'"
