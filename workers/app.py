@@ -28,6 +28,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
         "unacked_restore_throttle": 1,
+        # The sweep holds a Redis mutex for milliseconds; kombu's default expiry of 300 s means a
+        # worker killed while holding it stops every other worker's sweep for five minutes, so a
+        # dead worker's tasks would not come back within the lease. Keep the expiry short.
+        "unacked_mutex_expire": 10,
         # Fail fast when Redis vanishes instead of hanging on a dead socket.
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
