@@ -93,11 +93,9 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def private_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryService]:
-    service = start_registry(tmp_path_factory.mktemp("private-registry"), auth="htpasswd", name="private-registry")
-    try:
+    workdir = tmp_path_factory.mktemp("private-registry")
+    with start_registry(workdir, auth="htpasswd", name="private-registry") as service:
         yield service
-    finally:
-        service.stop()
 
 
 def fleet_env(workdir: Path, redis: RedisServer, credentials: Path, **overrides: str) -> dict[str, str]:

@@ -11,8 +11,5 @@ from tests.services.registry import RegistryService, start_registry
 
 @pytest.fixture(scope="module")
 def pipeline_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryService]:
-    service = start_registry(tmp_path_factory.mktemp("pipeline-registry"))
-    try:
+    with start_registry(tmp_path_factory.mktemp("pipeline-registry")) as service:
         yield service
-    finally:
-        service.stop()

@@ -30,11 +30,9 @@ def hello_world_layout(fixtures_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryService]:
-    service = start_registry(tmp_path_factory.mktemp("basic-registry"), auth="htpasswd", name="registry-basic")
-    try:
+    workdir = tmp_path_factory.mktemp("basic-registry")
+    with start_registry(workdir, auth="htpasswd", name="registry-basic") as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +42,15 @@ def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterial:
 
 @pytest.fixture(scope="session")
 def tls_registry(tmp_path_factory: pytest.TempPathFactory, tls_material: TLSMaterial) -> Iterator[RegistryService]:
-    service = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=tls_material, name="registry-tls")
-    try:
+    with start_registry(tmp_path_factory.mktemp("tls-registry"), tls=tls_material, name="registry-tls") as service:
         yield service
-    finally:
-        service.stop()
 
 
 @pytest.fixture(scope="session")
 def mtls_registry(tmp_path_factory: pytest.TempPathFactory, tls_material: TLSMaterial) -> Iterator[RegistryService]:
-    service = start_registry(tmp_path_factory.mktemp("mtls-registry"), tls=tls_material, client_ca=True,
-                             name="registry-mtls")
-    try:
+    workdir = tmp_path_factory.mktemp("mtls-registry")
+    with start_registry(workdir, tls=tls_material, client_ca=True, name="registry-mtls") as service:
         yield service
-    finally:
-        service.stop()
 
 
 @dataclass
@@ -82,10 +74,7 @@ def token_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenSetup
     try:
         auth = TokenAuthConfig(token_server.realm, token_server.config["service"], token_server.config["issuer"],
                                Path(token_server.config["cert"]))
-        service = start_registry(workdir / "registry", auth=auth, name="registry-token")
-        try:
+        with start_registry(workdir / "registry", auth=auth, name="registry-token") as service:
             yield TokenSetup(service, token_server)
-        finally:
-            service.stop()
     finally:
         token_server.stop()

@@ -16,8 +16,5 @@ from tests.services.registry import RegistryService, start_registry
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryService]:
-    service = start_registry(tmp_path_factory.mktemp("registry"))
-    try:
+    with start_registry(tmp_path_factory.mktemp("registry")) as service:
         yield service
-    finally:
-        service.stop()
