@@ -10,6 +10,8 @@ Configured from config.settings (environment / optional TOML file). Reliability 
   long it takes (the effective timeout is above the longest task), and a dead worker's messages
   are restored by the surviving workers' periodic sweep within lease + sweep interval (< 1 min).
 * Events on (`worker_send_task_events`, `task_send_sent_event`) so Flower sees every task.
+* Every task message the app sends is kept in a ledger (workers/ledger.py) until its task ran, and
+  re-sent if the broker lost it (kombu's Redis transport can, when a worker dies mid-delivery).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import Settings, load_settings
+from workers.ledger import LedgerAMQP
 from workers.queues import CONTROL, TASK_ROUTES, shared_queues
 
 # How often surviving workers scan for expired leases (seconds); with throttle 1 every tick scans.
@@ -67,7 +70,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
-    celery_app = Celery("obdconv", set_as_current=True)
+    celery_app = Celery("obdconv", set_as_current=True, amqp=LedgerAMQP)
     celery_app.config_from_object(celery_config(settings))
     celery_app.obdconv_settings = settings  # type: ignore[attr-defined]
     # Registers the tasks (tasks/) and the worker start-up hooks (workers/startup.py).

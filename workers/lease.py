@@ -10,6 +10,8 @@ tasks are never redelivered, a dead worker's tasks come back `lease_seconds` aft
 The same thread keeps `obdconv:alive:<nodename>` (TTL = lease) and moves messages waiting in the
 private queue (`worker.<nodename>`) of a worker whose alive key expired to the shared `assemble`
 queue, where any worker takes them (the assemble task re-prepares a layer whose spool is missing).
+It also runs the message ledger's sweep (workers/ledger.py), which re-sends task messages the
+broker lost.
 """
 
 from __future__ import annotations
@@ -68,11 +70,13 @@ class LeaseKeeper:
     """A daemon thread in the worker's main process: liveness, leases, orphan rescue."""
 
     def __init__(self, broker_url: str, nodename: str, lease_seconds: int,
-                 held_delivery_tags: Callable[[], list[str]]) -> None:
+                 held_delivery_tags: Callable[[], list[str]],
+                 sweep_ledger: Callable[[], object] | None = None) -> None:
         self.client = redis.Redis.from_url(broker_url, socket_timeout=10, socket_connect_timeout=5)
         self.nodename = nodename
         self.lease_seconds = max(3, lease_seconds)
         self.held_delivery_tags = held_delivery_tags
+        self.sweep_ledger = sweep_ledger
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="obdconv-lease", daemon=True)
 
@@ -80,6 +84,8 @@ class LeaseKeeper:
         self.client.set(alive_key(self.nodename), str(time.time()), ex=self.lease_seconds)
         renew_leases(self.client, self.held_delivery_tags())
         rescue_orphaned_queues(self.client)
+        if self.sweep_ledger is not None:
+            self.sweep_ledger()
 
     def _run(self) -> None:
         period = self.lease_seconds / 3
@@ -88,6 +94,8 @@ class LeaseKeeper:
                 self.tick()
             except redis.RedisError as e:  # broker briefly away: keep trying, the worker reconnects too
                 log.warning("lease keeper: %s", e)
+            except Exception:  # a re-send failed in kombu: log it, the next tick tries again
+                log.exception("lease keeper tick failed")
             self._stop.wait(period)
 
     def start(self) -> LeaseKeeper:

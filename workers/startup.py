@@ -1,7 +1,8 @@
 """Worker start-up hooks (imported by the worker through `app.conf.imports`).
 
 * after setup: the worker also consumes its private queue `worker.<nodename>` (assemble routing);
-* in the main process, once ready: the lease keeper (workers/lease.py);
+* in the main process, once ready: the lease keeper (workers/lease.py), which also sweeps the
+  message ledger (workers/ledger.py);
 * in every pool process: the database (status records and dedup tables), opened after the fork
   because database connections must not be shared across processes.
 """
@@ -17,6 +18,7 @@ from celery import signals
 
 from workers.app import settings_of
 from workers.lease import LeaseKeeper
+from workers.ledger import sweeper_for
 from workers.queues import worker_queue
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,8 @@ def _start_lease_keeper(sender: Any, **_: Any) -> None:
     settings = settings_of(sender.app)
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
         return  # leases are a Redis-transport mechanism; other brokers have real consumer acks
-    _keeper = LeaseKeeper(settings.broker_url, sender.hostname, settings.lease_seconds,
-                          _held_delivery_tags).start()
+    _keeper = LeaseKeeper(settings.broker_url, sender.hostname, settings.lease_seconds, _held_delivery_tags,
+                          sweeper_for(sender.app, sender.hostname, grace=settings.lease_seconds)).start()
 
 
 @signals.worker_shutdown.connect

@@ -22,6 +22,8 @@ from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.status import ConversionStatus
 from tests.fleet.conftest import CREDENTIAL_REF, Fleet, push_layout, wait_until
 from tests.services.registry import BASIC_PASSWORD, BASIC_USER, RegistryService
+from workers.ledger import message_key
+from workers.queues import CONTROL
 
 pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.timeout(300)]
 
@@ -243,3 +245,24 @@ def test_status_survives_redis_restart(fleet: Fleet, registry: RegistryService, 
     assert after["state"] == "SUCCESS"
     assert after["outputs"]["native"]["digest"] == final["outputs"]["native"]["digest"]
     assert after["celery_state"] in ("PENDING", "UNKNOWN")  # proves the answer came from the database
+
+
+def test_a_message_the_broker_lost_is_sent_again(fleet: Fleet, registry: RegistryService, images: Path) -> None:
+    """A worker that dies between kombu's BRPOP and its unacked bookkeeping takes the message with
+    it: here the test plays that worker (stops the control queue's consumers, pops the request's
+    first message itself). The message ledger re-sends it and the request completes."""
+    push_layout(images, "both", f"{registry.host}/fleet/lost:src")
+    broker = fleet.redis.client(0)
+    destinations = ["w1@fleettest", "w2@fleettest"]
+    fleet.app.control.cancel_consumer(CONTROL, destination=destinations, reply=True)
+    try:
+        request_id = fleet.submit(request_for(registry, "fleet/lost", "src", "obd"))
+        popped = wait_until(lambda: broker.rpop(CONTROL), 10, "the request's message in the control queue")
+        assert json.loads(popped)["headers"]["id"] == request_id
+    finally:
+        fleet.app.control.add_consumer(CONTROL, destination=destinations, reply=True)
+    final = fleet.wait(request_id, timeout=90)
+    assert final["state"] == "SUCCESS", final
+    assert_verifies(fleet, registry, "fleet/lost", "obd", "src")
+    assert "re-sending it" in fleet.logs_text()
+    assert not broker.exists(message_key(request_id))  # the ledger forgot it once it ran

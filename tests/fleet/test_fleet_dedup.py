@@ -171,11 +171,6 @@ def test_expired_claim_of_a_dead_holder_is_taken_over(
     assert_verifies(dfleet, registry, "fleetd/held", "obd")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, issue 7 stays open: kombu's Redis transport pops a message (BRPOP) before it records it "
-    "as unacknowledged; a worker SIGKILLed in between loses that message, and the request it belonged to "
-    "never finishes (seen here when the kill lands as the waiting request's convert_manifest is delivered). "
-    "Fix: a sweeper that re-sends the current task of requests whose status shows no live task."))
 def test_worker_killed_while_its_request_holds_claims(
         dfleet: Fleet, registry: RegistryService, layout: tuple[Path, dict[str, str]], dedup_db: str) -> None:
     """A worker dies mid-conversion while its request holds the claims and another request waits
@@ -187,10 +182,9 @@ def test_worker_killed_while_its_request_holds_claims(
     wait_until(lambda: any(p.get("host") == "w2@fleettest" for p in dfleet.status(first)["progress"].values()),
                60, "w2 to work on the request")
     second = dfleet.submit(request_for(registry, "fleetd/killed", "obd-2"))
-    # Kill once the second request is really waiting (a worker took it), not in the milliseconds in
-    # which a worker has popped its message but kombu has not yet recorded it as unacknowledged: a
-    # consumer dying inside that window loses the message (a known limit of kombu's Redis transport,
-    # not what this test is about).
+    # Kill once the second request is really waiting (a worker took it). A kill inside kombu's
+    # pop-then-record window would lose a message; the message ledger re-sends it (workers/ledger.py,
+    # tested on its own in test_acceptance.py), but that is not what this test is about.
     wait_until(lambda: dfleet.status(second)["state"] != "PENDING", 60, "the second request to be taken")
     dfleet.workers["w2"].kill(signal.SIGKILL)
     dfleet.workers["w2"].proc.wait(10)  # type: ignore[union-attr]
