@@ -10,7 +10,7 @@ environment (`OBDCONV_*`). Workers, the client and the CLI all read them through
 | spool_dir            | OBDCONV_SPOOL_DIR              | /var/tmp/obdconv/spool                    |
 | credentials_file     | OBDCONV_CREDENTIALS_FILE       | /etc/obdconv/credentials.json (optional)  |
 | task_time_limit      | OBDCONV_TASK_TIME_LIMIT        | 7200 s (hard limit of the longest task)   |
-| lease_seconds        | OBDCONV_LEASE_SECONDS          | 30 s (broker redelivery of a dead worker) |
+| lease_seconds        | OBDCONV_LEASE_SECONDS          | 30 s (broker redelivery of a dead worker; >= 18) |
 | result_expires       | OBDCONV_RESULT_EXPIRES         | 86400 s                                   |
 | retry_max            | OBDCONV_RETRY_MAX              | 5 retries of a NetworkError               |
 | retry_backoff_max    | OBDCONV_RETRY_BACKOFF_MAX      | 120 s                                     |

@@ -23,6 +23,13 @@ from tasks.context import open_worker_database, settings
 log = logging.getLogger(__name__)
 
 
+def retry_later(task: Task, countdown: float, **options: Any) -> BaseException:
+    """Come back in `countdown` seconds without holding a worker slot (waiting for another task's
+    work, not failing). Celery's `retry(max_retries=None)` means "the task's default limit" (5), not
+    "unlimited", so this retry is allowed explicitly; the caller bounds the wait itself."""
+    return task.retry(countdown=countdown, max_retries=task.request.retries + 1, **options)
+
+
 def error_class_name(exc: BaseException) -> str:
     return type(exc).__name__
 

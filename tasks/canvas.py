@@ -55,7 +55,7 @@ from obdconv.pipeline.request import ConversionProfile, ConversionRequest
 from obdconv.pipeline.reuse import ClaimHeld, ManifestReuse
 from obdconv.pipeline.validate import validate_request
 from obdconv.status import record_success
-from tasks.base import FleetTask
+from tasks.base import FleetTask, retry_later
 from tasks.claims import claim_owner, held_claims, release_claims
 from tasks.context import open_repository, open_worker_database, settings
 from tasks.dedup import fleet_reuse, remember_manifest
@@ -189,8 +189,8 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
                 raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
                                         f"{held.key}") from None
             log.info("%s: waiting for %s", job["request_id"], held)
-            raise self.retry(args=(previous,), kwargs={"job": {**job, "claim_wait_since": since}},
-                             countdown=CLAIM_POLL_SECONDS, max_retries=None) from None
+            raise retry_later(self, CLAIM_POLL_SECONDS, args=(previous,),
+                              kwargs={"job": {**job, "claim_wait_since": since}}) from None
     todo = found.todo(profiles)
     start = _start_layer(found, todo)
     job["reuse"] = {

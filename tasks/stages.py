@@ -26,7 +26,7 @@ from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
 from obdconv.pipeline.request import ConversionRequest
 from obdconv.status import record_running
-from tasks.base import FleetTask
+from tasks.base import FleetTask, retry_later
 from tasks.claims import held_claims
 from tasks.context import open_repository, open_worker_database, settings, spool_dir
 from tasks.dedup import remember_layer
@@ -126,8 +126,9 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
     if client is not None and not client.set(lock, me, nx=True, ex=lease):
         owner = client.get(lock)
         if owner is not None and owner.decode() != me:
-            # Someone else is preparing this layer: come back shortly, without holding a slot.
-            raise self.retry(countdown=WAIT_FOR_HOLDER_SECONDS, max_retries=None)
+            # Someone else is preparing this layer: come back shortly. The wait ends when it is
+            # done or its lock's lease runs out (it died).
+            raise retry_later(self, WAIT_FOR_HOLDER_SECONDS)
     try:
         mark_stage(job, "prepare")
         with held_claims(job), layer_in_use(spool_dir(node), key):

@@ -16,17 +16,47 @@ Configured from config.settings (environment / optional TOML file). Reliability 
 
 from __future__ import annotations
 
+import math
+
 from celery import Celery
 
 from config.settings import Settings, load_settings
+from obdconv.errors import UsageError
 from workers.ledger import LedgerAMQP
 from workers.queues import CONTROL, TASK_ROUTES, shared_queues
 
 # How often surviving workers scan for expired leases (seconds); with throttle 1 every tick scans.
 UNACKED_RESTORE_INTERVAL = 5
 
+# Celery's Redis result backend hands a finished chord's callback to ONE worker through a claim
+# in Redis. A worker that dies after claiming and before publishing the callback leaves the claim
+# to expire; the chord part it was running is redelivered (its message was never acked) and its
+# re-run claims and publishes the callback, but only if the claim expired by then. So the earliest
+# redelivery (2/3 of a lease after death: leases are renewed every lease/3) must come after the
+# longest claim, which Celery derives from these settings (celery.backends.redis
+# `on_chord_part_return`): max(5, 2 * join timeout), extended before publishing to
+# (publish retries + 1) * connection timeout + retry waits + max(connection timeout, 1).
+CHORD_JOIN_TIMEOUT = 3.0  # Celery's default
+BROKER_CONNECTION_TIMEOUT = 2  # seconds (Celery's default 4 would make the claim 21 s)
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 1}
+
+
+def chord_dispatch_claim_seconds() -> int:
+    """The longest a dead worker's chord dispatch claim can live, from the settings above."""
+    p = PUBLISH_RETRY_POLICY
+    waits = sum(min(p["interval_start"] + p["interval_step"] * n, p["interval_max"]) for n in range(p["max_retries"]))
+    publish = (p["max_retries"] + 1) * BROKER_CONNECTION_TIMEOUT + waits + max(BROKER_CONNECTION_TIMEOUT, 1)
+    return max(5, int(2 * CHORD_JOIN_TIMEOUT), math.ceil(publish))
+
+
+def min_lease_seconds() -> int:
+    return math.ceil(1.5 * chord_dispatch_claim_seconds()) + 1
+
 
 def celery_config(settings: Settings) -> dict[str, object]:
+    if settings.lease_seconds < min_lease_seconds():
+        raise UsageError(f"lease_seconds {settings.lease_seconds} is too short: a chord whose dispatching worker "
+                         f"died would never finish; use at least {min_lease_seconds()}")
     transport_options = {
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
@@ -45,6 +75,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": transport_options,
         "result_backend_transport_options": {"socket_timeout": 30, "socket_connect_timeout": 5},
         "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": BROKER_CONNECTION_TIMEOUT,
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
+        "result_chord_join_timeout": CHORD_JOIN_TIMEOUT,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -56,6 +56,19 @@ MESSAGE_TTL_SECONDS = 7 * 24 * 3600
 MAX_RESENDS = 5
 LIST_PAGE = 1000
 
+# Forget a message atomically, unless a task name is given and the recorded message is another
+# task's (compare and delete).
+FORGET_LUA = """
+local raw = redis.call('GET', KEYS[1])
+if raw and ARGV[2] ~= '' and cjson.decode(raw)['task_name'] ~= ARGV[2] then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 def is_redis_url(url: str) -> bool:
     return url.startswith(("redis://", "rediss://", "unix://"))
@@ -143,11 +156,16 @@ class MessageLedger:
         """After the broker took the message: from now on the sweep may look for it."""
         self.client.zadd(PUBLISHED_KEY, {task_id: time.time() if now is None else now})
 
-    def forget(self, task_id: str) -> None:
-        """The task ran (or was revoked): nothing to re-send."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(message_key(task_id)).zrem(PUBLISHED_KEY, task_id).hdel(MISSING_KEY, task_id)
-        pipe.execute()
+    def forget(self, task_id: str, task_name: str | None = None) -> bool:
+        """The task ran (or was revoked): nothing to re-send. With `task_name`, only if the ledger's
+        message is that task's: a task that replaces itself (Celery's `replace`) publishes its
+        replacement under its own id before it ends, and that new message must stay protected."""
+        return bool(self._forget_script(keys=[message_key(task_id), PUBLISHED_KEY, MISSING_KEY],
+                                        args=[task_id, task_name or ""]))
+
+    @cached_property
+    def _forget_script(self) -> Any:
+        return self.client.register_script(FORGET_LUA)
 
     def entry(self, task_id: str) -> LedgerEntry | None:
         raw = self.client.get(message_key(task_id))
@@ -307,7 +325,7 @@ def _forget(task: Any, task_id: str | None) -> None:
     if ledger is None or not task_id:
         return
     try:
-        ledger.forget(task_id)
+        ledger.forget(task_id, task.name)
     except redis.RedisError as e:  # the entry expires; a sweep finds the task gone from the ledger
         log.warning("message ledger: cannot forget %s: %s", task_id, e)
 

@@ -56,7 +56,7 @@ def _start_lease_keeper(sender: Any, **_: Any) -> None:
     if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
         return  # leases are a Redis-transport mechanism; other brokers have real consumer acks
     _keeper = LeaseKeeper(settings.broker_url, sender.hostname, settings.lease_seconds, _held_delivery_tags,
-                          sweeper_for(sender.app, sender.hostname, grace=settings.lease_seconds)).start()
+                          sweeper_for(sender.app, sender.hostname, grace=settings.lease_seconds / 3)).start()
 
 
 @signals.worker_shutdown.connect

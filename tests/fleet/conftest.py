@@ -30,7 +30,7 @@ from workers.sample_image import build_sample_image
 
 ROOT = Path(__file__).resolve().parents[2]
 CREDENTIAL_REF = "test-private"
-LEASE_SECONDS = 6  # short, so a killed worker's task comes back quickly in tests
+LEASE_SECONDS = 18  # the shortest allowed (workers.app.min_lease_seconds): a killed worker's task comes back soon
 
 
 def push_layout(layout: Path, tag: str, dest: str, creds: str = "") -> None:
@@ -86,6 +86,18 @@ class Fleet:
     def flower_tasks(self) -> dict[str, dict[str, Any]]:
         assert self.flower is not None
         return self.flower.api("/api/tasks")
+
+    def broker_state(self) -> str:
+        """Every key of the broker (db 0) and result backend (db 1), for a failure message."""
+        lines = []
+        for db in (0, 1):
+            client = self.redis.client(db)
+            for key in sorted(client.scan_iter()):
+                kind = client.type(key).decode()
+                size = {"list": client.llen, "hash": client.hlen, "zset": client.zcard, "set": client.scard,
+                        "string": client.strlen}[kind](key)
+                lines.append(f"db{db} {kind:6} {size:6} {key.decode(errors='replace')}")
+        return "\n".join(lines)
 
     def logs_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in (self.workdir / "logs").glob("*.log"))

@@ -18,12 +18,15 @@ from typing import Any
 import pytest
 
 from obdconv.dedup.models import ProfileLayer, ProfileManifest, ReferenceLayer, ReferenceManifest
+from obdconv.pipeline.prepare import spool_key
 from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.status import ConversionStatus
+from tasks.stages import PREPARING_PREFIX
 from tests.fleet.conftest import CREDENTIAL_REF, Fleet, push_layout, wait_until
 from tests.services.registry import BASIC_PASSWORD, BASIC_USER, RegistryService
 from workers.ledger import message_key
 from workers.queues import CONTROL
+from workers.sample_image import build_sample_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.timeout(300)]
 
@@ -266,3 +269,19 @@ def test_a_message_the_broker_lost_is_sent_again(fleet: Fleet, registry: Registr
     assert_verifies(fleet, registry, "fleet/lost", "obd", "src")
     assert "re-sending it" in fleet.logs_text()
     assert not broker.exists(message_key(request_id))  # the ledger forgot it once it ran
+
+
+def test_waiting_for_a_layer_another_worker_prepares_outlasts_the_retry_limit(
+        fleet: Fleet, registry: RegistryService, tmp_path: Path) -> None:
+    """A prepare finds the layer being prepared elsewhere (its lock held) and polls every second;
+    waiting longer than the task's retry limit (5) is waiting, not failing."""
+    layout = tmp_path / "layout"
+    digest = build_sample_image(layout, "waiting", layers=1, file_bytes=64 << 10, seed=4242)
+    manifest = json.loads((layout / "blobs" / "sha256" / digest.split(":")[1]).read_text())
+    layer_key = spool_key(manifest["layers"][0]["digest"], "lz4", 4096)
+    fleet.redis.client(1).set(PREPARING_PREFIX + layer_key, "someone-else", ex=9)
+    push_layout(layout, "waiting", f"{registry.host}/fleet/waiting:src")
+    final = fleet.wait(fleet.submit(request_for(registry, "fleet/waiting", "src", "obd")), timeout=90)
+    assert final["state"] == "SUCCESS", final
+    assert not fleet.redis.client(1).exists(PREPARING_PREFIX + layer_key)
+    assert_verifies(fleet, registry, "fleet/waiting", "obd", "src")

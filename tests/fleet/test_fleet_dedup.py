@@ -190,7 +190,7 @@ def test_worker_killed_while_its_request_holds_claims(
     dfleet.workers["w2"].proc.wait(10)  # type: ignore[union-attr]
     try:
         finals = [dfleet.wait(i, timeout=150) for i in (first, second)]
-        assert [f["state"] for f in finals] == ["SUCCESS", "SUCCESS"], finals
+        assert [f["state"] for f in finals] == ["SUCCESS", "SUCCESS"], (finals, dfleet.broker_state())
         assert finals[0]["outputs"]["native"]["digest"] == finals[1]["outputs"]["native"]["digest"]
         store = open_store("mysql", dedup_db, required=True)
         try:

@@ -108,6 +108,23 @@ def test_a_forgotten_message_is_not_resent_and_leaves_nothing(client: redis.Redi
     assert not client.exists(message_key("done"))
 
 
+def test_a_task_that_replaced_itself_does_not_forget_its_replacement(client: redis.Redis) -> None:
+    """convert[R] replaces itself with convert_manifest[R]: the replacement is recorded under the
+    same id before convert's postrun; that postrun must not drop the replacement's entry."""
+    ledger, resend = MessageLedger(client), Recorder()
+    published(ledger, "R", at=1000.0)  # convert[R] (entry task name TASK_FINISH in this test)
+    replacement = LedgerEntry("R", "obdconv.convert_manifest", "", CONTROL, {"id": "R"}, {}, [[], {}, {}])
+    ledger.record(replacement)
+    ledger.mark_published("R", now=1001.0)
+    assert not ledger.forget("R", TASK_FINISH)  # the replaced task ends
+    assert ledger.entry("R") == replacement
+    ledger.sweep(resend, GRACE, "w1", now=1012.0)
+    assert ledger.sweep(resend, GRACE, "w1", now=1023.0) == ["R"]  # still protected: lost, re-sent
+    assert resend.sent[0].task_name == "obdconv.convert_manifest"
+    assert ledger.forget("R", "obdconv.convert_manifest")  # the replacement ends
+    assert ledger.entry("R") is None and client.zcard(PUBLISHED_KEY) == 0
+
+
 def test_a_message_lost_again_and_again_is_given_up(client: redis.Redis) -> None:
     ledger, resend = MessageLedger(client), Recorder()
     published(ledger, "cursed", at=0.0)

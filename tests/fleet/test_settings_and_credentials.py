@@ -84,3 +84,18 @@ def test_resolver_feeds_registry_options(tmp_path: Path) -> None:
                                           credentials_resolver_for("127.0.0.1:5000", f, env={}))
     assert (options.username, options.password) == ("alice", "s3:cret")
     assert "s3:cret" not in repr(options)
+
+
+def test_lease_must_outlast_celerys_chord_dispatch_claim() -> None:
+    """The lease floor rests on our copy of Celery's claim estimate: check it against Celery's own
+    (a private method of its Redis backend; if Celery changes it, this test says so)."""
+    from celery import signature
+
+    from workers.app import chord_dispatch_claim_seconds, create_app, min_lease_seconds
+
+    app = create_app(load_settings(env={"OBDCONV_LEASE_SECONDS": str(min_lease_seconds())}))
+    initial = max(5, int(app.conf.result_chord_join_timeout * 2))
+    assert app.backend._chord_publish_claim_expires(initial, signature("x", app=app)) <= chord_dispatch_claim_seconds()
+    assert min_lease_seconds() * 2 / 3 > chord_dispatch_claim_seconds()
+    with pytest.raises(UsageError, match=f"lease_seconds {min_lease_seconds() - 1} is too short"):
+        create_app(load_settings(env={"OBDCONV_LEASE_SECONDS": str(min_lease_seconds() - 1)}))
