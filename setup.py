@@ -2,9 +2,10 @@
 
 setuptools' pyproject configuration has no `cffi_modules` key (it is a setup() keyword that cffi
 registers), so it lives here: obdconv/ext4/_build_fast.py compiles obdconv.ext4._fastapply
-against the system libext2fs (needs gcc and libext2fs-dev; scripts/setup.sh installs them).
+against the system libext2fs (needs gcc and libext2fs-dev; scripts/setup.sh installs them), and
+obdconv/oci/_build_tarscan.py compiles obdconv.oci._tarscanfast (needs only gcc).
 """
 
 from setuptools import setup
 
-setup(cffi_modules=["obdconv/ext4/_build_fast.py:ffibuilder"])
+setup(cffi_modules=["obdconv/ext4/_build_fast.py:ffibuilder", "obdconv/oci/_build_tarscan.py:ffibuilder"])

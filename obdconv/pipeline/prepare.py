@@ -174,9 +174,15 @@ class DataAreaBlocks:
     def write(self, data: bytes | memoryview) -> None:
         # Whole batches are compressed straight from the caller's buffer; only the bytes that do
         # not fill a batch are copied (tar members arrive as slices of large decompressed chunks).
+        fill = self.fill
+        n = len(data)
+        if fill + n < self.batch and type(data) is memoryview and data.format == "B" and data.ndim == 1:
+            # The common case (a small file, or the zero padding after one): one copy, no batch ends.
+            self.view[fill : fill + n] = data
+            self.fill = fill + n
+            return
         mv = data if isinstance(data, memoryview) and mv_is_bytes(data) else memoryview(data).cast("B")
         n = len(mv)
-        fill = self.fill
         batch = self.batch
         if fill:
             take = min(batch - fill, n)
