@@ -14,7 +14,10 @@
    (+ of the registry, which serves and stores the blobs) against the baseline's CPU seconds: on a
    shared machine wall ratios move with other load, the CPU ratio much less.
 
-Usage: python benchmarks/bench_convert.py [--formats native,turbo] [--skip-convert] [--verify] [--json]
+With `--repeat N` each format's (baseline, conversion) pair runs N times and a last line gives the
+median of the ratios and of each stage: on a machine shared with other work one run can be far off.
+
+Usage: python benchmarks/bench_convert.py [--formats native,turbo] [--repeat N] [--skip-convert] [--verify] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,6 +248,23 @@ def run_verify(registry_host: str, input_tag: str, fmt: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def print_medians(conversions: list[dict[str, Any]]) -> None:
+    """One line per format: medians over its repeated runs (wall and CPU ratios, stage seconds)."""
+    for fmt in dict.fromkeys(c["format"] for c in conversions):
+        runs = [c for c in conversions if c["format"] == fmt]
+        stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs)
+                  for k in runs[0]["stages"] if k != "total"}
+        print(f"{fmt}: median of {len(runs)}: ratio {statistics.median(r['ratio'] for r in runs):.2f}x "
+              f"(total {statistics.median(r['total_s'] for r in runs):.2f} s vs baseline "
+              f"{statistics.median(r['baseline_s'] for r in runs):.2f} s), CPU ratio "
+              f"{statistics.median(r['cpu_ratio'] for r in runs):.2f}x (converter "
+              f"{statistics.median(r['cpu_s'] for r in runs):.2f} s + registry "
+              f"{statistics.median(r['registry_cpu_s'] for r in runs):.2f} s vs baseline "
+              f"{statistics.median(r['baseline_cpu_s'] for r in runs):.2f} s); peak RSS "
+              f"{max(r['peak_rss_bytes'] for r in runs) / 2**20:.0f} MiB; stages: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default="native,turbo", help="comma list of native, turbo")
@@ -251,6 +272,7 @@ def main() -> int:
     ap.add_argument("--verify", action="store_true", help="also run `obdconv verify` on each result (slow)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="baseline processes")
     ap.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    ap.add_argument("--repeat", type=int, default=1, help="conversions per format (medians printed when > 1)")
     args = ap.parse_args()
     # SIGTERM (e.g. a timeout) must still run the `finally` that stops the registry we started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -282,7 +304,8 @@ def main() -> int:
             print("conversion skipped (--skip-convert)")
         else:
             results["conversions"] = []
-            for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+            runs = [f.strip() for f in args.formats.split(",") if f.strip()] * max(1, args.repeat)
+            for fmt in runs:
                 # The machine is shared: measure the baseline right before each conversion, so the
                 # ratio compares runs made under the same load.
                 near = run_baseline(blobs, args.workers)
@@ -311,6 +334,8 @@ def main() -> int:
                     print(f"{fmt}: verify {'OK' if v['ok'] else 'FAILED'} in {v['seconds']:.1f} s")
                     if not v["ok"]:
                         print("\n".join("    " + line for line in v["summary"]))
+            if args.repeat > 1:
+                print_medians(results["conversions"])
     if args.json:
         print(json.dumps(results, indent=1))
     return 0

@@ -16,6 +16,12 @@ TurboOCI blob = `turboOCIv1.tar.gz` holding `ext4.fs.meta` (a ZFile of a warp LS
 blocks as tag-0 data, file extents as tag-1 entries into the uncompressed source tar, index not
 padded), an empty `.turbo.ociv1` and, for gzip sources, `gzip.meta`. Deterministic: tar entries
 carry no mtime/uid/gid/names, gzip mtime is 0. Its diff_id is the sha256 of the tar.
+
+Steps, so a runner can do the heavy parts early: `build_layer` (CPU only, touches no registry:
+everything but the prepared blocks written to two small files), `send_built` (streams the files
+and the prepared blocks into an upload session, hashing as it sends; nothing is a blob yet) and
+`commit_built` (the blob appears); `upload_built` is the last two. `assemble_layer` is all of it in
+one call, with nothing written to disk. Either way the blob bytes are the same.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import gzip
 import hashlib
 import io
 import logging
+import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from obdconv.errors import BadInputError
@@ -47,6 +55,7 @@ from obdconv.pipeline.layout import (
 from obdconv.pipeline.mapping import Run, native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.prepare import PreparedLayer
 from obdconv.pipeline.request import ConversionProfile
+from obdconv.registry.repository import PendingBlob
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +122,69 @@ class _Hashing:
         return "sha256:" + self.hash.hexdigest(), self.size
 
 
-def _store(target_repo: Any, chunks: Iterable[bytes], upload: bool) -> tuple[str, int]:
+def _store(target_repo: Any, chunks: Iterable[bytes], upload: bool, size: int) -> tuple[str, int]:
+    """Upload (or only hash, for --no-upload) a blob of `size` bytes known in advance: the registry
+    client sends it with Content-Length, and a blob coming out at another size is an error."""
     if upload:
-        return target_repo.upload_blob(chunks)
-    return _Hashing(chunks).drain()
+        return target_repo.upload_blob(chunks, size=size)
+    digest, written = _Hashing(chunks).drain()
+    if written != size:
+        raise BadInputError(f"blob {digest}: {written} bytes, planned {size}")
+    return digest, written
+
+
+def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(STREAM_CHUNK):
+            yield chunk
+
+
+@dataclass(slots=True)
+class BlobParts:
+    """A layer blob as `head` + the bytes of file `body_path` (if any) + `tail`."""
+
+    head: bytes
+    body_path: str
+    body_size: int
+    tail: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + self.body_size + len(self.tail)
+
+    def chunks(self) -> Iterator[bytes]:
+        yield self.head
+        if self.body_path:
+            yield from _file_chunks(self.body_path)
+        yield self.tail
+
+
+@dataclass(slots=True)
+class BuiltLayer:
+    """A layer blob built by `build_layer`, waiting for `upload_built`: its bytes are the file
+    `head_path`, then `body_path` (the prepared blocks, verbatim; "" for turbo), then `tail_path`."""
+
+    format: str
+    head_path: str
+    body_path: str
+    tail_path: str
+    size: int
+    diff_id: str  # turbo: sha256 of the uncompressed tar; native: "" (the blob's own digest)
+    source_digest: str
+    source_size: int
+    target_media_type: str  # turbo annotation; "" for native
+
+    def chunks(self) -> Iterator[bytes]:
+        for path in (self.head_path, self.body_path, self.tail_path):
+            if path:
+                yield from _file_chunks(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BuiltLayer:
+        return cls(**d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,25 +236,34 @@ def plan_native_blob(prepared: PreparedLayer, metadata: Any, profile: Conversion
     return NativeBlobPlan(zheader, head_blocks, tail_blocks, ztail, zfile_size, lsmt_size, mappings)
 
 
-def native_blob_chunks(prepared: PreparedLayer, plan: NativeBlobPlan) -> Iterator[bytes]:
+def native_blob_parts(prepared: PreparedLayer, plan: NativeBlobPlan) -> BlobParts:
     """The blob's bytes in order: tar prefix, ZFile (prepared blocks streamed from the spool), suffix."""
-    yield wrap_prefix(plan.zfile_size) + plan.zheader + b"".join(plan.head_blocks)
-    with open(prepared.blocks_path, "rb") as f:
-        while chunk := f.read(STREAM_CHUNK):
-            yield chunk
-    yield b"".join(plan.tail_blocks) + plan.ztail + wrap_suffix(plan.zfile_size)
+    body_size = os.path.getsize(prepared.blocks_path)
+    expected = plan.zfile_size - len(plan.zheader) - len(plan.ztail) - sum(len(b) for b in plan.head_blocks) \
+        - sum(len(b) for b in plan.tail_blocks)
+    if body_size != expected:
+        raise BadInputError(f"layer {prepared.source_digest}: prepared blocks are {body_size} bytes, "
+                            f"their lengths add up to {expected}")
+    return BlobParts(wrap_prefix(plan.zfile_size) + plan.zheader + b"".join(plan.head_blocks),
+                     str(prepared.blocks_path), body_size,
+                     b"".join(plan.tail_blocks) + plan.ztail + wrap_suffix(plan.zfile_size))
+
+
+def native_blob_chunks(prepared: PreparedLayer, plan: NativeBlobPlan) -> Iterator[bytes]:
+    return native_blob_parts(prepared, plan).chunks()
+
+
+def _native_converted(digest: str, size: int, oci: bool) -> ConvertedLayer:
+    # The blob is an uncompressed tar, so its digest is also its diff_id.
+    return ConvertedLayer(digest, size, layer_media_type("native", oci), digest,
+                          layer_annotations("native", digest, size))
 
 
 def assemble_native(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
                     parent_chain_id: str, target_repo: Any, upload: bool = True, *, oci: bool = False) -> ConvertedLayer:
-    plan = plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id)
-    digest, size = _store(target_repo, native_blob_chunks(prepared, plan), upload)
-    expected = len(wrap_prefix(plan.zfile_size)) + plan.zfile_size + len(wrap_suffix(plan.zfile_size))
-    if size != expected:
-        raise BadInputError(f"layer {prepared.source_digest}: wrote {size} bytes, planned {expected}")
-    # The blob is an uncompressed tar, so its digest is also its diff_id.
-    return ConvertedLayer(digest, size, layer_media_type("native", oci), digest,
-                          layer_annotations("native", digest, size))
+    parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
+    digest, size = _store(target_repo, parts.chunks(), upload, parts.size)
+    return _native_converted(digest, size, oci)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,35 +313,47 @@ def turbo_archive(fs_meta_file: str, fs_meta: bytes, gzip_meta: bytes | None) ->
     return raw, gzip.compress(raw, compresslevel=TURBO_GZIP_LEVEL, mtime=0)
 
 
-def ensure_target_blob(target_repo: Any, source_repo: Any, prepared: PreparedLayer) -> None:
-    """A turbo layer reads file data from the ORIGINAL blob, so it must exist in the output
-    repository: mount it (same registry) or copy it when writing elsewhere."""
-    digest = prepared.source_digest
+def ensure_target_blob(target_repo: Any, source_repo: Any, digest: str, size: int) -> None:
+    """A turbo layer reads file data from the ORIGINAL blob `digest` (of `size` bytes), so it must
+    exist in the output repository: mount it (same registry) or copy it when writing elsewhere."""
     if source_repo is None or source_repo is target_repo or target_repo.head_blob(digest) is not None:
         return
     same_host = getattr(source_repo, "host", None) == getattr(target_repo, "host", None) and source_repo.host
     if same_host and target_repo.mount_blob(digest, source_repo.name):
         return
     with source_repo.open_blob(digest) as f:
-        target_repo.push_blob(f, digest, prepared.source_size)
+        target_repo.push_blob(f, digest, size)
 
 
-def assemble_turbo(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, target_repo: Any,
-                   upload: bool = True, *, oci: bool = False, source_repo: Any = None) -> ConvertedLayer:
+def turbo_blob(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile) -> tuple[bytes, str]:
+    """(the turbo layer blob, its diff_id)."""
     if not prepared.turbo:
         raise BadInputError(f"layer {prepared.source_digest} was prepared without turbo data")
     fs_meta = build_fs_meta(prepared, metadata, profile)
     gzip_meta_path = prepared.gzip_meta_path
     gzip_meta = gzip_meta_path.read_bytes() if gzip_meta_path is not None else None
     tar, blob = turbo_archive(fs_meta_name(profile.fstype), fs_meta, gzip_meta)
-    if upload:
-        ensure_target_blob(target_repo, source_repo, prepared)
-    digest, size = _store(target_repo, [blob], upload)
-    target_type = mediatypes.turbo_target_media_type(prepared.source_media_type, prepared.compression == "gzip")
-    annotations = layer_annotations("turbo", digest, size, target_digest=prepared.source_digest,
+    return blob, "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def _turbo_target_media_type(prepared: PreparedLayer) -> str:
+    return mediatypes.turbo_target_media_type(prepared.source_media_type, prepared.compression == "gzip")
+
+
+def _turbo_converted(digest: str, size: int, diff_id: str, source_digest: str, target_type: str,
+                     oci: bool) -> ConvertedLayer:
+    annotations = layer_annotations("turbo", digest, size, target_digest=source_digest,
                                     target_media_type=target_type)
-    return ConvertedLayer(digest, size, layer_media_type("turbo", oci), "sha256:" + hashlib.sha256(tar).hexdigest(),
-                          annotations)
+    return ConvertedLayer(digest, size, layer_media_type("turbo", oci), diff_id, annotations)
+
+
+def assemble_turbo(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, target_repo: Any,
+                   upload: bool = True, *, oci: bool = False, source_repo: Any = None) -> ConvertedLayer:
+    blob, diff_id = turbo_blob(prepared, metadata, profile)
+    if upload:
+        ensure_target_blob(target_repo, source_repo, prepared.source_digest, prepared.source_size)
+    digest, size = _store(target_repo, [blob], upload, len(blob))
+    return _turbo_converted(digest, size, diff_id, prepared.source_digest, _turbo_target_media_type(prepared), oci)
 
 
 def assemble_layer(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
@@ -280,3 +369,65 @@ def assemble_layer(prepared: PreparedLayer, metadata: Any, profile: ConversionPr
     if profile.format == "turbo":
         return assemble_turbo(prepared, metadata, profile, target_repo, upload, oci=oci, source_repo=source_repo)
     raise BadInputError(f"unknown output format {profile.format!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# in two steps: build (CPU, no registry) then upload
+
+
+def build_layer(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
+                parent_chain_id: str, out_dir: str | os.PathLike[str]) -> BuiltLayer:
+    """Everything of `assemble_layer` that needs no registry: the blob's own bytes (all but the
+    prepared blocks it streams from the spool) go to files `<out_dir>/<format>-<chain id>.head/.tail`.
+    Nothing is uploaded, so a runner may build before every layer's source digest is verified."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{profile.format}-{(chain_id or prepared.source_digest).partition(':')[2] or 'layer'}"
+    if profile.format == "native":
+        parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
+        diff_id = target_type = ""
+    elif profile.format == "turbo":
+        blob, diff_id = turbo_blob(prepared, metadata, profile)
+        parts = BlobParts(blob, "", 0, b"")
+        target_type = _turbo_target_media_type(prepared)
+    else:
+        raise BadInputError(f"unknown output format {profile.format!r}")
+    head, tail = Path(f"{stem}.head"), Path(f"{stem}.tail")
+    head.write_bytes(parts.head)
+    tail.write_bytes(parts.tail)
+    return BuiltLayer(profile.format, str(head), parts.body_path, str(tail), parts.size, diff_id,
+                      prepared.source_digest, prepared.source_size, target_type)
+
+
+def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> PendingBlob:
+    """The heavy half of an upload: a built layer's bytes sent (or, with `upload` False, only
+    hashed), not yet a blob in `target_repo` until `commit_built`."""
+    if upload:
+        return target_repo.begin_upload(built.chunks(), size=built.size)  # type: ignore[no-any-return]
+    digest, size = _store(target_repo, built.chunks(), False, built.size)
+    return PendingBlob(digest, size, lambda: None, lambda: None)
+
+
+def commit_built(built: BuiltLayer, pending: PendingBlob, target_repo: Any, upload: bool = True, *,
+                 oci: bool = False, source_repo: Any = None) -> ConvertedLayer:
+    """Make a sent layer a blob of `target_repo` (turbo: with its source blob there too); cancels
+    `pending` if that fails."""
+    try:
+        if built.format == "turbo" and upload:
+            ensure_target_blob(target_repo, source_repo, built.source_digest, built.source_size)
+        pending.commit()
+    except BaseException:
+        pending.cancel()
+        raise
+    if built.format == "native":
+        return _native_converted(pending.digest, pending.size, oci)
+    return _turbo_converted(pending.digest, pending.size, built.diff_id, built.source_digest,
+                            built.target_media_type, oci)
+
+
+def upload_built(built: BuiltLayer, target_repo: Any, upload: bool = True, *, oci: bool = False,
+                 source_repo: Any = None) -> ConvertedLayer:
+    """Send and commit a built layer (or only hash it, with `upload` False); the files stay for the
+    caller to remove. Same result as `assemble_layer` on the same inputs."""
+    return commit_built(built, send_built(built, target_repo, upload), target_repo, upload, oci=oci,
+                        source_repo=source_repo)

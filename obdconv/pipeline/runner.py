@@ -3,7 +3,9 @@
     plan (resolve the image) -> prepare every distinct layer   [process pool, all at once]
     per manifest (at most `concurrency_limit` at once):
         metadata (layers in order, in the manifest's thread, each as soon as its prepare is done)
-        -> assemble each layer x format [pool; once every prepare of the manifest is done]
+        -> build each layer x format [pool; as soon as its metadata is applied]
+        -> send it into an upload session [threads of this process; as soon as it is built]
+        -> commit it [once every prepare of the manifest is done and verified; else cancel]
         -> push config + manifest per format
     then every index per format, children before parents; only the root is tagged.
 
@@ -33,12 +35,13 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from obdconv.dedup.store import open_store
 from obdconv.errors import BadInputError, ObdconvError
-from obdconv.pipeline.assemble import ConvertedLayer, assemble_layer
+from obdconv.pipeline.assemble import BuiltLayer, ConvertedLayer, build_layer, commit_built, send_built
 from obdconv.pipeline.metadata import MetadataPass, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
@@ -47,7 +50,7 @@ from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
 from obdconv.pipeline.request import ConversionProfile, ConversionRequest
 from obdconv.pipeline.reuse import ManifestReuse, Reuse
 from obdconv.pipeline.validate import validate_request
-from obdconv.registry import RegistryOptions, open_repository
+from obdconv.registry import PendingBlob, RegistryOptions, open_repository
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ class ConversionResult:
     outputs: list[OutputResult] = field(default_factory=list)
     source_digest: str = ""
     uploaded: bool = True
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (summed over tasks) + "total"
+    # Seconds per stage (summed over tasks) + "total"; "assemble" = "assemble.build" + "assemble.upload".
+    timings: dict[str, float] = field(default_factory=dict)
 
     def output(self, fmt: str) -> OutputResult:
         for o in self.outputs:
@@ -171,13 +175,27 @@ def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, 
     return prepared.to_dict(), time.monotonic() - start
 
 
-def task_assemble(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any], chain_id: str,
-                  parent_chain_id: str, target: str, source: str, options: RegistryOptions | None,
-                  upload: bool, oci: bool) -> tuple[dict[str, Any], float]:
+def task_build(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any], chain_id: str,
+               parent_chain_id: str, out_dir: str) -> tuple[dict[str, Any], float]:
+    """The CPU part of assemble (no registry access): may run before every digest is verified."""
     start = time.monotonic()
-    layer = assemble_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata),
-                           ConversionProfile(**profile), chain_id, parent_chain_id, _repo(target, options),
-                           upload, oci=oci, source_repo=_repo(source, options))
+    built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata), ConversionProfile(**profile),
+                        chain_id, parent_chain_id, out_dir)
+    return built.to_dict(), time.monotonic() - start
+
+
+def task_send(built: dict[str, Any], target_repo: Any, upload: bool) -> tuple[PendingBlob, float]:
+    """Runs in an upload thread of the runner's own process (see `_Run.uploads`)."""
+    start = time.monotonic()
+    pending = send_built(BuiltLayer.from_dict(built), target_repo, upload)
+    return pending, time.monotonic() - start
+
+
+def task_commit(built: dict[str, Any], pending: PendingBlob, target_repo: Any, source_repo: Any, upload: bool,
+                oci: bool) -> tuple[dict[str, Any], float]:
+    """Runs in an upload thread, like `task_send`."""
+    start = time.monotonic()
+    layer = commit_built(BuiltLayer.from_dict(built), pending, target_repo, upload, oci=oci, source_repo=source_repo)
     return layer.to_dict(), time.monotonic() - start
 
 
@@ -305,6 +323,7 @@ class _Run:
             t = time.monotonic()
             dump_dir = self.dump_dir(profile, m) if self.request.dump_manifest else None
             with self.push_lock:
+                self.check_not_aborted()
                 pushed[profile.format] = push_manifest(
                     self.target_repo, source_manifest=m.data.encode(), source_config=m.config.encode(),
                     source_desc=m.descriptor, fmt=profile.format, layers=[x.descriptor() for x in layers],
@@ -325,16 +344,23 @@ class _Run:
                               reuse: ManifestReuse, workdir: Path,
                               futures: dict[tuple[str, int], Future[tuple[dict[str, Any], float]]]) -> None:
         """Apply layers start.. to ext4 in order, here, as each one's prepare finishes (metadata
-        overlaps the prepares of later layers), and submit each layer's assembles once it is
-        applied AND every layer of the manifest has prepared (its digest verified): assembles
-        upload, so a corrupt blob anywhere in the manifest leaves the registry untouched, while
-        the metadata of the last layers still overlaps the assembles of the first ones. (An error
-        in the metadata of a later layer can leave earlier layer blobs uploaded but unreferenced,
-        as the reference convertor does.)
+        overlaps the prepares of later layers). Each applied layer's assembles then go in three
+        steps, each as early as it may:
+          build  (pool; CPU only, no registry access) at once, so a worker with no prepare left
+                 to run builds instead of idling;
+          send   (upload threads) as soon as built: the bytes stream into an upload session,
+                 which is not a blob, so nothing is visible in the target yet;
+          commit (in layer order) once every layer of the manifest has prepared, its digest
+                 verified. A corrupt blob anywhere in the manifest leaves the registry untouched:
+                 every sent layer is cancelled, before the error is raised. (An error in the
+                 metadata of a later layer can leave earlier layer blobs committed but
+                 unreferenced, as the reference convertor does.)
 
-        With a process pool a helper thread opens that gate the moment the last prepare finishes:
-        the applied layers' assembles then start at once instead of when the metadata apply under
-        way returns (the metadata of a big layer takes seconds, and it is the critical path)."""
+        `futures[(format, i)]` gets, at once, a future of (ConvertedLayer dict, build + upload
+        seconds), resolved when that commit is done. With a process pool three helper threads run
+        beside this loop: one opens the commit gate the moment the last prepare finishes (not when
+        the metadata apply under way returns: a big layer's metadata takes seconds, and it is the
+        critical path), one starts the sends, one commits (or cancels)."""
         n = len(m.layers)
         parents = None
         if start:
@@ -344,41 +370,84 @@ class _Run:
                                         [x["digest"] for x in m.layers[:start]], workdir / "parents")
             self.add_time("parents", time.monotonic() - t)
         self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
-        pending: list[tuple[int, PreparedLayer, bytes]] = []
         own_prepares = [self.prepare_futures[layer["digest"]] for layer in m.layers[start:]]
+        built_dir = str(workdir / "built")
 
         def all_prepared() -> bool:
             """Every layer prepared, its blob digest verified and its diff_id as the config says."""
             return all(f.done() and not f.cancelled() and f.exception() is None
                        and f.result()[0]["diff_id"] == m.diff_ids[start + k] for k, f in enumerate(own_prepares))
 
-        gate = threading.Lock()  # guards pending, futures and the two flags below
-        gate_open = False  # every prepare finished cleanly: assembles may upload
-        stopped = False  # the metadata loop failed: submit nothing more
+        gate_open = threading.Event()  # every prepare finished cleanly (or the loop stopped)
+        stopped = threading.Event()  # the metadata loop failed: commit nothing more
+        Result = Future[tuple[dict[str, Any], float]]
+        # Builds in submission (= layer) order, for the sender; then sends, for the committer.
+        # None ends each queue.
+        builds: queue.Queue[tuple[Result, Result] | None] = queue.Queue()
+        sends: queue.Queue[tuple[Result, dict[str, Any], float, Future[tuple[PendingBlob, float]]] | None] = \
+            queue.Queue()
 
-        def submit_pending() -> None:  # with `gate` held
-            for i, prepared, encoded in pending:
-                for profile in group:
-                    futures[(profile.format, i)] = pool.submit(
-                        task_assemble, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
-                        m.chain_ids[i - 1] if i else "", self.target_name, self.source_name, self.registry,
-                        self.upload, self.oci)
-            pending.clear()
+        def sender() -> None:
+            """Starts each layer's upload session as soon as it is built: the bytes go to the
+            registry before the gate opens, but no blob exists until the committer commits."""
+            try:
+                while (item := builds.get()) is not None:
+                    build, result = item
+                    if stopped.is_set() or self.aborted.is_set():
+                        result.set_exception(ObdconvError("conversion stopped before this layer was sent"))
+                        continue
+                    try:
+                        built, build_seconds = build.result()
+                        self.add_time("assemble.build", build_seconds)
+                        send = self.uploads.submit(task_send, built, self.target_repo, self.upload)
+                    except BaseException as e:  # handed to the manifest thread waiting on `result`
+                        result.set_exception(e)
+                        continue
+                    sends.put((result, built, build_seconds, send))
+            finally:
+                sends.put(None)
+
+        def committer() -> None:
+            """Once every prepare is verified, commits the sent layers in order; if the manifest
+            failed instead, cancels them (nothing sent becomes a blob)."""
+            gate_open.wait()
+            while (item := sends.get()) is not None:
+                result, built, build_seconds, send = item
+                try:
+                    pending, send_seconds = send.result()
+                except BaseException as e:  # likewise
+                    result.set_exception(e)
+                    continue
+                if stopped.is_set() or self.aborted.is_set():
+                    pending.cancel()
+                    result.set_exception(ObdconvError("conversion stopped before this layer was committed"))
+                    continue
+                # In an upload thread, not here: a turbo commit may copy the whole source blob into
+                # another registry first, and layers should not wait for each other's copies.
+                try:
+                    commit = self.uploads.submit(task_commit, built, pending, self.target_repo, self.source_repo,
+                                                 self.upload, self.oci)
+                except BaseException as e:  # likewise
+                    pending.cancel()
+                    result.set_exception(e)
+                    continue
+                commit.add_done_callback(partial(self.resolve_layer, result, pending, build_seconds, send_seconds))
 
         def open_gate_when_prepared() -> None:
-            nonlocal gate_open
             wait(own_prepares)
-            with gate:
-                if not stopped and all_prepared():
-                    gate_open = True
-                    submit_pending()
+            if all_prepared():
+                gate_open.set()
 
         # Inline (workers=1) tasks run at submit time, in the submitting thread: keep them all in
-        # this one, in order, so a one-process run stays simple to debug.
-        helper = None
+        # this one, in order (uploads after the loop), so a one-process run stays simple to debug.
+        helpers: list[threading.Thread] = []
         if not isinstance(pool, _InlineExecutor):
-            helper = threading.Thread(target=open_gate_when_prepared, name="assemble-gate", daemon=True)
-            helper.start()
+            helpers = [threading.Thread(target=fn, name=f"assemble-{fn.__name__}", daemon=True)
+                       for fn in (open_gate_when_prepared, sender, committer)]
+            for helper in helpers:
+                helper.start()
+            with self.timing_lock:
+                self.helper_threads.extend(helpers)
         t = time.monotonic()
         try:
             with _thread_priority_raised(self.options.metadata_boost), \
@@ -394,20 +463,43 @@ class _Run:
                     encoded = encode_metadata(metadata_pass.apply(prepared))
                     self.add_time("metadata", time.monotonic() - t)
                     self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
-                    with gate:
-                        pending.append((i, prepared, encoded))
-                        if gate_open or all_prepared():
-                            gate_open = True
-                            submit_pending()
+                    for profile in group:
+                        result: Future[tuple[dict[str, Any], float]] = Future()
+                        futures[(profile.format, i)] = result
+                        build = pool.submit(task_build, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
+                                            m.chain_ids[i - 1] if i else "", built_dir)
+                        builds.put((build, result))
         except BaseException:
-            with gate:
-                stopped = True
+            stopped.set()
+            gate_open.set()
+            builds.put(None)
+            # Sent layers must be cancelled before the error reaches the caller (no upload session
+            # or temp file left behind): wait for the sender and committer to drain.
+            for helper in helpers[1:]:
+                helper.join()
             raise
         # Every layer was waited for and checked by the loop above, so all prepared cleanly here.
-        with gate:
-            submit_pending()
-        if helper is not None:
-            helper.join()  # returns at once: every prepare is done
+        gate_open.set()
+        builds.put(None)
+        if not helpers:
+            sender()
+            committer()
+
+    def check_not_aborted(self) -> None:
+        if self.aborted.is_set():
+            raise ObdconvError("conversion aborted: not pushing")
+
+    def resolve_layer(self, result: Future[tuple[dict[str, Any], float]], pending: PendingBlob, build_seconds: float,
+                      send_seconds: float, commit: Future[tuple[dict[str, Any], float]]) -> None:
+        """Hand a committed layer (or the commit's error) to the manifest thread waiting on `result`."""
+        try:
+            layer, commit_seconds = commit.result()
+        except BaseException as e:  # the waiting manifest thread raises it
+            pending.cancel()  # a commit cancelled with the run never ran (no-op when it failed itself)
+            result.set_exception(e)
+            return
+        self.add_time("assemble.upload", send_seconds + commit_seconds)
+        result.set_result((layer, build_seconds + send_seconds + commit_seconds))
 
     def dump_dir(self, profile: ConversionProfile, m: ManifestPlan) -> Path:
         platform = m.platform.replace("/", "_")
@@ -430,6 +522,14 @@ class _Run:
         workers = self.options.workers or os.cpu_count() or 1
         progress_queue: Any = None
         drain: threading.Thread | None = None
+        # Uploads run in threads of this process, not in the pool: an upload mostly waits for the
+        # registry (it hashes and sends with the GIL released), and in a pool worker it would hold
+        # a slot that a prepare or build could use meanwhile. Threads share this process's
+        # repositories (one connection pool) and need nothing pickled.
+        self.uploads: Executor = (ThreadPoolExecutor(max(2, workers), thread_name_prefix="upload") if workers > 1
+                                  else _InlineExecutor())
+        self.aborted = threading.Event()  # the run failed: committers cancel instead of committing
+        self.helper_threads: list[threading.Thread] = []
         if workers > 1:
             ctx = multiprocessing.get_context("forkserver")
             # The fork server imports the pipeline once and every worker forks with it loaded,
@@ -451,35 +551,50 @@ class _Run:
             results = self.convert_manifests(pool, plan, outputs)
             self.push_indexes(plan, results, outputs)
         except BaseException:
+            self.aborted.set()
             for f in self.prepare_futures.values():
                 f.cancel()
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            if progress_queue is not None:
-                progress_queue.put(None)
-                if drain is not None:
-                    drain.join(5)
-            if workers <= 1:
-                _init_worker(None)
-                for name in _repos_in_process:
-                    _repos.pop(name, None)
-            for reuse in getattr(self, "reuse_of", {}).values():
-                reuse.release()
-            store = getattr(self, "store", None)
-            if store is not None:
-                store.close()
-            for repo in {id(r): r for r in _repos_in_process.values()}.values():
-                with contextlib.suppress(Exception):
-                    repo.close()
-            if not (request.reserve or self.options.keep_spool):
-                for path in self.created_spools:
-                    shutil.rmtree(path, ignore_errors=True)
-            # A failed manifest's metadata work directory: MetadataPass removed the image inside,
-            # the directories stay (a successful manifest removed its own already).
-            if not request.reserve:
-                for path in self.metadata_workdirs:
-                    shutil.rmtree(path, ignore_errors=True)
+            def stop_executors() -> None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                self.uploads.shutdown(wait=True, cancel_futures=True)
+                # A failed run leaves no upload session open: committers still holding sent layers
+                # cancel them (their manifest may have failed elsewhere, e.g. in another layer's upload).
+                for thread in self.helper_threads:
+                    thread.join()
+
+            def stop_progress() -> None:
+                if progress_queue is not None:
+                    progress_queue.put(None)
+                    if drain is not None:
+                        drain.join(5)
+                if workers <= 1:
+                    _init_worker(None)
+                    for name in _repos_in_process:
+                        _repos.pop(name, None)
+
+            def release() -> None:
+                for reuse in getattr(self, "reuse_of", {}).values():
+                    reuse.release()
+                store = getattr(self, "store", None)
+                if store is not None:
+                    store.close()
+                for repo in {id(r): r for r in _repos_in_process.values()}.values():
+                    with contextlib.suppress(Exception):
+                        repo.close()
+
+            def remove_files() -> None:
+                if not (request.reserve or self.options.keep_spool):
+                    for path in self.created_spools:
+                        shutil.rmtree(path, ignore_errors=True)
+                # A failed manifest's metadata work directory: MetadataPass removed the image inside,
+                # the directories stay (a successful manifest removed its own already).
+                if not request.reserve:
+                    for path in self.metadata_workdirs:
+                        shutil.rmtree(path, ignore_errors=True)
+
+            _run_all(stop_executors, stop_progress, release, remove_files)
         self.timings["total"] = time.monotonic() - started
         self.emit(ProgressEvent("done", finished=True))
         return ConversionResult(list(outputs.values()), plan.root["digest"], self.upload, dict(self.timings))
@@ -509,6 +624,9 @@ class _Run:
                 for digest, f in futures.items():
                     results[digest] = f.result()
             except BaseException:
+                # E.g. Ctrl-C here, or another manifest failed: manifests still running must not go
+                # on to commit layers or push (leaving this `with` waits for them).
+                self.aborted.set()
                 for f in futures.values():
                     f.cancel()
                 raise
@@ -552,6 +670,20 @@ class _Run:
             if event is None:
                 return
             self.emit(event)
+
+
+def _run_all(*steps: Callable[[], None]) -> None:
+    """Run every cleanup step even if Ctrl-C lands in one of them (waiting for the pool takes a
+    moment, and an interrupt there would skip the rest: spools and work directories left behind);
+    the interrupt is raised once all have run."""
+    interrupt: KeyboardInterrupt | None = None
+    for step in steps:
+        try:
+            step()
+        except KeyboardInterrupt as e:
+            interrupt = interrupt or e
+    if interrupt is not None:
+        raise interrupt
 
 
 @contextlib.contextmanager

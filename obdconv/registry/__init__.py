@@ -18,6 +18,7 @@ from obdconv.registry.repository import (
     OCI_INDEX,
     OCI_MANIFEST,
     Manifest,
+    PendingBlob,
     Repository,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "OCI_INDEX",
     "OCI_MANIFEST",
     "Manifest",
+    "PendingBlob",
     "Reference",
     "RegistryOptions",
     "Repository",

@@ -25,6 +25,7 @@ from obdconv.registry.repository import (
     OCI_INDEX,
     OCI_MANIFEST,
     Manifest,
+    PendingBlob,
     Repository,
     VerifyingReader,
     buffered,
@@ -191,9 +192,23 @@ class OCILayoutRepository(Repository):
             raise NotFoundError(f"blob {self._where(digest)} not found") from None
         return buffered(VerifyingReader(f, digest, None, f"blob {self._where(digest)}"))
 
-    def upload_blob(self, chunks: Iterable[bytes]) -> tuple[str, int]:
+    def upload_blob(self, chunks: Iterable[bytes], size: int | None = None) -> tuple[str, int]:
         self._ensure_layout()
-        return self._store(chunks)
+        return self._store(chunks, expected_size=size)
+
+    def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:
+        """The bytes go to a hidden temp file beside the blobs; commit renames it into place."""
+        self._ensure_layout()
+        tmp_name, digest, written = self._write_temp(chunks, None, size)
+
+        def commit() -> None:
+            self._install(tmp_name, digest)
+
+        def cancel() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+
+        return PendingBlob(digest, written, commit, cancel)
 
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
         if self.head_blob(digest) is not None:
@@ -214,6 +229,14 @@ class OCILayoutRepository(Repository):
     def _store(self, chunks: Iterable[bytes], expected_digest: str | None = None,
                expected_size: int | None = None) -> tuple[str, int]:
         """Write to a temp file beside the blobs, hashing; rename into place once verified."""
+        tmp_name, digest, size = self._write_temp(chunks, expected_digest, expected_size)
+        self._install(tmp_name, digest)
+        return digest, size
+
+    def _write_temp(self, chunks: Iterable[bytes], expected_digest: str | None,
+                    expected_size: int | None) -> tuple[str, str, int]:
+        """(temp file, digest, size) of `chunks` written beside the blobs and checked; the temp file
+        is removed again if anything fails."""
         directory = self.root / "blobs" / "sha256"
         hasher = hashlib.sha256()
         size = 0
@@ -228,16 +251,24 @@ class OCILayoutRepository(Repository):
                 os.fsync(out.fileno())
             digest = "sha256:" + hasher.hexdigest()
             if expected_size is not None and size != expected_size:
-                raise IntegrityError(f"blob {expected_digest} for {self.name}: {size} bytes, expected {expected_size}")
+                what = f"blob {expected_digest}" if expected_digest else "blob"
+                raise IntegrityError(f"{what} for {self.name}: {size} bytes, expected {expected_size}")
             if expected_digest is not None and digest != expected_digest:
                 raise IntegrityError(f"blob for {self.name}: content has digest {digest}, expected {expected_digest}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        return tmp_name, digest, size
+
+    def _install(self, tmp_name: str, digest: str) -> None:
+        try:
             os.chmod(tmp_name, 0o644)
             os.replace(tmp_name, self._blob_path(digest))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
-        return digest, size
 
 
 def _dump_index(index: dict[str, Any]) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -113,6 +113,30 @@ def iter_file_chunks(f: BinaryIO, chunk_size: int = READ_CHUNK) -> Iterator[byte
         yield chunk
 
 
+class PendingBlob:
+    """Bytes sent to a repository but not yet a blob (`Repository.begin_upload`): `commit()` makes
+    them blob `digest`, `cancel()` drops them; each at most once, and one of them always should be
+    called (an abandoned registry session is purged by the registry only after days)."""
+
+    def __init__(self, digest: str, size: int, commit: Callable[[], None], cancel: Callable[[], None]) -> None:
+        self.digest = digest
+        self.size = size
+        self._commit = commit
+        self._cancel = cancel
+        self._done = False
+
+    def commit(self) -> None:
+        if self._done:
+            raise RuntimeError(f"pending blob {self.digest} was already committed or cancelled")
+        self._done = True
+        self._commit()
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._cancel()
+
+
 class Repository(ABC):
     """One repository: read and write manifests and blobs by digest or tag."""
 
@@ -136,8 +160,16 @@ class Repository(ABC):
         """A stream of the blob; IntegrityError at EOF if the bytes do not match `digest`."""
 
     @abstractmethod
-    def upload_blob(self, chunks: Iterable[bytes]) -> tuple[str, int]:
-        """Store a blob whose digest is not known up front; returns (digest, size)."""
+    def upload_blob(self, chunks: Iterable[bytes], size: int | None = None) -> tuple[str, int]:
+        """Store a blob whose digest is not known up front; returns (digest, size). `size`, when the
+        caller knows it, is checked (IntegrityError if the chunks add up to anything else) and lets a
+        registry upload send it as Content-Length instead of a chunk-framed body."""
+
+    @abstractmethod
+    def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:
+        """Send a blob's bytes (hashing, `size` checked as in `upload_blob`) without making it a blob
+        yet: nothing is visible in the repository until `commit()`. Lets a caller do the heavy part
+        of an upload before it knows whether the blob should exist at all."""
 
     @abstractmethod
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from obdconv.errors import IntegrityError, NetworkError, NotFoundError
+from obdconv.errors import BadInputError, IntegrityError, NetworkError, NotFoundError
 from obdconv.registry import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -261,3 +261,35 @@ def test_server_errors_are_retried_then_reported(tmp_path: Path) -> None:
         assert service.process.log_path.read_text().count('"POST /v2/regtest/broken/blobs/uploads/') >= 3
     finally:
         service.stop()
+
+
+def _manifest_with(config: bytes, layer: bytes) -> bytes:
+    def desc(media_type: str, blob: bytes) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": desc("application/vnd.oci.image.config.v1+json", config),
+                       "layers": [desc("application/vnd.oci.image.layer.v1.tar", layer)]}).encode()
+
+
+def test_manifest_push_waits_briefly_for_a_blob_that_reads_as_unknown(registry: RegistryService) -> None:
+    """A blob that appears a moment after the manifest push started (what a concurrent upload of the
+    same digest looks like to distribution) is waited for; one that never appears fails by name."""
+    repo = _repo(registry, "regtest/late-blob")
+    config, layer = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}', os.urandom(4096)
+    repo.upload_blob([config])
+    late = threading.Timer(0.4, lambda: repo.upload_blob([layer]))
+    late.start()
+    try:
+        data = _manifest_with(config, layer)
+        assert repo.put_manifest(data, OCI_MANIFEST, "late") == "sha256:" + hashlib.sha256(data).hexdigest()
+    finally:
+        late.join()
+    assert repo.get_manifest("late").data == data
+
+    never = os.urandom(4096)
+    started = time.monotonic()
+    with pytest.raises(BadInputError, match="BLOB_UNKNOWN") as failure:
+        repo.put_manifest(_manifest_with(config, never), OCI_MANIFEST, "never")
+    assert hashlib.sha256(never).hexdigest() in str(failure.value)
+    assert time.monotonic() - started >= 3  # it did wait before giving up
