@@ -55,11 +55,6 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    import shutil
-    import tempfile
+    from obdconv.native import build_in_place  # the hand build runs with obdconv installed (pip -e)
 
-    # Compile in a scratch dir: cffi writes its generated _fastapply.c and objects there.
-    with tempfile.TemporaryDirectory() as tmp:
-        built = Path(ffibuilder.compile(tmpdir=tmp, verbose=True))
-        shutil.copy2(built, HERE / built.name)
-        print(f"built {HERE / built.name}")
+    print(f"built {build_in_place(ffibuilder, HERE, '_fastapply')}")

@@ -7,24 +7,17 @@ OBDCONV_EXT4_NO_FAST=1 to force the ctypes path (tests compare the two).
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 from types import ModuleType
+
+from obdconv.native import load_extension
 
 log = logging.getLogger(__name__)
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get("OBDCONV_EXT4_NO_FAST"):
-        return None
-    try:
-        module = importlib.import_module("obdconv.ext4._fastapply")
-    except ImportError as exc:
-        log.warning("ext4 C fast path not built (%s); using the slower ctypes path. "
-                    "Reinstall with gcc and libext2fs-dev present to build it.", exc)
-        return None
-    return module
+    return load_extension("obdconv.ext4._fastapply", "OBDCONV_EXT4_NO_FAST", log,
+                          "using the slower ctypes path. Reinstall with gcc and libext2fs-dev present to build it.")
 
 
 FAST: ModuleType | None = _load()

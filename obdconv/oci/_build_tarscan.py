@@ -45,15 +45,6 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    import shutil
-    import tempfile
+    from obdconv.native import build_in_place  # the hand build runs with obdconv installed (pip -e)
 
-    # Compile in a scratch dir: cffi writes its generated _tarscanfast.c and objects there. cffi's
-    # C code defines Py_LIMITED_API, so the module is abi3 whatever compile() names it; it is installed
-    # under the abi3 name pip gives it, so a hand build never leaves a version-specific .so that
-    # would shadow (or be shadowed by) the one `pip install -e .` builds.
-    with tempfile.TemporaryDirectory() as tmp:
-        built = Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
-        target = HERE / "_tarscanfast.abi3.so"
-        shutil.copy2(built, target)
-        print(f"built {target}")
+    print(f"built {build_in_place(ffibuilder, HERE, '_tarscanfast')}")

@@ -52,9 +52,7 @@ given (it is a pure function of the tar), so `data_offset` and `data_area_size` 
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import stat
 import struct
 from collections.abc import Iterator
@@ -64,6 +62,7 @@ from zlib import adler32
 
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import FormatError, UnsafePathError, UnsupportedError
+from obdconv.native import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +134,14 @@ _FAST_TYPES = {ord(t.value): t for t in EntryType}
 
 
 def _load_fast() -> ModuleType | None:
-    if os.environ.get("OBDCONV_TARSCAN_NO_FAST"):
-        return None
-    try:
-        module = importlib.import_module("obdconv.oci._tarscanfast")
-    except ImportError as exc:
-        log.warning("tar scanner C fast path not built (%s); parsing headers in Python (slower). "
-                    "Reinstall with gcc present to build it.", exc)
-        return None
-    if module.ffi.sizeof("struct obd_tar_rec") != _FAST_RECORD.size:
+    module = load_extension("obdconv.oci._tarscanfast", "OBDCONV_TARSCAN_NO_FAST", log,
+                            "parsing headers in Python (slower). Reinstall with gcc present to build it.")
+    if module is not None and module.ffi.sizeof("struct obd_tar_rec") != _FAST_RECORD.size:
         log.warning("tar scanner C fast path has a different record layout; not used")
         return None
     return module
 
 
-# The loaded C fast path or None; TarScanner reads it when created (tests set it to None).
 FAST: ModuleType | None = _load_fast()
 
 
