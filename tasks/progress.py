@@ -14,6 +14,7 @@ import redis
 from celery import Task
 
 from tasks.context import settings
+from workers.ledger import is_redis_url
 
 PROGRESS_KEY_PREFIX = "obdconv:progress:"
 MIN_INTERVAL = 0.5  # seconds between two updates of the same task (bounded broker/backend load)
@@ -30,7 +31,7 @@ def _client(url: str) -> redis.Redis:
 
 def client_for(url: str) -> redis.Redis | None:
     """A (cached) Redis client for a result backend URL; None when the backend is not Redis."""
-    return _client(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
+    return _client(url) if is_redis_url(url) else None
 
 
 def backend_client() -> redis.Redis | None:

@@ -109,26 +109,26 @@ def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def task_id_of_payload(raw: bytes | str) -> str | None:
-    """The task id of a kombu Redis message payload (a queue item), or None if it is not one."""
-    try:
-        payload = json.loads(raw)
-    except ValueError:
-        return None
+def _task_id(payload: object) -> str | None:
     headers = payload.get("headers") if isinstance(payload, dict) else None
     task_id = headers.get("id") if isinstance(headers, dict) else None
     return task_id if isinstance(task_id, str) else None
+
+
+def task_id_of_payload(raw: bytes | str) -> str | None:
+    """The task id of a kombu Redis message payload (a queue item), or None if it is not one."""
+    try:
+        return _task_id(json.loads(raw))
+    except ValueError:
+        return None
 
 
 def task_id_of_unacked(raw: bytes | str) -> str | None:
     """The task id of a value of kombu's `unacked` hash: JSON [payload, exchange, routing_key]."""
     try:
-        payload = json.loads(raw)[0]
+        return _task_id(json.loads(raw)[0])
     except (ValueError, IndexError, KeyError, TypeError):
         return None
-    headers = payload.get("headers") if isinstance(payload, dict) else None
-    task_id = headers.get("id") if isinstance(headers, dict) else None
-    return task_id if isinstance(task_id, str) else None
 
 
 def is_task_queue(name: str) -> bool:

@@ -18,7 +18,7 @@ from celery import signals
 
 from workers.app import settings_of
 from workers.lease import LeaseKeeper
-from workers.ledger import sweeper_for
+from workers.ledger import is_redis_url, sweeper_for
 from workers.queues import worker_queue
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _held_delivery_tags() -> list[str]:
 def _start_lease_keeper(sender: Any, **_: Any) -> None:
     global _keeper
     settings = settings_of(sender.app)
-    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(settings.broker_url):
         return  # leases are a Redis-transport mechanism; other brokers have real consumer acks
     _keeper = LeaseKeeper(settings.broker_url, sender.hostname, settings.lease_seconds, _held_delivery_tags,
                           sweeper_for(sender.app, sender.hostname, grace=settings.lease_seconds / 3)).start()
