@@ -8,8 +8,8 @@ Stages (inputs and outputs are JSON-serialisable; each result has to_dict()/from
   block_size=4096, progress=None) -> PreparedLayer` — one streaming pass per source layer into a
   spool keyed by the layer digest (+ algorithm/bs); reused when present.
 * `metadata.build_metadata(prepared_layers, vsize_gb, chain_ids, workdir, parents=None)
-  -> list[LayerMetadata]` — ext4 metadata of every layer, in order, in one process;
-  `encode_metadata`/`decode_metadata` move a LayerMetadata between processes as bytes.
+  -> list[AppliedLayer]` — ext4 metadata of every layer, in order, in one process;
+  `encode_metadata`/`decode_metadata` move an AppliedLayer between processes as bytes.
 * `assemble.assemble_layer(prepared, metadata, profile, chain_id, parent_chain_id, target_repo,
   upload=True, *, oci=False, source_repo=None) -> ConvertedLayer` — native or turbo blob, streamed
   into `target_repo.upload_blob`.

@@ -53,6 +53,7 @@ from obdconv.pipeline.layout import (
     round_up,
 )
 from obdconv.pipeline.mapping import Run, native_runs, turbo_runs, verify_runs
+from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
 from obdconv.pipeline.request import ConversionProfile
 from obdconv.registry.repository import PendingBlob
@@ -64,9 +65,11 @@ TURBO_ARCHIVE_NAME = "turboOCIv1.tar.gz"
 TURBO_MARKER = ".turbo.ociv1"
 GZIP_META_NAME = "gzip.meta"
 # gzip level of turboOCIv1.tar.gz. The reference uses Go's default (6), but the archive is mostly
-# already-compressed bytes (LZ4 blocks of fs.meta, zlib windows of gzip.meta): level 1 takes half
-# the time for ~3 % more bytes. Any level reads the same; the output stays deterministic.
-TURBO_GZIP_LEVEL = 1
+# already-compressed bytes (LZ4 blocks of fs.meta, zlib windows of gzip.meta): on the benchmark
+# image level 1 saves only 12 % of 20 MB for 0.39 s of CPU, level 0 (stored blocks) costs nothing.
+# Not isal's faster deflate: its bytes depend on the CPU's instruction set, and a fleet must give
+# the same digest on every worker. Any level reads the same to every gzip reader.
+TURBO_GZIP_LEVEL = 0
 
 
 @dataclass(slots=True)
@@ -204,7 +207,7 @@ class NativeBlobPlan:
     mappings: list[SegmentMapping]
 
 
-def plan_native_blob(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
+def plan_native_blob(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                      parent_chain_id: str) -> NativeBlobPlan:
     if not prepared.native:
         raise BadInputError(f"layer {prepared.source_digest} was prepared without a data area")
@@ -214,10 +217,9 @@ def plan_native_blob(prepared: PreparedLayer, metadata: Any, profile: Conversion
                             f"{profile.algorithm}/{profile.block_size}")
     bs = prepared.block_size
     vsize = profile.vsize_gb << 30
-    entries = prepared.load_entries()
     data_start = data_area_start(bs)
-    ordered, runs = native_runs(entries, metadata.blocks, metadata.file_extents,
-                                data_start=data_start, data_area_size=prepared.data_area_size)
+    ordered, runs = native_runs(metadata.blocks, metadata.files, data_start=data_start,
+                                data_area_size=prepared.data_area_size)
     layout = NativeLayout(bs, prepared.data_area_size, len(ordered))
     verify_runs(runs, local_lo=data_start // SECTOR, local_hi=layout.index_offset // SECTOR, virtual_size=vsize)
     mappings = _to_mappings(runs)
@@ -259,7 +261,7 @@ def _native_converted(digest: str, size: int, oci: bool) -> ConvertedLayer:
                           layer_annotations("native", digest, size))
 
 
-def assemble_native(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
+def assemble_native(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                     parent_chain_id: str, target_repo: Any, upload: bool = True, *, oci: bool = False) -> ConvertedLayer:
     parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
     digest, size = _store(target_repo, parts.chunks(), upload, parts.size)
@@ -270,11 +272,10 @@ def assemble_native(prepared: PreparedLayer, metadata: Any, profile: ConversionP
 # turbo
 
 
-def build_fs_meta(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile) -> bytes:
+def build_fs_meta(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile) -> bytes:
     """ZFile(warp LSMT) of this layer's ext4 metadata, file data pointing into the source tar."""
     vsize = profile.vsize_gb << 30
-    entries = prepared.load_entries()
-    ordered, runs = turbo_runs(entries, metadata.blocks, metadata.file_extents, metadata_start=LSMT_HEADER_SIZE)
+    ordered, runs = turbo_runs(metadata.blocks, metadata.files, metadata_start=LSMT_HEADER_SIZE)
     index_offset = LSMT_HEADER_SIZE + FS_BLOCK * len(ordered)
     verify_runs(runs, local_lo=LSMT_HEADER_SIZE // SECTOR, local_hi=index_offset // SECTOR, virtual_size=vsize)
     tar_sectors = round_up(prepared.tar_size, SECTOR) // SECTOR
@@ -286,7 +287,7 @@ def build_fs_meta(prepared: PreparedLayer, metadata: Any, profile: ConversionPro
     lsmt = b"".join([
         commit_header(vsize, None, None),
         *(data for _, data in ordered),
-        commit_tail(_to_mappings(runs), index_offset, vsize, None, None, pad_index=False),
+        commit_tail(runs, index_offset, vsize, None, None, pad_index=False),
     ])
     return compress_zfile(lsmt, profile.algorithm, profile.block_size)
 
@@ -325,7 +326,7 @@ def ensure_target_blob(target_repo: Any, source_repo: Any, digest: str, size: in
         target_repo.push_blob(f, digest, size)
 
 
-def turbo_blob(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile) -> tuple[bytes, str]:
+def turbo_blob(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile) -> tuple[bytes, str]:
     """(the turbo layer blob, its diff_id)."""
     if not prepared.turbo:
         raise BadInputError(f"layer {prepared.source_digest} was prepared without turbo data")
@@ -347,7 +348,7 @@ def _turbo_converted(digest: str, size: int, diff_id: str, source_digest: str, t
     return ConvertedLayer(digest, size, layer_media_type("turbo", oci), diff_id, annotations)
 
 
-def assemble_turbo(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, target_repo: Any,
+def assemble_turbo(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, target_repo: Any,
                    upload: bool = True, *, oci: bool = False, source_repo: Any = None) -> ConvertedLayer:
     blob, diff_id = turbo_blob(prepared, metadata, profile)
     if upload:
@@ -356,7 +357,7 @@ def assemble_turbo(prepared: PreparedLayer, metadata: Any, profile: ConversionPr
     return _turbo_converted(digest, size, diff_id, prepared.source_digest, _turbo_target_media_type(prepared), oci)
 
 
-def assemble_layer(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
+def assemble_layer(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                    parent_chain_id: str, target_repo: Any, upload: bool = True, *, oci: bool = False,
                    source_repo: Any = None) -> ConvertedLayer:
     """Assemble and (unless `upload` is False) upload one layer in `profile.format`.
@@ -375,7 +376,7 @@ def assemble_layer(prepared: PreparedLayer, metadata: Any, profile: ConversionPr
 # in two steps: build (CPU, no registry) then upload
 
 
-def build_layer(prepared: PreparedLayer, metadata: Any, profile: ConversionProfile, chain_id: str,
+def build_layer(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                 parent_chain_id: str, out_dir: str | os.PathLike[str]) -> BuiltLayer:
     """Everything of `assemble_layer` that needs no registry: the blob's own bytes (all but the
     prepared blocks it streams from the spool) go to files `<out_dir>/<format>-<chain id>.head/.tail`.

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 from typing import NamedTuple, Protocol
 
-from obdconv.entries import LayerEntry
 from obdconv.errors import ObdconvError
 from obdconv.pipeline.layout import FS_BLOCK, SECTOR, round_up
 
@@ -33,6 +32,22 @@ class ExtentLike(Protocol):
     lblk: int
     pblk: int
     length: int
+
+
+class PlacementLike(Protocol):
+    """Where a file's bytes are (`pipeline.metadata.FilePlacement`, or a `LayerEntry` itself)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def data_offset(self) -> int: ...
+    @property
+    def tar_offset(self) -> int: ...
+
+
+FileExtents = Iterable[tuple[PlacementLike, Sequence[ExtentLike]]]
 
 
 class Run(NamedTuple):
@@ -63,8 +78,9 @@ class MappingError(ObdconvError):
 
 def ordered_metadata_blocks(blocks: Iterable[tuple[int, bytes]], exclude: Sequence[Run] = ()) -> list[tuple[int, bytes]]:
     """Metadata blocks sorted by device block number, one per block (the last write wins), minus
-    blocks covered by `exclude` (file data runs: a block that ended up holding file data was
-    reallocated after its metadata was written, so the file's bytes are its current content)."""
+    blocks covered by `exclude` (file data runs, sorted by offset, not overlapping: a block that
+    ended up holding file data was reallocated after its metadata was written, so the file's
+    bytes are its current content)."""
     latest: dict[int, bytes] = {}
     for pblk, data in blocks:
         if len(data) != FS_BLOCK:
@@ -93,18 +109,13 @@ def _file_extent_pieces(size: int, extents: Iterable[ExtentLike]) -> Iterable[tu
         yield (ext.pblk * FS_BLOCK, first * FS_BLOCK, (last - first) * FS_BLOCK)
 
 
-def native_file_runs(
-    entries: Sequence[LayerEntry],
-    file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
-    data_start: int,
-) -> list[Run]:
+def native_file_runs(files: FileExtents, data_start: int) -> list[Run]:
     """File extents -> runs into the data area (which starts at file offset `data_start`).
 
-    The data area holds each file's bytes at `entry.data_offset`, zero padded to a whole 4 KiB
+    The data area holds each file's bytes at `data_offset`, zero padded to a whole 4 KiB
     block, so whole blocks are mapped (the padding hides a lower layer's stale bytes)."""
     runs = []
-    for index, extents in file_extents:
-        entry = entries[index]
+    for entry, extents in files:
         if entry.data_offset < 0:
             if entry.size:
                 raise MappingError(f"{entry.path}: has extents but no bytes in the data area")
@@ -114,8 +125,7 @@ def native_file_runs(
     return sorted(runs, key=lambda r: r.offset)
 
 
-def turbo_file_runs(entries: Sequence[LayerEntry], file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
-                    zero_moffset: int) -> list[Run]:
+def turbo_file_runs(files: FileExtents, zero_moffset: int) -> list[Run]:
     """File extents -> tag-1 runs into the uncompressed source tar (like turboOCI-apply's
     RemoteData: each covers roundup512 of the bytes remaining in the file), plus a zeroed run over
     the unused tail of the file's last 4 KiB block. turboOCI-apply leaves that tail unmapped, so
@@ -123,8 +133,7 @@ def turbo_file_runs(entries: Sequence[LayerEntry], file_extents: Iterable[tuple[
     deleted file's bytes would show past EOF. `zero_moffset` is the zeroed runs' dummy file
     position (any sector inside the LSMT's data region is accepted by readers)."""
     runs = []
-    for index, extents in file_extents:
-        entry = entries[index]
+    for entry, extents in files:
         if entry.tar_offset < 0 or entry.tar_offset % SECTOR:
             raise MappingError(f"{entry.path}: tar offset {entry.tar_offset} is not 512-aligned")
         for dev, within, length in _file_extent_pieces(entry.size, extents):
@@ -149,7 +158,10 @@ def normalise(runs: Iterable[Run]) -> list[Run]:
     every run at MAX_RUN_SECTORS. Overlaps are left for `verify_runs` to report."""
     out: list[Run] = []
     append = out.append
-    # The merged run being grown, as plain locals (this loop sees every run of a layer).
+    # The merged run being grown, as plain locals (this loop sees every run of a layer). `cur` is
+    # the run itself while nothing merged into it: most runs pass through as they are, without
+    # building a new tuple.
+    cur: Run | None = None
     cur_off = cur_len = cur_moff = cur_tag = 0
     cur_zero = False
     have = False
@@ -160,13 +172,20 @@ def normalise(runs: Iterable[Run]) -> list[Run]:
         if (have and cur_off + cur_len == offset and tag == cur_tag and zeroed == cur_zero
                 and (cur_moff if zeroed else cur_moff + cur_len) == moffset):
             cur_len += length
+            cur = None
             continue
         if have:
-            _emit_split(append, cur_off, cur_len, cur_moff, cur_tag, cur_zero)
-        cur_off, cur_len, cur_moff, cur_tag, cur_zero = offset, length, moffset, tag, zeroed
+            if cur is not None and cur_len <= MAX_RUN_SECTORS:
+                append(cur)
+            else:
+                _emit_split(append, cur_off, cur_len, cur_moff, cur_tag, cur_zero)
+        cur, cur_off, cur_len, cur_moff, cur_tag, cur_zero = r, offset, length, moffset, tag, zeroed
         have = True
     if have:
-        _emit_split(append, cur_off, cur_len, cur_moff, cur_tag, cur_zero)
+        if cur is not None and cur_len <= MAX_RUN_SECTORS:
+            append(cur)
+        else:
+            _emit_split(append, cur_off, cur_len, cur_moff, cur_tag, cur_zero)
     return out
 
 
@@ -209,34 +228,34 @@ def verify_runs(runs: Sequence[Run], *, local_lo: int, local_hi: int, virtual_si
 
 
 def native_runs(
-    entries: Sequence[LayerEntry],
     blocks: Iterable[tuple[int, bytes]],
-    file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
+    files: FileExtents,
     *,
     data_start: int,
     data_area_size: int,
 ) -> tuple[list[tuple[int, bytes]], list[Run]]:
     """Everything assemble needs for a native layer's index: the metadata blocks to store (in
     order, right after the data area) and the normalised, verified runs."""
-    files = native_file_runs(entries, file_extents, data_start)
-    ordered = ordered_metadata_blocks(blocks, exclude=normalise(files))
+    file_runs = native_file_runs(files, data_start)
+    # File runs never overlap one another (verify_runs checks the final list), so sorting them is
+    # all the exclusion needs: no merging.
+    ordered = ordered_metadata_blocks(blocks, exclude=sorted(file_runs))
     meta = metadata_runs(ordered, data_start + data_area_size)
-    return ordered, normalise([*files, *meta])
+    return ordered, normalise([*file_runs, *meta])
 
 
 def turbo_runs(
-    entries: Sequence[LayerEntry],
     blocks: Iterable[tuple[int, bytes]],
-    file_extents: Iterable[tuple[int, Sequence[ExtentLike]]],
+    files: FileExtents,
     *,
     metadata_start: int,
 ) -> tuple[list[tuple[int, bytes]], list[Run]]:
     """The same for a turboOCI fs.meta: metadata blocks as tag-0 data from `metadata_start`,
     file extents as tag-1 runs into the source tar, the tails of their last blocks as zeroed runs."""
-    files = turbo_file_runs(entries, file_extents, metadata_start // SECTOR)
+    file_runs = turbo_file_runs(files, metadata_start // SECTOR)
     # Exclude whole 4 KiB blocks touched by file data runs (each file's last data run may cover
     # only part of its block; the zeroed tail after it ends on that block's boundary).
-    whole = [Run(r.offset, round_up(r.length, SECTORS_PER_BLOCK), r.moffset, r.tag) for r in files if not r.zeroed]
-    ordered = ordered_metadata_blocks(blocks, exclude=normalise(whole))
+    whole = [Run(r.offset, round_up(r.length, SECTORS_PER_BLOCK), r.moffset, r.tag) for r in file_runs if not r.zeroed]
+    ordered = ordered_metadata_blocks(blocks, exclude=sorted(whole))  # as in native_runs: no merging
     meta = metadata_runs(ordered, metadata_start)
-    return ordered, normalise([*files, *meta])
+    return ordered, normalise([*file_runs, *meta])

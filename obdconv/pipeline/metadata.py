@@ -9,22 +9,28 @@ When dedup finds layers 0..k-1 already converted, `parents` is a reader over tho
 layers (anything with `pread(offset, length)` and `extents()`, e.g. `formats.lsmt.LSMTStack` of
 their blobs) and only layers k.. are applied on top.
 
-`encode_metadata`/`decode_metadata` give a compact, deterministic byte form of a
-`LayerMetadata` for moving it between processes or machines (zstd-compressed, no pickle).
+A layer's result is an `AppliedLayer`: its metadata blocks and, per file, where the file's bytes
+are and its extents, so assemble (in another process or on another machine) needs nothing else.
+`encode_metadata`/`decode_metadata` give it a compact, deterministic byte form for moving it between
+processes or machines (zstd-compressed, no pickle).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import struct
+import sys
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import zstandard
 
+from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, FormatError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
 from obdconv.oci.digests import chain_id_to_uuid
@@ -32,11 +38,36 @@ from obdconv.pipeline.layout import FS_BLOCK
 from obdconv.pipeline.prepare import PreparedLayer
 
 METADATA_IMAGE = "metadata.img"
-_MAGIC = b"OBDMETA1"
-_COUNTS = struct.Struct("<QQ")
-_BLOCK = struct.Struct("<Q")
-_FILE = struct.Struct("<QI")
-_EXTENT = struct.Struct("<QQI")
+_MAGIC = b"OBDMETA2"
+_COUNTS = struct.Struct("<QQQQ")  # blocks, files, extents, bytes of the joined paths
+
+
+class FilePlacement(NamedTuple):
+    """Where a regular file's bytes are, taken from its `LayerEntry`: all assemble needs of it
+    besides its extents (`path` only names the file in errors)."""
+
+    path: str
+    size: int
+    data_offset: int  # in the native data area; -1 when it has no bytes there
+    tar_offset: int  # in the uncompressed source tar (turboOCI)
+
+    @classmethod
+    def of(cls, entry: LayerEntry) -> FilePlacement:
+        return cls(entry.path, entry.size, entry.data_offset, entry.tar_offset)
+
+
+@dataclass(slots=True)
+class AppliedLayer:
+    """One layer's metadata pass result, self-contained for assemble (which never loads the entry
+    list): the layer's ext4 metadata blocks (4 KiB block number, bytes), and for every regular file
+    created in this layer and still live at its end, where its bytes are and the extents they fill."""
+
+    blocks: list[tuple[int, bytes]] = field(default_factory=list)
+    files: list[tuple[FilePlacement, list[Extent]]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, entries: Sequence[LayerEntry], metadata: LayerMetadata) -> AppliedLayer:
+        return cls(metadata.blocks, [(FilePlacement.of(entries[i]), exts) for i, exts in metadata.file_extents])
 
 
 def fs_uuid_for(chain_id: str) -> uuid.UUID:
@@ -69,8 +100,9 @@ class MetadataPass:
             self.close()
             raise
 
-    def apply(self, prepared: PreparedLayer) -> LayerMetadata:
-        return self.builder.apply(prepared.load_entries())
+    def apply(self, prepared: PreparedLayer) -> AppliedLayer:
+        entries = prepared.load_entries()
+        return AppliedLayer.of(entries, self.builder.apply(entries))
 
     def close(self) -> None:
         if not self.keep_image:
@@ -92,8 +124,8 @@ def build_metadata(
     parents: Any = None,
     *,
     keep_image: bool = False,
-) -> list[LayerMetadata]:
-    """The `LayerMetadata` of each prepared layer, applied in order.
+) -> list[AppliedLayer]:
+    """The `AppliedLayer` of each prepared layer, applied in order.
 
     `chain_ids` are the image's source chain ids from layer 0 (for the fs UUID); without
     `parents` the prepared layers start at layer 0 (mkfs first), with `parents` they continue
@@ -105,40 +137,68 @@ def build_metadata(
         return [metadata_pass.apply(p) for p in prepared_layers]
 
 
-def encode_metadata(m: LayerMetadata) -> bytes:
-    parts = [_MAGIC, _COUNTS.pack(len(m.blocks), len(m.file_extents))]
+def _array(typecode: str, raw: memoryview, pos: int, count: int) -> tuple[array.array, int]:
+    """`count` little-endian items of `typecode` at `pos` of `raw`, and the position after them."""
+    a = array.array(typecode)
+    end = pos + count * a.itemsize
+    a.frombytes(raw[pos:end])
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a, end
+
+
+def _little(a: array.array) -> bytes:
+    if sys.byteorder != "little":
+        a = array.array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def encode_metadata(m: AppliedLayer) -> bytes:
+    """Column-wise (one array per field), so decoding is a few `array.frombytes` calls, not a
+    Python loop over every file and extent."""
     for pblk, data in m.blocks:
         if len(data) != FS_BLOCK:
             raise FormatError(f"metadata block {pblk}: {len(data)} bytes")
-        parts.append(_BLOCK.pack(pblk))
-        parts.append(bytes(data))
-    for index, extents in m.file_extents:
-        parts.append(_FILE.pack(index, len(extents)))
-        parts.extend(_EXTENT.pack(e.lblk, e.pblk, e.length) for e in extents)
+    places = [p for p, _ in m.files]
+    extents = [x for _, exts in m.files for e in exts for x in e]
+    paths = "\0".join(p.path for p in places).encode("utf-8", "surrogateescape")
+    parts = [
+        _MAGIC, _COUNTS.pack(len(m.blocks), len(m.files), len(extents) // 3, len(paths)),
+        _little(array.array("Q", [pblk for pblk, _ in m.blocks])), *(bytes(d) for _, d in m.blocks),
+        _little(array.array("q", [p.size for p in places])),
+        _little(array.array("q", [p.data_offset for p in places])),
+        _little(array.array("q", [p.tar_offset for p in places])),
+        _little(array.array("I", [len(exts) for _, exts in m.files])),
+        _little(array.array("Q", extents)), paths,
+    ]
     return zstandard.ZstdCompressor(level=3).compress(b"".join(parts))
 
 
-def decode_metadata(data: bytes) -> LayerMetadata:
+def decode_metadata(data: bytes) -> AppliedLayer:
     raw = memoryview(zstandard.ZstdDecompressor().decompress(data))
-    if bytes(raw[:8]) != _MAGIC:
-        raise FormatError("not an encoded LayerMetadata")
-    pos = 8
-    nblocks, nfiles = _COUNTS.unpack_from(raw, pos)
-    pos += _COUNTS.size
-    blocks = []
-    for _ in range(nblocks):
-        (pblk,) = _BLOCK.unpack_from(raw, pos)
-        pos += _BLOCK.size
-        blocks.append((pblk, bytes(raw[pos:pos + FS_BLOCK])))
-        pos += FS_BLOCK
+    if len(raw) < 8 + _COUNTS.size or bytes(raw[:8]) != _MAGIC:
+        raise FormatError("not an encoded AppliedLayer (or one of an older obdconv)")
+    nblocks, nfiles, nextents, paths_size = _COUNTS.unpack_from(raw, 8)
+    pos = 8 + _COUNTS.size
+    if len(raw) != pos + nblocks * (8 + FS_BLOCK) + nfiles * (3 * 8 + 4) + nextents * 3 * 8 + paths_size:
+        raise FormatError("encoded AppliedLayer is inconsistent (truncated or corrupt)")
+    numbers, pos = _array("Q", raw, pos, nblocks)
+    blocks = [(pblk, bytes(raw[pos + i * FS_BLOCK:pos + (i + 1) * FS_BLOCK])) for i, pblk in enumerate(numbers)]
+    pos += nblocks * FS_BLOCK
+    sizes, pos = _array("q", raw, pos, nfiles)
+    data_offsets, pos = _array("q", raw, pos, nfiles)
+    tar_offsets, pos = _array("q", raw, pos, nfiles)
+    counts, pos = _array("I", raw, pos, nfiles)
+    flat, pos = _array("Q", raw, pos, nextents * 3)
+    paths = bytes(raw[pos:pos + paths_size]).decode("utf-8", "surrogateescape").split("\0") if nfiles else []
+    if len(paths) != nfiles or sum(counts) != nextents:
+        raise FormatError("encoded AppliedLayer is inconsistent (truncated or corrupt)")
+    triples = list(map(Extent._make, zip(flat[0::3], flat[1::3], flat[2::3], strict=True)))
     files = []
-    for _ in range(nfiles):
-        index, n = _FILE.unpack_from(raw, pos)
-        pos += _FILE.size
-        extents = []
-        for _ in range(n):
-            lblk, pblk, length = _EXTENT.unpack_from(raw, pos)
-            pos += _EXTENT.size
-            extents.append(Extent(lblk, pblk, length))
-        files.append((index, extents))
-    return LayerMetadata(blocks, files)
+    at = 0
+    for place, n in zip(map(FilePlacement._make, zip(paths, sizes, data_offsets, tar_offsets, strict=True)), counts,
+                        strict=True):
+        files.append((place, triples[at:at + n]))
+        at += n
+    return AppliedLayer(blocks, files)

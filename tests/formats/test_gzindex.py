@@ -128,3 +128,31 @@ def test_corrupt_or_truncated_gzip() -> None:
 def test_span_minimum() -> None:
     with pytest.raises(FormatError, match="span"):
         gzindex.GzipIndexBuilder(span=1000)
+
+
+def test_zlib_ng_and_system_zlib_give_the_same_index_and_reads() -> None:
+    """The builder prefers zlib-ng (from the `zlib-ng` package, a dependency) over the system
+    zlib; deflate block boundaries belong to the stream, so the two must agree byte for byte."""
+    ng = gzindex.bundled_zlib_ng()
+    assert ng is not None, "zlib-ng's C API is not reachable from the installed zlib-ng package"
+    assert gzindex.INFLATE_LIBRARY.name == ng.name  # the default when it is installed
+    system = gzindex.system_zlib()
+    pigz = shutil.which("pigz")
+    blobs = [gzip.compress(DATA, 6), gzip.compress(DATA[:3_000_000], 1), zlib.compress(DATA[:1_000_000], 9),
+             gzip.compress(DATA[:2_000_000]) + gzip.compress(DATA[2_000_000:2_500_000])]
+    if pigz:
+        blobs.append(subprocess.run([pigz, "-c", "-9"], input=DATA, capture_output=True, check=True).stdout)
+    for blob in blobs:
+        results = []
+        for library in (ng, system):
+            b = GzipIndexBuilder(65536, library=library)
+            out = b"".join(b.feed(blob[i:i + 77_777]) for i in range(0, len(blob), 77_777))
+            results.append((out, b.finish(len(blob))))
+        assert results[0] == results[1]
+        assert len(GzipIndex.parse(results[0][1]).entries) > 1
+    # a reader on either library reads the same bytes
+    blob = gzip.compress(DATA, 6)
+    _, meta = _build(blob, 65536)
+    for library in (ng, system):
+        r = GzipRandomReader(blob, meta, library=library)
+        assert r.pread(4_000_123, 70_000) == DATA[4_000_123:4_070_123]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import struct
 from pathlib import Path
 
@@ -38,6 +39,19 @@ def test_zeroed_and_tag_bits() -> None:
     assert lo == ((1 << 50) - 2) | 16383 << 50
     assert hi == ((1 << 55) - 1) | 1 << 55 | 0xAB << 56
     assert SegmentMapping.unpack(m.pack()) == m
+
+
+def test_pack_index_equals_each_entry_packed_and_checks_ranges() -> None:
+    rng = random.Random(7)
+    entries = [SegmentMapping(rng.randrange(1 << 50), rng.randrange(1 << 14), rng.randrange(1 << 55),
+                              rng.random() < 0.3, rng.randrange(256)) for _ in range(2000)]
+    entries += [lsmt.INVALID_MAPPING, SegmentMapping((1 << 50) - 1, (1 << 14) - 1, (1 << 55) - 1, True, 255)]
+    assert lsmt.pack_index(entries) == b"".join(m.pack() for m in entries)
+    assert lsmt.pack_index([]) == b""
+    for bad in (SegmentMapping(0, 1 << 14, 0), SegmentMapping(-1, 1, 0), SegmentMapping(0, 1, 1 << 55),
+                SegmentMapping(0, 1, 0, tag=256)):
+        with pytest.raises(FormatError, match="out of range"):
+            lsmt.pack_index([*entries[:5], bad])
 
 
 def test_header_layout() -> None:

@@ -35,6 +35,11 @@ def _file(path: str, size: int, data_offset: int, tar_offset: int = 512) -> Laye
     return LayerEntry(path, EntryType.FILE, size=size, data_offset=data_offset, tar_offset=tar_offset)
 
 
+def _files(entries: list[LayerEntry], extents: list[tuple[int, list[Ext]]]) -> list[tuple[LayerEntry, list[Ext]]]:
+    """(index into `entries`, extents) as the ext4 engine reports them -> (entry, extents)."""
+    return [(entries[i], exts) for i, exts in extents]
+
+
 def _block(fill: int) -> bytes:
     return bytes([fill]) * FS_BLOCK
 
@@ -61,7 +66,7 @@ def test_native_file_extents_map_into_data_area() -> None:
     # a: 3 blocks split over two extents; b: 2 blocks
     extents = [(1, [Ext(0, 1000, 2), Ext(2, 2000, 1)]), (2, [Ext(0, 3000, 2)])]
     blocks = [(5, _block(1)), (6, _block(2)), (9, _block(3))]
-    ordered, runs = native_runs(entries, blocks, extents, data_start=data_area_start(bs), data_area_size=20480)
+    ordered, runs = native_runs(blocks, _files(entries, extents), data_start=data_area_start(bs), data_area_size=20480)
     assert [p for p, _ in ordered] == [5, 6, 9]
     meta_start = 4096 + 20480
     by_offset = {r.offset: r for r in runs}
@@ -77,14 +82,14 @@ def test_native_file_extents_map_into_data_area() -> None:
 
 def test_extent_beyond_file_size_is_clipped() -> None:
     entries = [_file("a", 100, 0)]
-    _, runs = native_runs(entries, [], [(0, [Ext(0, 50, 4)])], data_start=4096, data_area_size=4096)
+    _, runs = native_runs([], [(entries[0], [Ext(0, 50, 4)])], data_start=4096, data_area_size=4096)
     assert runs == [Run(400, 8, 8)]
 
 
 def test_metadata_block_reused_for_file_data_is_dropped() -> None:
     entries = [_file("a", 8192, 0)]
     blocks = [(50, _block(7)), (51, _block(8)), (52, _block(9))]
-    ordered, runs = native_runs(entries, blocks, [(0, [Ext(0, 51, 2)])], data_start=4096, data_area_size=8192)
+    ordered, runs = native_runs(blocks, [(entries[0], [Ext(0, 51, 2)])], data_start=4096, data_area_size=8192)
     assert [p for p, _ in ordered] == [50]
     verify_runs(runs, local_lo=8, local_hi=(4096 + 8192 + 4096) // 512, virtual_size=VSIZE)
     assert sum(r.length for r in runs) == 8 + 16
@@ -98,7 +103,7 @@ def test_later_write_of_same_metadata_block_wins() -> None:
 def test_turbo_runs_point_into_tar_and_zero_the_block_tail() -> None:
     entries = [_file("a", 5000, -1, tar_offset=1536), _file("b", 100, -1, tar_offset=8192)]
     extents = [(0, [Ext(0, 100, 2)]), (1, [Ext(0, 200, 1)])]
-    ordered, runs = turbo_runs(entries, [(7, _block(1))], extents, metadata_start=4096)
+    ordered, runs = turbo_runs([(7, _block(1))], _files(entries, extents), metadata_start=4096)
     assert ordered == [(7, _block(1))]
     assert Run(56, 8, 8) in runs  # metadata, tag 0, right after the header
     # 5000 bytes -> roundup512 = 5120 = 10 sectors, from tar offset 1536 (sector 3)
@@ -126,7 +131,7 @@ def test_verify_rejects_zeroed_moffset_outside_the_file() -> None:
 
 def test_turbo_rejects_unaligned_tar_offset() -> None:
     with pytest.raises(MappingError):
-        turbo_runs([_file("a", 10, -1, tar_offset=100)], [], [(0, [Ext(0, 1, 1)])], metadata_start=4096)
+        turbo_runs([], [(_file("a", 10, -1, tar_offset=100), [Ext(0, 1, 1)])], metadata_start=4096)
 
 
 def test_verify_catches_overlap_and_bounds() -> None:
@@ -146,7 +151,7 @@ def test_file_extents_in_data_area_never_exceed_padded_area() -> None:
     nblocks = size // FS_BLOCK
     exts = [*[Ext(i, 100000 + i * 3, 1) for i in range(0, nblocks, 1)][:5], Ext(5, 500000, nblocks - 5)]
     entries = [_file("big", size, 4096)]
-    _ordered, runs = native_runs(entries, [], [(0, exts)], data_start=4096, data_area_size=4096 + size)
+    _ordered, runs = native_runs([], [(entries[0], exts)], data_start=4096, data_area_size=4096 + size)
     verify_runs(runs, local_lo=8, local_hi=(4096 + 4096 + size) // 512, virtual_size=VSIZE)
     assert sum(r.length for r in runs) * 512 == size
     assert max(r.length for r in runs) <= MAX_RUN_SECTORS

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from obdconv.ext4 import Extent, LayerMetadata
+from obdconv.errors import FormatError
+from obdconv.ext4 import Extent
 from obdconv.formats.blob import open_payload
-from obdconv.pipeline.metadata import decode_metadata, encode_metadata
+from obdconv.pipeline.metadata import AppliedLayer, FilePlacement, decode_metadata, encode_metadata
 from obdconv.pipeline.prepare import prepare_layer
 from obdconv.pipeline.request import ConversionRequest
 from obdconv.pipeline.runner import ProgressEvent, RunnerOptions, convert
@@ -21,11 +23,22 @@ from tests.pipeline.readback import blob_path, check_tree, e2fsck, flatten, mani
 
 
 def test_metadata_encoding_round_trip() -> None:
-    m = LayerMetadata([(7, b"\x01" * 4096), (9, bytes(4096))], [(3, [Extent(0, 100, 2), Extent(2, 500, 1)]), (5, [])])
+    m = AppliedLayer([(7, b"\x01" * 4096), (9, bytes(4096))],
+                     [(FilePlacement("a/b", 9000, 4096, 1536), [Extent(0, 100, 2), Extent(2, 500, 1)]),
+                      (FilePlacement("caf\u00e9/\udcff", 0, -1, 10240), []),
+                      (FilePlacement("big", 1 << 40, 1 << 39, (1 << 41) + 512), [Extent(0, (1 << 40) + 3, 32768)])])
     again = decode_metadata(encode_metadata(m))
-    assert again.blocks == m.blocks
-    assert [(i, [(e.lblk, e.pblk, e.length) for e in ex]) for i, ex in again.file_extents] == \
-        [(i, [(e.lblk, e.pblk, e.length) for e in ex]) for i, ex in m.file_extents]
+    assert again == m
+    assert decode_metadata(encode_metadata(AppliedLayer())) == AppliedLayer()
+
+
+def test_metadata_encoding_rejects_a_truncated_or_foreign_payload() -> None:
+    m = AppliedLayer([(7, bytes(4096))], [(FilePlacement("a", 10, 0, 512), [Extent(0, 9, 1)])])
+    raw = zstandard.ZstdDecompressor().decompress(encode_metadata(m))
+    with pytest.raises(FormatError, match="inconsistent"):
+        decode_metadata(zstandard.ZstdCompressor().compress(raw[:-3]))
+    with pytest.raises(FormatError, match="not an encoded AppliedLayer"):
+        decode_metadata(zstandard.ZstdCompressor().compress(b"OBDMETA1" + raw[8:]))
 
 
 def test_spool_is_reused_and_upgraded(tmp_path: Path) -> None:
