@@ -29,6 +29,7 @@ struct obd_result {
     long rc;
 };
 void obd_capture_start(void);
+void obd_capture_set_blksize(int blksize);
 void obd_capture_stop(void);
 long obd_capture_take(const uint64_t **out);
 long obd_dir_add(uintptr_t fs, uint32_t dir, const char *name, int name_len, uint32_t ino, int ftype,

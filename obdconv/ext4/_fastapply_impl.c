@@ -126,6 +126,14 @@ void obd_capture_start(void)
     test_io_cb_set_blksize = cb_set_blksize;
 }
 
+/* The capture goes on over a channel opened before obd_capture_start (the builder keeps the
+ * filesystem open between layers): its block size is no longer the 1 KiB of a new channel.
+ * (test_io copies the callback pointers at open; these static functions stay valid.) */
+void obd_capture_set_blksize(int blksize)
+{
+    cap_blksize = blksize;
+}
+
 void obd_capture_stop(void)
 {
     test_io_cb_write_blk64 = NULL;

@@ -1,10 +1,13 @@
 """`Ext4Builder`: the metadata pass. mkfs once, then apply each layer's entry list with libext2fs.
 
-Per layer: open the metadata image through libext2fs's test_io manager (every written block is
-recorded), apply the entries (whiteouts, dirs, inodes, links, xattrs, modes, times), *allocate*
-regular files' blocks with ext2fs_fallocate(FORCE_INIT) without writing data, read back each live
-file's extents, close, then read the captured blocks from the image. The layer's segment is the
-captured set minus the blocks owned by files of this layer that are live at its end (a metadata
+Per layer: with every block libext2fs writes recorded (its test_io manager, under which the image
+is opened once, by the first layer), apply the entries (whiteouts, dirs, inodes, links, xattrs,
+modes, times), *allocate* regular files' blocks with ext2fs_fallocate(FORCE_INIT) without writing
+data, read back each live file's extents, write out everything ext2fs_close2 would (bitmaps,
+superblock and group descriptors, the io cache) but keep the filesystem open for the next layer
+(C path; the ctypes path closes it), then read the captured blocks from the image. `close()`
+frees the handle (also on `with`-exit, or when the builder is collected). The layer's segment
+is the captured set minus the blocks owned by files of this layer that are live at its end (a metadata
 block freed within the layer may be reused as file data; the file's bytes own it then).
 
 Failures: an entry list that is wrong in itself (bad path, type, owner, device number, symlink
@@ -19,7 +22,11 @@ from __future__ import annotations
 import gc
 import os
 import uuid
+import weakref
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from itertools import accumulate, chain
+from operator import add, itemgetter
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +37,7 @@ from obdconv.ext4.capture import WriteCapture
 from obdconv.ext4.dirs import DirIndex
 from obdconv.ext4.layer import LayerApply
 from obdconv.ext4.mkfs import FAKE_TIME, data_blocks, mkfs
-from obdconv.ext4.segment import BLOCK_SIZE, LayerMetadata
+from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
 from obdconv.ext4.validate import validate_entries
 
 
@@ -53,9 +60,14 @@ class Ext4Builder:
         self._pending: set[int] = set()  # blocks written outside apply (mkfs), owed to the next segment
         self._ready = False
         self._broken: str | None = None
+        # The open ext2_filsys handle, kept between layers (see `_open`); 0 when closed. The
+        # finalizer frees it if the builder is dropped without `close()`.
+        self._fs = 0
+        self._fs_finalizer: weakref.finalize | None = None
 
     # --- starting points ---
     def mkfs(self) -> None:
+        self.close()
         mkfs(self.image_path, self.vsize_bytes, self.fs_uuid)
         self._reset()
         self._pending = set(data_blocks(self.image_path))
@@ -65,6 +77,7 @@ class Ext4Builder:
         vsize = getattr(device, "virtual_size", self.vsize_bytes)
         if vsize != self.vsize_bytes:
             raise BadInputError(f"parents' virtual size {vsize} differs from this conversion's {self.vsize_bytes}")
+        self.close()
         chunk = 1 << 20
         fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -113,11 +126,13 @@ class Ext4Builder:
         validate_entries(entries)
         capture = WriteCapture()
         with capture:
-            fs = L.open_fs(str(self.image_path), rw=True, io_manager="test_io_manager")
-            missing = _missing_features(fs)
-            if missing:
-                L.lib.ext2fs_free(fs)
-                raise UnsupportedError(f"{self.image_path}: the filesystem lacks feature(s) {', '.join(missing)}")
+            if self._fs and not capture.resumable:
+                self.close()  # written out by the last apply: nothing is lost
+            fs = self._fs
+            if fs:
+                capture.channel_opened_before(L.filsys(fs).blocksize)
+            else:
+                fs = self._open()
             try:
                 L.filsys(fs).now = FAKE_TIME  # stamps s_wtime; all inode times are set explicitly
                 self._dirs.fs = fs
@@ -128,21 +143,57 @@ class Ext4Builder:
                 # depends on its cache (when blocks get evicted), not on the layer. 0 means "not
                 # tracked", and ext2fs_close2 leaves a 0 alone: pinned, the bytes are the layer's.
                 L.set_super_u64(fs, L.SB_KBYTES_WRITTEN, 0)
-                # No fsync: the metadata image is scratch (re-made from the entries after a crash)
-                # and the captured blocks are read back through the page cache; a sync per layer
-                # only waits for the disk.
-                L.check(L.lib.ext2fs_close2(fs, EXT2_FLAG_FLUSH_NO_SYNC), "ext2fs_close2", str(self.image_path))
+                if capture.resumable:  # the next layer's capture can go on over this channel
+                    _write_out(fs, str(self.image_path))
+                else:
+                    self._forget_fs()  # ext2fs_close2 frees it (or the handler below, if it fails)
+                    L.check(L.lib.ext2fs_close2(fs, EXT2_FLAG_FLUSH_NO_SYNC), "ext2fs_close2", str(self.image_path))
             except BaseException as exc:
                 self._broken = f"{type(exc).__name__}: {exc}"
-                L.lib.ext2fs_free(fs)  # drop without flushing; the image is inconsistent now
+                # Dropped without flushing; the image is inconsistent now.
+                if self._fs:
+                    self.close()
+                else:
+                    L.lib.ext2fs_free(fs)
                 raise
             finally:
                 self._dirs.fs = 0
         captured = capture.blocks | self._pending
         self._pending = set()
-        owned = sorted((e.pblk, e.pblk + e.length) for _, exts in file_extents for e in exts)
-        segment = _subtract(sorted(captured), owned)
+        segment = _unowned(sorted(captured), file_extents)
         return LayerMetadata(self._read_blocks(segment), file_extents)
+
+    def _open(self) -> int:
+        """Open the image for the first layer (or the first after mkfs/load_parents) and keep it
+        open: re-opening per layer cost ~15 ms each (ext2fs_read_bitmaps of every used group).
+        Called with a `WriteCapture` installed: its test_io channel records the writes."""
+        fs = L.open_fs(str(self.image_path), rw=True, io_manager="test_io_manager")
+        missing = _missing_features(fs)
+        if missing:
+            L.lib.ext2fs_free(fs)
+            raise UnsupportedError(f"{self.image_path}: the filesystem lacks feature(s) {', '.join(missing)}")
+        self._fs = fs
+        self._fs_finalizer = weakref.finalize(self, L.lib.ext2fs_free, fs)
+        return fs
+
+    def close(self) -> None:
+        """Free the open filesystem handle (nothing is written: each `apply` wrote its layer out).
+        The builder can go on: the next `apply` opens the image again."""
+        if self._fs_finalizer is not None:
+            self._fs_finalizer()
+        self._forget_fs()
+
+    def _forget_fs(self) -> None:
+        if self._fs_finalizer is not None:
+            self._fs_finalizer.detach()
+        self._fs = 0
+        self._fs_finalizer = None
+
+    def __enter__(self) -> Ext4Builder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _read_blocks(self, numbers: list[int]) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -164,6 +215,27 @@ class Ext4Builder:
 
 EXT2_FLAG_FLUSH_NO_SYNC = 1  # ext2fs.h: ext2fs_close2/ext2fs_flush2 skip the final io_channel_flush
 
+
+def _write_out(fs: int, what: str) -> None:
+    """Everything `ext2fs_close2(fs, EXT2_FLAG_FLUSH_NO_SYNC)` writes, in its order, without
+    freeing `fs`: the dirty bitmaps; the superblock and group descriptors if dirty (its
+    s_kbytes_written step is skipped, as close2 skips it for the pinned 0); then the blocks
+    unix_io still caches, which close2 writes when it closes the channel, so that the image file
+    holds the layer for `_read_blocks` and the next pass starts with a clean cache. The in-memory
+    state left is what re-opening the image would read: libext2fs updates its copies (orig_super,
+    dirty flags) as it writes them. No fsync: the metadata image is scratch (re-made from the
+    entries after a crash) and the captured blocks are read back through the page cache; a sync
+    per layer only waits for the disk."""
+    L.check(L.lib.ext2fs_write_bitmaps(fs), "ext2fs_write_bitmaps", what)
+    if L.filsys(fs).flags & L.EXT2_FLAG_DIRTY:
+        L.check(L.lib.ext2fs_flush2(fs, EXT2_FLAG_FLUSH_NO_SYNC), "ext2fs_flush2", what)
+    # unix_io's "cache=off" writes the cached dirty blocks (no fsync, unlike io_channel_flush);
+    # test_io passes options through to it. Back on at once: the cache speeds the next layer.
+    io = L.filsys(fs).io
+    L.check(L.lib.io_channel_set_options(io, b"cache=off"), "io_channel_set_options(cache=off)", what)
+    L.check(L.lib.io_channel_set_options(io, b"cache=on"), "io_channel_set_options(cache=on)", what)
+
+
 # Features the engine relies on: extent-mapped files and typed directory entries.
 _REQUIRED_INCOMPAT = {"filetype": 0x0002, "extent": 0x0040}
 _SB_FEATURE_INCOMPAT = 0x60
@@ -174,16 +246,22 @@ def _missing_features(fs: int) -> list[str]:
     return [name for name, bit in _REQUIRED_INCOMPAT.items() if not incompat & bit]
 
 
-def _subtract(blocks: list[int], ranges: list[tuple[int, int]]) -> list[int]:
-    """Sorted `blocks` minus the union of sorted half-open `ranges`."""
+_PBLK, _LENGTH = itemgetter(1), itemgetter(2)  # of an Extent (lblk, pblk, length)
+_EXTENTS = itemgetter(1)  # of a (file index, extents) pair
+
+
+def _unowned(blocks: list[int], file_extents: list[tuple[int, list[Extent]]]) -> list[int]:
+    """Sorted `blocks` minus the blocks the files' extents cover. Bisects the extents per block
+    (a few thousand blocks against tens of thousands of extents), the extent lists gathered and
+    sorted with C-level helpers: no Python-level step per extent."""
+    extents = sorted(chain.from_iterable(map(_EXTENTS, file_extents)), key=_PBLK)
+    starts = list(map(_PBLK, extents))
+    # The furthest end among the extents starting at or before each one: a block is covered
+    # iff that reaches past it (overlapping extents, which live files never have, would count too).
+    reach = list(accumulate(map(add, starts, map(_LENGTH, extents)), max))
     out: list[int] = []
-    r = 0
     for b in blocks:
-        while r < len(ranges) and ranges[r][1] <= b:
-            r += 1
-        if r < len(ranges) and ranges[r][0] <= b:
-            continue
-        out.append(b)
+        i = bisect_right(starts, b)
+        if not i or reach[i - 1] <= b:
+            out.append(b)
     return out
-
-

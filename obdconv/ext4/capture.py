@@ -78,6 +78,19 @@ class WriteCapture:
             raise
         return self
 
+    @property
+    def resumable(self) -> bool:
+        """Whether a later capture can record the writes of a channel opened in this one."""
+        return self._fast is not None
+
+    def channel_opened_before(self, block_size: int) -> None:
+        """The writes go through a channel opened before this capture began (C path only: the
+        ctypes callbacks are copied into a channel when it opens, so they must be installed
+        first), whose block size is now `block_size`, not a new channel's 1 KiB."""
+        if self._fast is None:
+            raise ObdconvError("ext4 write capture: the ctypes path captures only channels opened inside it")
+        self._fast.lib.obd_capture_set_blksize(block_size)
+
     def __exit__(self, *exc: object) -> None:
         try:
             if self._fast is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Sequence
+from functools import partial
+from operator import attrgetter, itemgetter
 from types import ModuleType
 
 from obdconv.entries import EntryType, LayerEntry
@@ -49,6 +51,7 @@ _EXT_HEADER = struct.Struct("<HHHHI")  # ext3_extent_header: magic, entries, max
 _EXT_LEAF = struct.Struct("<IHHI")  # ext3_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
 _EXT_INIT_MAX_LEN = 1 << 15  # ee_len above this marks an uninitialised extent
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1  # mtime_ns the C fast path takes (int64_t)
+_TYPE_OF = attrgetter("type")
 
 
 class LayerApply:
@@ -65,7 +68,8 @@ class LayerApply:
         self.touched: set[str] = set()  # paths of entries applied in this layer
         self.touched_parents: set[str] = set()  # their ancestor directories
         # Only opaque markers need to know what this layer touched; skip the bookkeeping otherwise.
-        self.track_touched = any(e.type is EntryType.OPAQUE for e in entries)
+        # (`in` over the mapped types runs in C, identity first: no Python-level loop per entry.)
+        self.track_touched = EntryType.OPAQUE in map(_TYPE_OF, entries)
         self.inode_buf = bytearray(L.EXT2_INODE_SIZE)  # one inode buffer, shared by all helpers
         self.inode = L.Ext2InodeLarge.from_buffer(self.inode_buf)
         self.inode_ref = ctypes.byref(self.inode)
@@ -111,7 +115,7 @@ class LayerApply:
         file_type = EntryType.FILE
         ft_reg = L.EXT2_FT_REG_FILE
         unpack = fastmod.ffi.unpack
-        make_extent = Extent._make  # tuple.__new__: no Python-level __new__ frame per extent
+        make_extent = partial(tuple.__new__, Extent)  # Extent._make without its Python frame per extent
         fs = self.fs
         dirs = self.dirs
         names_of = dirs.names
@@ -121,20 +125,30 @@ class LayerApply:
         live_files = self.live_files
         known_extents = self.known_extents
         track_touched = self.track_touched
+        # Files come grouped by directory (tar order): the last directory's inode, names and C
+        # tail are kept for the next file. Only `apply_one` (removals, new directories) can change
+        # what those lookups give, so it clears them.
+        last_dir: str | None = None
+        parent = 0
+        names: dict[bytes, tuple[int, int]] = {}
+        tail: object = None
         for i, e in enumerate(self.entries):
             if e.type is file_type and not e.xattrs and _I64_MIN <= e.mtime_ns <= _I64_MAX:
                 path = e.path
                 slash = path.rfind("/")
-                parent = dir_cache.get(path[:slash] if slash >= 0 else "")
-                if parent is not None:
+                dir_path = path[:slash] if slash >= 0 else ""
+                if dir_path != last_dir:
+                    found = dir_cache.get(dir_path)
+                    if found is not None:
+                        parent = found
+                        names = loaded_names.get(parent) or names_of(parent)
+                        tail = tails.get(parent) or dirs.fast_tail(parent)
+                        last_dir = dir_path
+                if dir_path == last_dir:
                     name = path[slash + 1:].encode("utf-8", "surrogateescape")
-                    names = loaded_names.get(parent)
-                    if names is None:
-                        names = names_of(parent)
                     if name not in names:
                         if track_touched:
                             self.mark_touched(path)
-                        tail = tails.get(parent) or dirs.fast_tail(parent)
                         ino = create(fs, parent, e.mode, e.uid, e.gid, e.size, e.mtime_ns, name, len(name), tail, res)
                         if not ino:
                             ino = self.fast_failed(i, e, parent, name)
@@ -147,6 +161,7 @@ class LayerApply:
                             known_extents[ino] = [make_extent(flat[k:k + 3]) for k in range(0, 3 * n, 3)]
                         live_files[ino] = i
                         continue
+            last_dir = None
             self.apply_one(i, e)
 
     def fast_failed(self, i: int, e: LayerEntry, parent: int, name: bytes) -> int:
@@ -166,7 +181,7 @@ class LayerApply:
 
     def file_extents(self) -> list[tuple[int, list[Extent]]]:
         out = []
-        for ino, index in sorted(self.live_files.items(), key=lambda kv: kv[1]):
+        for ino, index in sorted(self.live_files.items(), key=itemgetter(1)):
             extents = self.known_extents.get(ino)
             out.append((index, extents if extents is not None else self.extents_of(ino)))
         return out
@@ -433,6 +448,8 @@ class LayerApply:
 
     def set_xattrs(self, ino: int, e: LayerEntry, *, replace: bool) -> None:
         """Set the entry's xattrs (supported namespaces; `user.` only on files and dirs, as the kernel)."""
+        if not e.xattrs and not replace:
+            return  # nothing to set or remove (every directory made comes here)
         special = e.type not in (EntryType.FILE, EntryType.DIR)
         if e.type is EntryType.HARDLINK:
             special = (self.read_inode(ino).i_mode & L.LINUX_S_IFMT) != L.LINUX_S_IFREG
@@ -474,7 +491,10 @@ class LayerApply:
             for child, cftype in list(self.dirs.names(ino).values()):
                 self.drop(child, cftype)
             self.dirs.forget(ino)
-            self.dir_cache = {"": ROOT}
+            # Emptied in place, not replaced: run_fast holds this dict in a local (a new dict left
+            # it resolving paths under the deleted directory to its freed inode).
+            self.dir_cache.clear()
+            self.dir_cache[""] = ROOT
             self.dir_entries.pop(ino, None)
         inode = self.read_inode(ino)
         if ftype != L.EXT2_FT_DIR and inode.i_links_count > 1:

@@ -36,6 +36,7 @@ from obdconv.errors import ObdconvError
 
 # --- constants (ext2fs.h, ext2_fs.h, ext2_err.h of e2fsprogs 1.47.0) ---
 EXT2_FLAG_RW = 0x01
+EXT2_FLAG_DIRTY = 0x04
 EXT2_FLAG_64BITS = 0x20000
 EXT2_FLAG_SKIP_MMP = 0x100000
 EXT2_ROOT_INO = 2
@@ -246,6 +247,9 @@ P = c_void_p  # opaque handles (ext2_filsys, xattr handle, extent handle, file)
 _fn("ext2fs_open2", [c_char_p, c_char_p, c_int, c_int, c_uint, P, POINTER(P)])
 _fn("ext2fs_close2", [P, c_int])
 _fn("ext2fs_free", [P], None)
+_fn("ext2fs_flush2", [P, c_int])
+_fn("ext2fs_write_bitmaps", [P])
+_fn("io_channel_set_options", [P, c_char_p])
 _fn("ext2fs_read_bitmaps", [P])
 _fn("ext2fs_new_inode", [P, ext2_ino_t, c_int, P, POINTER(ext2_ino_t)])
 _fn("ext2fs_inode_alloc_stats2", [P, ext2_ino_t, c_int, c_int], None)

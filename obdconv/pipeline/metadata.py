@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import os
 import struct
 import sys
@@ -101,10 +102,20 @@ class MetadataPass:
             raise
 
     def apply(self, prepared: PreparedLayer) -> AppliedLayer:
-        entries = prepared.load_entries()
-        return AppliedLayer.of(entries, self.builder.apply(entries))
+        # Loading a big entry list and building its placements allocate ~10 objects per entry and
+        # make no cycles: the cyclic GC would rescan the growing heap again and again (a third of
+        # this pass on the benchmark image). Paused as `Ext4Builder.apply` pauses it.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            entries = prepared.load_entries()
+            return AppliedLayer.of(entries, self.builder.apply(entries))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def close(self) -> None:
+        self.builder.close()
         if not self.keep_image:
             with contextlib.suppress(FileNotFoundError):
                 self.image.unlink()
