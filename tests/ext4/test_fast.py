@@ -87,6 +87,15 @@ def assert_same(c: list[LayerMetadata], py: list[LayerMetadata]) -> None:
         assert a.to_bytes() == b.to_bytes()
 
 
+def assert_same_image(a: Path, b: Path) -> None:
+    """Two metadata images write the same blocks with the same bytes (the rest are holes in both)."""
+    written = data_blocks(a)
+    assert written == data_blocks(b)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for n in written:
+            assert os.pread(fa.fileno(), 4096, n * 4096) == os.pread(fb.fileno(), 4096, n * 4096), f"block {n}"
+
+
 @needs_fast
 def test_edge_stack_same_bytes_both_paths(tmp_path: Path) -> None:
     layers = edge_layers()
@@ -95,12 +104,7 @@ def test_edge_stack_same_bytes_both_paths(tmp_path: Path) -> None:
     assert_same(c, py)
     assert any(len(exts) > 4 for _, exts in c[0].file_extents), "the huge file should need a deeper extent tree"
     assert fsck(tmp_path / "c.img").returncode == 0
-    # The whole images too (their written blocks; the rest are holes in both).
-    written = data_blocks(tmp_path / "c.img")
-    assert written == data_blocks(tmp_path / "py.img")
-    with open(tmp_path / "c.img", "rb") as fc, open(tmp_path / "py.img", "rb") as fp:
-        for n in written:
-            assert os.pread(fc.fileno(), 4096, n * 4096) == os.pread(fp.fileno(), 4096, n * 4096), f"block {n}"
+    assert_same_image(tmp_path / "c.img", tmp_path / "py.img")  # the whole images too
 
 
 @needs_fast
