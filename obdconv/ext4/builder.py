@@ -35,6 +35,7 @@ from obdconv.errors import BadInputError, ObdconvError, UnsupportedError
 from obdconv.ext4 import libext2fs as L
 from obdconv.ext4.capture import WriteCapture
 from obdconv.ext4.dirs import DirIndex
+from obdconv.ext4.filedata import regular_file_data, subtract
 from obdconv.ext4.layer import LayerApply
 from obdconv.ext4.mkfs import FAKE_TIME, data_blocks, mkfs
 from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
@@ -79,21 +80,28 @@ class Ext4Builder:
             raise BadInputError(f"parents' virtual size {vsize} differs from this conversion's {self.vsize_bytes}")
         self.close()
         chunk = 1 << 20
+        # Regular files' data is never read by a metadata pass: left out (as zeros), the parents'
+        # file bytes are never fetched (see filedata.py). None: copy everything.
+        file_data = regular_file_data(device)
         fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+        def copy(offset: int, length: int) -> None:
+            end = offset + length
+            pos = offset
+            while pos < end:
+                n = min(chunk, end - pos)
+                data = device.pread(pos, n)
+                if len(data) != n:
+                    raise ObdconvError(f"parent device short read at {pos}: {len(data)} of {n}")
+                if data.count(0) != n:  # keep the image sparse where the device holds zeros
+                    os.pwrite(fd, data, pos)
+                pos += n
+
         try:
             os.ftruncate(fd, self.vsize_bytes)
-            for extent in device.extents():
-                offset, length = extent[0], extent[1]  # (offset, length, ...): LSMTStack adds layer info
-                end = offset + length
-                pos = offset
-                while pos < end:
-                    n = min(chunk, end - pos)
-                    data = device.pread(pos, n)
-                    if len(data) != n:
-                        raise ObdconvError(f"parent device short read at {pos}: {len(data)} of {n}")
-                    if data.count(0) != n:  # keep the image sparse where the device holds zeros
-                        os.pwrite(fd, data, pos)
-                    pos += n
+            # (offset, length, ...): LSMTStack adds layer info
+            mapped = [(extent[0], extent[1]) for extent in device.extents()]
+            subtract(mapped, file_data or [], copy)
         finally:
             os.close(fd)
         self._reset()

@@ -4,7 +4,8 @@ exactly the ext4 state those blobs hold, whoever made them).
 
 Native parents are the layer blobs themselves; turboOCI parents are `ext4.fs.meta` warp files whose
 file data comes from the original layer blobs (gzip through `gzip.meta`). Blobs are downloaded
-(digest verified) into a scratch directory first.
+(digest verified) into a scratch directory first; a turbo parent's original layer only when a
+file's bytes are read, which the metadata pass never does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gzip
 import hashlib
 import io
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from obdconv.formats.blob import open_layer_blob
 from obdconv.formats.gzindex import GzipRandomReader
 from obdconv.formats.lsmt import LSMTStack
 from obdconv.formats.source import FileSource
+from obdconv.pipeline.mapping import TAG_LOCAL
 
 COPY_CHUNK = 1 << 20
 
@@ -31,6 +34,9 @@ class ParentDevice:
 
     `LSMTStack.extents()` also yields zeroed pieces (they can span gigabytes in layers made by other
     tools); the fresh metadata image already reads zeros there, so only data pieces are offered.
+    Nor are turboOCI tag-1 pieces: they are file bytes from the original layer (live, or stale ones
+    of files deleted above, which `load_parents`' own skip of live file data does not cover), which
+    a metadata pass never reads. Reading them would download and inflate the original layer.
     """
 
     def __init__(self, stack: LSMTStack) -> None:
@@ -42,7 +48,7 @@ class ParentDevice:
 
     def extents(self) -> Iterator[tuple[int, int]]:
         for e in self.stack.extents():
-            if not e.mapping.zeroed:
+            if not e.mapping.zeroed and e.mapping.tag == TAG_LOCAL:
                 yield e.offset, e.length
 
 
@@ -81,12 +87,29 @@ def read_back_parents(repo: Any, fmt: str, layer_digests: Sequence[str], source_
         if fs_meta_file not in members:
             raise FormatError(f"turbo layer {digest} has no {fs_meta_file}")
         source = source_layer_digests[i]
-        target_path = _download(repo, source, scratch / f"{i}-src-{source.partition(':')[2]}")
-        target: Any = FileSource(target_path)
-        if "gzip.meta" in members:
-            target = GzipRandomReader(str(target_path), members["gzip.meta"])
+        target = _SourceOnDemand(repo, source, scratch / f"{i}-src-{source.partition(':')[2]}",
+                                 members.get("gzip.meta"))
         layers.append(open_layer_blob(members[fs_meta_file], target=target))
     return ParentDevice(LSMTStack(layers))
+
+
+class _SourceOnDemand:
+    """A turbo parent's original layer (its files' bytes), downloaded on the first read only. The
+    metadata pass reads no file bytes (`Ext4Builder.load_parents` leaves them out), so usually it
+    is never downloaded: for a gzip layer, reading it through gzip.meta would inflate it whole."""
+
+    def __init__(self, repo: Any, digest: str, path: Path, gzip_meta: bytes | None) -> None:
+        self.repo, self.digest, self.path, self.gzip_meta = repo, digest, path, gzip_meta
+        self._source: Any = None
+        self._lock = threading.Lock()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            if self._source is None:
+                _download(self.repo, self.digest, self.path)
+                self._source = (GzipRandomReader(str(self.path), self.gzip_meta) if self.gzip_meta is not None
+                                else FileSource(self.path))
+        return self._source.pread(offset, length)  # type: ignore[no-any-return]
 
 
 def turbo_hit_facts(repo: Any, digest: str) -> tuple[str, bool]:

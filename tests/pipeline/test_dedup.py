@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from obdconv.pipeline import parents
 from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.runner import ConversionResult, ProgressEvent, RunnerOptions, convert
 from tests.pipeline.edge import base, top, upper
@@ -33,7 +34,8 @@ def run(name: str, tag: str, tmp: Path, db: Path | None, *, native: str, turbo: 
     return result, prepared
 
 
-def test_manifest_and_layer_dedup(pipeline_registry: RegistryService, tmp_path: Path) -> None:
+def test_manifest_and_layer_dedup(pipeline_registry: RegistryService, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     lay = Layout(tmp_path / "src")
     shared = [layer(base(), "gzip", True), layer(upper(), "gzip", True)]
     lay.image([*shared, layer(top(), "gzip", True)], docker=True, tag="a")
@@ -53,8 +55,21 @@ def test_manifest_and_layer_dedup(pipeline_registry: RegistryService, tmp_path: 
         assert again.output(fmt).root_digest == first.output(fmt).root_digest
 
     # image b shares layers 0 and 1: only its top layer is prepared; the rest is read back
+    downloaded: list[str] = []
+    real_download = parents._download
+
+    def spy(repo: object, digest: str, path: Path) -> Path:
+        downloaded.append(digest)
+        return real_download(repo, digest, path)
+
+    monkeypatch.setattr(parents, "_download", spy)
     second, prepared = run(name, "b", tmp_path / "w3", db, native="b-obd", turbo="b-turbo")
     assert len(prepared) == 1
+    # only converted blobs were fetched: the metadata pass needs no file bytes, so the turbo
+    # parents' original layers (whole gzip layers) are never downloaded
+    converted = {first.output(fmt).layers[c]["digest"] for fmt in ("native", "turbo")
+                 for c in list(first.output(fmt).layers)[:2]}
+    assert downloaded and set(downloaded) <= converted
     fresh, _ = run(name, "b", tmp_path / "w4", None, native="x", turbo="y", no_upload=True)
     for fmt in ("native", "turbo"):
         out = second.output(fmt)
