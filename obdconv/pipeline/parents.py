@@ -3,9 +3,10 @@ the middle of a chain (dedup found layers 0..k-1 converted; layers k.. must be b
 exactly the ext4 state those blobs hold, whoever made them).
 
 Native parents are the layer blobs themselves; turboOCI parents are `ext4.fs.meta` warp files whose
-file data comes from the original layer blobs (gzip through `gzip.meta`). Blobs are downloaded
-(digest verified) into a scratch directory first; a turbo parent's original layer only when a
-file's bytes are read, which the metadata pass never does.
+file data comes from the original layer blobs (gzip through `gzip.meta`). Native blobs are read
+with range requests, only where the pass reads; turbo blobs (small) are downloaded (digest
+verified) into a scratch directory first, a turbo parent's original layer only when a file's
+bytes are read, which the metadata pass never does.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import hashlib
 import io
 import tarfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from obdconv.errors import FormatError
+from obdconv.errors import FormatError, NotFoundError
 from obdconv.formats.blob import open_layer_blob
 from obdconv.formats.gzindex import GzipRandomReader
 from obdconv.formats.lsmt import LSMTStack
@@ -79,10 +81,13 @@ def read_back_parents(repo: Any, fmt: str, layer_digests: Sequence[str], source_
     scratch.mkdir(parents=True, exist_ok=True)
     layers = []
     for i, digest in enumerate(layer_digests):
-        path = _download(repo, digest, scratch / f"{i}-{digest.partition(':')[2]}")
         if fmt == "native":
-            layers.append(open_layer_blob(str(path)))
+            size = repo.head_blob(digest)
+            if size is None:
+                raise NotFoundError(f"converted parent layer {digest} is gone from the target repository")
+            layers.append(open_layer_blob(BlobByRanges(repo, digest, size)))
             continue
+        path = _download(repo, digest, scratch / f"{i}-{digest.partition(':')[2]}")
         members = _turbo_members(path.read_bytes())
         if fs_meta_file not in members:
             raise FormatError(f"turbo layer {digest} has no {fs_meta_file}")
@@ -91,6 +96,50 @@ def read_back_parents(repo: Any, fmt: str, layer_digests: Sequence[str], source_
                                  members.get("gzip.meta"))
         layers.append(open_layer_blob(members[fs_meta_file], target=target))
     return ParentDevice(LSMTStack(layers))
+
+
+class BlobByRanges:
+    """A blob read with range requests, in CHUNK-aligned pieces, the last CACHED_CHUNKS kept.
+
+    For native parents: the metadata pass reads only their metadata (packed together after the
+    data area in obdconv's layout), so downloading the whole blob would fetch mostly file bytes.
+    Parts of a blob cannot be checked against its digest; the ZFile reader checks every block it
+    decompresses against the block's CRC instead (as overlaybd itself reads layers lazily)."""
+
+    CHUNK = 4 << 20
+    CACHED_CHUNKS = 8
+
+    def __init__(self, repo: Any, digest: str, size: int) -> None:
+        self.repo, self.digest, self.size = repo, digest, size
+        self.fetched = 0  # bytes requested from the repository so far
+        self._chunks: OrderedDict[int, bytes] = OrderedDict()
+
+    def _chunk(self, k: int) -> bytes:
+        data = self._chunks.get(k)
+        if data is None:
+            want = min(self.CHUNK, self.size - k * self.CHUNK)
+            data = self.repo.read_blob_range(self.digest, k * self.CHUNK, want)
+            if len(data) != want:
+                raise FormatError(f"blob {self.digest}: {len(data)} bytes at {k * self.CHUNK}, expected {want}")
+            self.fetched += len(data)
+            self._chunks[k] = data
+            if len(self._chunks) > self.CACHED_CHUNKS:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(k)
+        return data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        pieces = []
+        pos = offset
+        while pos < end:
+            k = pos // self.CHUNK
+            within = pos - k * self.CHUNK
+            piece = self._chunk(k)[within:within + end - pos]
+            pieces.append(piece)
+            pos += len(piece)
+        return b"".join(pieces)
 
 
 class _SourceOnDemand:

@@ -111,6 +111,14 @@ def _scopes_for(method: str, url: str) -> set[ScopeAtom]:
     return repository_scope(name, "pull", "push")
 
 
+def _body(response: requests.Response, what: str) -> bytes:
+    """A streamed response's whole body; transport failures as NetworkError."""
+    try:
+        return response.content
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
+        raise NetworkError(f"{what}: download interrupted: {type(e).__name__}: {e}") from None
+
+
 class _RawSource:
     """Reads a streamed response body, turning transport failures into NetworkError."""
 
@@ -387,6 +395,30 @@ class RegistryRepository(Repository):
         encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
         size = int(length) if length is not None and not encoded else None
         return buffered(VerifyingReader(_RawSource(response, what), digest, size, what))
+
+    def read_blob_range(self, digest: str, offset: int, length: int) -> bytes:
+        check_digest(digest)
+        if length <= 0:
+            return b""
+        what = f"blob {self._where(digest)} bytes {offset}+{length}"
+        # Streamed, so that a 416 body is never read: docker-registry sends it with the whole
+        # blob's Content-Length, and reading it fails as a truncated response.
+        response = self._registry.do_request(self._url("blobs", digest), "GET", stream=True,
+                                             headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        with response:
+            if response.status_code == 404:
+                raise NotFoundError(f"{what}: blob not found")
+            if response.status_code == 416:  # starts at or beyond the end
+                return b""
+            if response.status_code == 206:
+                start = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
+                if start != str(offset):
+                    raise NetworkError(f"{what}: the registry answered with range "
+                                       f"{response.headers.get('Content-Range')!r}")
+                return _body(response, what)[:length]
+            if response.status_code == 200:  # a server that ignores Range sends the whole blob
+                return _body(response, what)[offset:offset + length]
+            raise self._unexpected(response, what)
 
     def delete_blob(self, digest: str) -> None:
         check_digest(digest)

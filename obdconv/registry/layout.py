@@ -192,6 +192,13 @@ class OCILayoutRepository(Repository):
             raise NotFoundError(f"blob {self._where(digest)} not found") from None
         return buffered(VerifyingReader(f, digest, None, f"blob {self._where(digest)}"))
 
+    def read_blob_range(self, digest: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._blob_path(digest), "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {self._where(digest)} not found") from None
+
     def upload_blob(self, chunks: Iterable[bytes], size: int | None = None) -> tuple[str, int]:
         self._ensure_layout()
         return self._store(chunks, expected_size=size)

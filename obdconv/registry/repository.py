@@ -197,6 +197,12 @@ class Repository(ABC):
         with self.open_blob(digest) as f:
             return f.read()
 
+    @abstractmethod
+    def read_blob_range(self, digest: str, offset: int, length: int) -> bytes:
+        """`length` bytes of a blob from `offset` (fewer only at its end). NOT checked against
+        `digest` (that takes the whole blob): for readers that check what they read themselves,
+        as ZFile does with each block's CRC."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the repository may not be used afterwards."""
 

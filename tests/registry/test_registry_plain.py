@@ -153,6 +153,22 @@ def test_push_blob_checks_digest_and_skips_existing(registry: RegistryService) -
     assert _access_log(registry).count('"POST /v2/regtest/push/') == posts_before
 
 
+@pytest.mark.parametrize("kind", ["registry", "layout"])
+def test_blob_ranges(registry: RegistryService, tmp_path: Path, kind: str) -> None:
+    repo = _repo(registry, "regtest/ranges") if kind == "registry" else open_repository(f"oci:{tmp_path / 'lay'}")
+    data = os.urandom(300_000)
+    digest, size = repo.upload_blob([data])
+    for offset, length in [(0, 1), (0, size), (12_345, 70_000), (size - 10, 10), (size - 10, 100), (size, 5),
+                           (size + 1000, 5), (5, 0)]:
+        assert repo.read_blob_range(digest, offset, length) == data[offset:offset + length], (offset, length)
+    missing = "sha256:" + hashlib.sha256(b"never uploaded").hexdigest()
+    with pytest.raises(NotFoundError):
+        repo.read_blob_range(missing, 0, 10)
+    if kind == "registry":  # really ranged: a request per read, not the whole blob
+        log = _access_log(registry)
+        assert log.count(f"GET /v2/regtest/ranges/blobs/{digest}") >= 6
+
+
 def _upload_sessions(registry: RegistryService, name: str) -> list[Path]:
     uploads = registry.storage_dir / "docker/registry/v2/repositories" / name / "_uploads"
     return list(uploads.iterdir()) if uploads.is_dir() else []
