@@ -731,19 +731,21 @@ class LSMTStack:
             new_s: list[int] = []
             new_e: list[int] = []
             for m in self.layers[li].mappings:
-                pos = m.offset
+                pos = m_start = m.offset
+                m_end = m_start + m.length
                 i = bisect.bisect_right(covered_e, pos)
-                while pos < m.end:
+                while pos < m_end:
                     if i < len(covered_s) and covered_s[i] <= pos:
                         pos = max(pos, covered_e[i])
                         i += 1
                         continue
-                    stop = min(m.end, covered_s[i]) if i < len(covered_s) else m.end
+                    stop = min(m_end, covered_s[i]) if i < len(covered_s) else m_end
                     if stop > pos:
-                        pieces.append((m.slice(pos, stop), li))
+                        # most entries are not covered at all: kept as they are, not copied
+                        pieces.append((m if pos == m_start and stop == m_end else m.slice(pos, stop), li))
                     pos = stop
-                new_s.append(m.offset)
-                new_e.append(m.end)
+                new_s.append(m_start)
+                new_e.append(m_end)
             covered_s, covered_e = _union(covered_s, covered_e, new_s, new_e)
         pieces.sort(key=lambda p: p[0].offset)
         return [StackExtent(m.offset * SECTOR, m.length * SECTOR, li, m) for m, li in pieces]
