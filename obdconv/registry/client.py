@@ -111,14 +111,6 @@ def _scopes_for(method: str, url: str) -> set[ScopeAtom]:
     return repository_scope(name, "pull", "push")
 
 
-def _body(response: requests.Response, what: str) -> bytes:
-    """A streamed response's whole body; transport failures as NetworkError."""
-    try:
-        return response.content
-    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
-        raise NetworkError(f"{what}: download interrupted: {type(e).__name__}: {e}") from None
-
-
 class _RawSource:
     """Reads a streamed response body, turning transport failures into NetworkError."""
 
@@ -415,9 +407,9 @@ class RegistryRepository(Repository):
                 if start != str(offset):
                     raise NetworkError(f"{what}: the registry answered with range "
                                        f"{response.headers.get('Content-Range')!r}")
-                return _body(response, what)[:length]
+                return _RawSource(response, what).read()[:length]
             if response.status_code == 200:  # a server that ignores Range sends the whole blob
-                return _body(response, what)[offset:offset + length]
+                return _RawSource(response, what).read()[offset:offset + length]
             raise self._unexpected(response, what)
 
     def delete_blob(self, digest: str) -> None:
