@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from obdconv.errors import BadInputError
-from obdconv.formats.lsmt import SegmentMapping, commit_header, commit_tail
+from obdconv.formats.lsmt import commit_header, commit_tail
 from obdconv.formats.tarwrap import wrap_prefix, wrap_suffix
 from obdconv.formats.zfile import BlockCompressor, compress_zfile, zfile_parts
 from obdconv.oci import mediatypes
@@ -52,7 +52,7 @@ from obdconv.pipeline.layout import (
     data_area_start,
     round_up,
 )
-from obdconv.pipeline.mapping import Run, native_runs, turbo_runs, verify_runs
+from obdconv.pipeline.mapping import native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
 from obdconv.pipeline.request import ConversionProfile
@@ -95,10 +95,6 @@ class ConvertedLayer:
 
 def fs_meta_name(fstype: str) -> str:
     return f"{fstype or 'ext4'}.fs.meta"
-
-
-def _to_mappings(runs: Iterable[Run]) -> list[SegmentMapping]:
-    return [SegmentMapping(r.offset, r.length, r.moffset, r.zeroed, r.tag) for r in runs]
 
 
 def _uuid(chain_id: str) -> str | None:
@@ -204,7 +200,6 @@ class NativeBlobPlan:
     ztail: bytes
     zfile_size: int
     lsmt_size: int
-    mappings: list[SegmentMapping]
 
 
 def plan_native_blob(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
@@ -222,11 +217,10 @@ def plan_native_blob(prepared: PreparedLayer, metadata: AppliedLayer, profile: C
                                 data_area_size=prepared.data_area_size)
     layout = NativeLayout(bs, prepared.data_area_size, len(ordered))
     verify_runs(runs, local_lo=data_start // SECTOR, local_hi=layout.index_offset // SECTOR, virtual_size=vsize)
-    mappings = _to_mappings(runs)
     uuid, parent_uuid = _uuid(chain_id), _uuid(parent_chain_id)
     header = commit_header(vsize, uuid, parent_uuid)
     head_region = header + bytes(data_start - len(header))
-    tail = commit_tail(mappings, layout.index_offset, vsize, uuid, parent_uuid)
+    tail = commit_tail(runs, layout.index_offset, vsize, uuid, parent_uuid)
     tail_region = b"".join(data for _, data in ordered) + tail
     lsmt_size = layout.index_offset + len(tail)
     compressor = BlockCompressor(profile.algorithm, bs)
@@ -235,7 +229,7 @@ def plan_native_blob(prepared: PreparedLayer, metadata: AppliedLayer, profile: C
     lengths = [len(b) for b in head_blocks] + prepared.block_lengths() + [len(b) for b in tail_blocks]
     zheader, ztail = zfile_parts(lengths, lsmt_size, profile.algorithm, bs)
     zfile_size = len(zheader) + sum(lengths) + len(ztail)
-    return NativeBlobPlan(zheader, head_blocks, tail_blocks, ztail, zfile_size, lsmt_size, mappings)
+    return NativeBlobPlan(zheader, head_blocks, tail_blocks, ztail, zfile_size, lsmt_size)
 
 
 def native_blob_parts(prepared: PreparedLayer, plan: NativeBlobPlan) -> BlobParts:
