@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from operator import attrgetter
 
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import BadInputError, UnsafePathError
@@ -18,7 +16,6 @@ XATTR_SYSTEM_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 # Room in one external EA block: 32-byte header, 4-byte end marker; per entry 16 bytes + padded name/value.
 XATTR_BLOCK_ROOM = BLOCK_SIZE - 32 - 4
 _BAD_COMPONENTS = frozenset(("", ".", ".."))
-_BAD_COMPONENT_RE = re.compile(r"/\.{0,2}/")  # in "/" + paths joined by "/" + "/"
 
 
 def entry_label(index: int, path: str, limit: int = 200) -> str:
@@ -38,73 +35,12 @@ def xattr_supported(name: str) -> bool:
 
 def validate_entries(entries: Sequence[LayerEntry]) -> None:
     """Checks that need no filesystem; raise naming the first bad entry (nothing written yet)."""
-    special = _bulk_check(entries)
-    if special is None:
-        _validate_each(entries)
-        return
-    for i in special:
-        _validate_entry(i, entries[i])
-
-
-_PATH, _TYPE, _XATTRS = attrgetter("path"), attrgetter("type"), attrgetter("xattrs")
-_UID, _GID, _MODE, _SIZE = attrgetter("uid"), attrgetter("gid"), attrgetter("mode"), attrgetter("size")
-
-
-def _bulk_check(entries: Sequence[LayerEntry]) -> list[int] | None:
-    """The common-case checks of `_validate_each` over the whole list at once, at C speed (this
-    runs on every entry of every layer; a Python-level test per entry cost ~1 µs): each field is
-    gathered with `map(attrgetter)` and checked with min/max, and all paths are checked as one
-    string. Returns the indices of the entries the common case does not cover (other types,
-    xattrs, the root ".", long or non-ASCII paths), to get every check in `_validate_entry`; or
-    None when something is wrong or odd anywhere, so that `_validate_each` finds the first bad
-    entry and words the error exactly as always."""
-    n = len(entries)
-    if not n:
-        return []
-    try:
-        paths = list(map(_PATH, entries))
-        special: set[int] = set()
-        if "." in paths:  # the root directory's own entry (the scanner reports "./" so)
-            special.update(i for i, p in enumerate(paths) if p == ".")
-            joined = "/".join([p for p in paths if p != "."])
-        else:
-            joined = "/".join(paths)
-        # Every path between slashes: an empty path, a leading or trailing "/" or an empty
-        # component shows as "//", a "." or ".." component as "/./" or "/../" (one regex scan
-        # finds all three, twice as fast as three `in` tests).
-        text = f"/{joined}/"
-        if "\0" in text or _BAD_COMPONENT_RE.search(text):
-            return None
-        if not text.isascii():  # a name's length in bytes is not its length in characters
-            special.update(i for i, p in enumerate(paths) if not p.isascii())
-        if max(map(len, paths)) > MAX_NAME:  # a name of it may be longer than MAX_NAME
-            special.update(i for i, p in enumerate(paths) if len(p) > MAX_NAME)
-        # Owners and modes take few distinct values: a set of them is as quick to make as a list
-        # and quicker to take min/max of.
-        uids, gids, modes = set(map(_UID, entries)), set(map(_GID, entries)), set(map(_MODE, entries))
-        if min(uids) < 0 or max(uids) >= 1 << 32 or min(gids) < 0 or max(gids) >= 1 << 32 \
-                or min(modes) < 0 or max(modes) > 0o7777 or min(map(_SIZE, entries)) < 0:
-            return None
-        file_type, dir_type = EntryType.FILE, EntryType.DIR
-        types = list(map(_TYPE, entries))  # not a set: Enum's __hash__ is Python code
-        if types.count(file_type) + types.count(dir_type) != n:  # list.count: identity first
-            special.update(i for i, e in enumerate(entries) if e.type is not file_type and e.type is not dir_type)
-        if any(map(_XATTRS, entries)):
-            special.update(i for i, e in enumerate(entries) if e.xattrs)
-    except (TypeError, AttributeError):  # fields of unexpected types: the per-entry checks say which
-        return None
-    return sorted(special)
-
-
-def _validate_each(entries: Sequence[LayerEntry]) -> None:
-    """`validate_entries` one entry at a time: the reference for `_bulk_check`, and the path that
-    finds and names the first bad entry."""
     file_type, dir_type = EntryType.FILE, EntryType.DIR
     bad_components = _BAD_COMPONENTS
     for i, e in enumerate(entries):
-        # The common case first, cheaply: a short clean ASCII path (so no name is over MAX_NAME
-        # bytes) of a file (size >= 0) or directory without xattrs, in-range owner and mode.
-        # Anything else gets every check in _validate_entry.
+        # The common case first, cheaply (it runs once per entry of every layer): a short clean
+        # ASCII path (so no name is over MAX_NAME bytes) of a file (size >= 0) or directory
+        # without xattrs, in-range owner and mode. Anything else gets every check in _validate_entry.
         path = e.path
         t = e.type
         if ((t is file_type and e.size >= 0) or (t is dir_type and path != ".")) and not e.xattrs \
