@@ -47,9 +47,6 @@ _NEW_FILE_INODE = struct.Struct("<HHIIII4xHH4xI4xII52x8xI8xHH4xH2xIIIII8x")
 assert _NEW_FILE_INODE.size == 0xA0
 _INODE_TAIL_ZEROS = bytes(L.EXT2_INODE_SIZE - 0xA0)
 _I_BLOCK = L.Ext2InodeLarge.i_block.offset
-_EXT_HEADER = struct.Struct("<HHHHI")  # ext3_extent_header: magic, entries, max, depth, generation
-_EXT_LEAF = struct.Struct("<IHHI")  # ext3_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
-_EXT_INIT_MAX_LEN = 1 << 15  # ee_len above this marks an uninitialised extent
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1  # mtime_ns the C fast path takes (int64_t)
 _TYPE_OF = attrgetter("type")
 
@@ -558,13 +555,13 @@ def _root_extents(inode: bytearray) -> list[Extent] | None:
     """Extents straight from the inode's i_block when the tree is only its root (depth 0), which
     is every file of up to 4 extents; None for deeper trees (read those through libext2fs)."""
     raw = memoryview(inode)[_I_BLOCK:_I_BLOCK + 60]
-    magic, entries, _, depth, _ = _EXT_HEADER.unpack_from(raw, 0)
+    magic, entries, _, depth, _ = L.EXT_HEADER.unpack_from(raw, 0)
     if magic != L.EXT3_EXT_MAGIC or depth != 0:
         return None
     out = []
     for k in range(entries):
-        lblk, length, hi, lo = _EXT_LEAF.unpack_from(raw, 12 + 12 * k)
-        if length > _EXT_INIT_MAX_LEN:
+        lblk, length, hi, lo = L.EXT_LEAF.unpack_from(raw, 12 + 12 * k)
+        if length > L.EXT_INIT_MAX_LEN:
             return None  # uninitialised: let extents_of() report it
         out.append(Extent(lblk, (hi << 32) | lo, length))
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import struct
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -195,10 +196,42 @@ assert Ext2Filsys.super.offset == 32 and Ext2Filsys.blocksize.offset == 40
 assert Ext2Filsys.now.offset == 184
 
 # Superblock field offsets (struct ext2_super_block, ext2_fs.h).
+SUPERBLOCK_OFFSET = 1024  # bytes into the device
 SB_INODES_COUNT = 0x00
+SB_BLOCKS_COUNT_LO = 0x04
 SB_FREE_INODES_COUNT = 0x10
+SB_FIRST_DATA_BLOCK = 0x14
 SB_LOG_BLOCK_SIZE = 0x18
+SB_INODES_PER_GROUP = 0x28
+SB_MAGIC = 0x38
+SB_FIRST_INO = 0x54
+SB_INODE_SIZE = 0x58
+SB_FEATURE_INCOMPAT = 0x60
+SB_FEATURE_RO_COMPAT = 0x64
+SB_DESC_SIZE = 0xFE
+SB_BLOCKS_COUNT_HI = 0x150
 SB_KBYTES_WRITTEN = 0x178  # __u64 s_kbytes_written; 0 = "not tracked"
+EXT2_SUPER_MAGIC = 0xEF53
+EXT4_FEATURE_INCOMPAT_META_BG = 0x0010
+EXT4_FEATURE_INCOMPAT_64BIT = 0x0080
+EXT4_FEATURE_RO_COMPAT_GDT_CSUM = 0x0010
+EXT4_FEATURE_RO_COMPAT_METADATA_CSUM = 0x0400
+
+# Group descriptor field offsets (struct ext4_group_desc; the _HI halves only in 64-byte ones).
+BG_INODE_BITMAP_LO = 0x04
+BG_INODE_TABLE_LO = 0x08
+BG_FLAGS = 0x12
+BG_ITABLE_UNUSED_LO = 0x1C
+BG_INODE_BITMAP_HI = 0x24
+BG_INODE_TABLE_HI = 0x28
+BG_ITABLE_UNUSED_HI = 0x32
+EXT4_BG_INODE_UNINIT = 0x0001
+
+# Extent tree nodes (ext3_extents.h), as stored in i_block and in index/leaf blocks.
+EXT_HEADER = struct.Struct("<HHHHI")  # ext3_extent_header: magic, entries, max, depth, generation
+EXT_LEAF = struct.Struct("<IHHI")  # ext3_extent: ee_block, ee_len, ee_start_hi, ee_start_lo
+EXT_INDEX = struct.Struct("<IIHH")  # ext3_extent_idx: ei_block, ei_leaf_lo, ei_leaf_hi, ei_unused
+EXT_INIT_MAX_LEN = 1 << 15  # ee_len above this marks an uninitialised extent
 
 DirIterateFunc = CFUNCTYPE(c_int, ext2_ino_t, c_int, POINTER(Ext2DirEntry), c_int, c_int, c_void_p, c_void_p)
 XattrIterateFunc = CFUNCTYPE(c_int, c_void_p, c_void_p, ctypes.c_size_t, c_void_p)
