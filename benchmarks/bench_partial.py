@@ -54,19 +54,15 @@ def add_layer(src: Path, dst: Path, tag: str) -> None:
         tar.addfile(info, io.BytesIO(data))
     raw = buf.getvalue()
     blob = gzip.compress(raw, mtime=0)
-
-    def put(b: bytes) -> str:
-        digest = hashlib.sha256(b).hexdigest()
-        (blobs / digest).write_bytes(b)
-        return "sha256:" + digest
-
-    manifest["layers"].append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                               "digest": put(blob), "size": len(blob)})
+    blob_hex = hashlib.sha256(blob).hexdigest()
+    (blobs / blob_hex).write_bytes(blob)
+    manifest["layers"].append({"mediaType": build_image.MT_LAYER_GZIP, "digest": "sha256:" + blob_hex,
+                               "size": len(blob)})
     config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(raw).hexdigest())
-    config_bytes = json.dumps(config).encode()
-    manifest["config"] = {**manifest["config"], "digest": put(config_bytes), "size": len(config_bytes)}
-    manifest_bytes = json.dumps(manifest).encode()
-    index["manifests"] = [{**desc, "digest": put(manifest_bytes), "size": len(manifest_bytes),
+    config_digest, config_size = build_image.put_json_blob(blobs, config)
+    manifest["config"] = {**manifest["config"], "digest": config_digest, "size": config_size}
+    manifest_digest, manifest_size = build_image.put_json_blob(blobs, manifest)
+    index["manifests"] = [{**desc, "digest": manifest_digest, "size": manifest_size,
                            "annotations": {"org.opencontainers.image.ref.name": tag}}]
     (dst / "index.json").write_text(json.dumps(index))
 
