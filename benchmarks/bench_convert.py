@@ -202,7 +202,7 @@ def push_image(layout: Path, tag: str, dest: str) -> float:
 def run_conversion(repository: str, input_tag: str, fmt: str, workdir: Path) -> dict[str, Any]:
     """One conversion through the local runner; returns total seconds and the runner's stage timings."""
     from obdconv.pipeline import runner
-    from obdconv.pipeline.request import ConversionRequest, RegistryAccess
+    from obdconv.request import ConversionRequest, RegistryAccess
 
     out_tag = f"{input_tag}-{fmt}"
     request = ConversionRequest(

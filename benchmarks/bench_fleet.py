@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.settings import load_settings
 from obdconv.client import submit, wait
-from obdconv.pipeline.request import ConversionRequest
+from obdconv.request import ConversionRequest
 from workers.app import create_app
 from workers.localfleet import LocalFleet
 from workers.sample_image import build_sample_image

@@ -69,7 +69,7 @@ def add_layer(src: Path, dst: Path, tag: str) -> None:
 
 def convert(repository: str, tag: str, fmt: str, workdir: Path, db: Path) -> tuple[float, dict[str, float]]:
     from obdconv.pipeline import runner
-    from obdconv.pipeline.request import ConversionRequest, RegistryAccess
+    from obdconv.request import ConversionRequest, RegistryAccess
 
     out = f"{tag}-{fmt}"
     request = ConversionRequest(repository=repository, input_tag=tag, oci=True,

@@ -40,8 +40,8 @@ from obdconv.pipeline.assemble import assemble_layer  # noqa: E402
 from obdconv.pipeline.metadata import MetadataPass  # noqa: E402
 from obdconv.pipeline.plan import resolve_image  # noqa: E402
 from obdconv.pipeline.prepare import prepare_layer  # noqa: E402
-from obdconv.pipeline.request import ConversionProfile  # noqa: E402
 from obdconv.registry import open_repository  # noqa: E402
+from obdconv.request import ConversionProfile  # noqa: E402
 
 CHUNK = 1 << 20
 BLOCK = 4096

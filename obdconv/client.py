@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from obdconv.errors import DatabaseError, UsageError
-from obdconv.pipeline.request import ConversionRequest
 from obdconv.pipeline.validate import validate_request
+from obdconv.request import ConversionRequest
 
 if TYPE_CHECKING:
     from celery import Celery

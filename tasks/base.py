@@ -20,7 +20,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from obdconv.errors import DatabaseError, NetworkError
 from obdconv.status import record_failure
 from tasks.claims import release_claims
-from tasks.context import open_worker_database, settings
+from tasks.context import settings
+from workers.database import open_worker_database
 
 log = logging.getLogger(__name__)
 

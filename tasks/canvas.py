@@ -51,13 +51,13 @@ from obdconv.pipeline import push as push_stage
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.plan import IndexPlan, ManifestPlan, resolve_image
 from obdconv.pipeline.push import PushedManifest
-from obdconv.pipeline.request import ConversionProfile, ConversionRequest
 from obdconv.pipeline.reuse import ClaimHeld, ManifestReuse
 from obdconv.pipeline.validate import validate_request
+from obdconv.request import ConversionProfile, ConversionRequest
 from obdconv.status import record_success
 from tasks.base import FleetTask, retry_later
 from tasks.claims import claim_owner, held_claims, release_claims
-from tasks.context import open_repository, open_worker_database, settings
+from tasks.context import open_repository, settings
 from tasks.dedup import fleet_reuse, remember_manifest
 from tasks.stages import (
     _broker_client,
@@ -68,6 +68,7 @@ from tasks.stages import (
     request_of,
 )
 from workers.app import app
+from workers.database import open_worker_database
 from workers.lease import is_worker_alive
 from workers.queues import (
     ASSEMBLE,

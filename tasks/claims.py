@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from obdconv.errors import DatabaseError
-from tasks.context import dedup_store, settings
+from tasks.context import settings
+from workers.database import dedup_store
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import logging
 from typing import Any
 
 from obdconv.dedup.lookup import record_layer, record_manifest
-from obdconv.pipeline.request import ConversionProfile, ConversionRequest
 from obdconv.pipeline.reuse import Reuse
-from tasks.context import dedup_store, open_repository, settings
+from obdconv.request import ConversionProfile, ConversionRequest
+from tasks.context import open_repository, settings
+from workers.database import dedup_store
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,17 @@ from obdconv.pipeline.assemble import assemble_layer
 from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
-from obdconv.pipeline.request import ConversionRequest
+from obdconv.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask, retry_later
 from tasks.claims import held_claims
-from tasks.context import open_repository, open_worker_database, settings, spool_dir
+from tasks.context import open_repository, settings, spool_dir
 from tasks.dedup import remember_layer
 from tasks.progress import ProgressReporter, backend_client
 from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
 from workers.app import app
+from workers.database import open_worker_database
 from workers.lease import is_worker_alive
 from workers.queues import TASK_ASSEMBLE_LAYER, TASK_BUILD_METADATA, TASK_PREPARE_LAYER
 

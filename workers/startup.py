@@ -17,6 +17,7 @@ from typing import Any
 from celery import signals
 
 from workers.app import settings_of
+from workers.database import open_worker_database
 from workers.lease import LeaseKeeper
 from workers.ledger import is_redis_url, sweeper_for
 from workers.queues import worker_queue
@@ -67,6 +68,4 @@ def _stop_lease_keeper(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _open_database(**_: Any) -> None:
-    from tasks.context import open_worker_database
-
     open_worker_database()

@@ -27,9 +27,9 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from obdconv.errors import UsageError
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.validate import validate_request
 from obdconv.registry.options import RegistryOptions
+from obdconv.request import ConversionRequest, RegistryAccess
 
 if TYPE_CHECKING:  # the runner pulls in every library; import it only when converting
     from obdconv.pipeline.runner import ConversionResult, ProgressEvent

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from obdconv import errors
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
+from obdconv.request import ConversionRequest, RegistryAccess
 
 EXIT_TIMEOUT = 75
 

@@ -41,7 +41,7 @@ import peewee
 
 from obdconv.dedup.db import dialect
 from obdconv.errors import DatabaseError
-from obdconv.pipeline.request import ConversionProfile
+from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
 

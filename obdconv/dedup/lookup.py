@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from obdconv.dedup.claims import DEFAULT_TTL, WaitOutcome, layer_claim_key, manifest_claim_key
 from obdconv.dedup.store import DedupStore, manifest_profile_key
 from obdconv.errors import NetworkError, NotFoundError
-from obdconv.pipeline.request import ConversionProfile
+from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
 

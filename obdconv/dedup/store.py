@@ -37,7 +37,7 @@ from obdconv.dedup.db import DatabaseConfig, connect_database, database, dialect
 from obdconv.dedup.models import ProfileLayer, ProfileManifest, ReferenceLayer, ReferenceManifest
 from obdconv.dedup.schema import SCHEMA_VERSION, create_registered_tables, init_schema, schema_version
 from obdconv.errors import DatabaseError
-from obdconv.pipeline.request import ConversionProfile
+from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
 

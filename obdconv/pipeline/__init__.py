@@ -21,5 +21,7 @@ Stages (inputs and outputs are JSON-serialisable; each result has to_dict()/from
   layers as the block device a mid-chain metadata pass starts from.
 
 Runner: `runner.convert(request, *, options=None, progress=None) -> ConversionResult`
-(`validate.validate_request(request)` checks flags without importing the heavy modules).
+(`validate.validate_request(request)` checks flags without importing the heavy modules);
+`results` holds what it reports (`ProgressEvent`, `ConversionResult`) and `RunnerOptions`, `pool`
+the stage functions its worker processes run.
 """

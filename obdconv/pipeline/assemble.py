@@ -55,8 +55,8 @@ from obdconv.pipeline.layout import (
 from obdconv.pipeline.mapping import native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
-from obdconv.pipeline.request import ConversionProfile
 from obdconv.registry.repository import PendingBlob
+from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.parents import turbo_hit_facts
 from obdconv.pipeline.plan import ManifestPlan
 from obdconv.pipeline.push import PushedManifest
-from obdconv.pipeline.request import ConversionProfile
+from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
 

@@ -32,183 +32,40 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from obdconv.dedup.store import open_store
 from obdconv.errors import BadInputError, ObdconvError
-from obdconv.pipeline.assemble import BuiltLayer, ConvertedLayer, build_layer, commit_built, send_built
-from obdconv.pipeline.metadata import MetadataPass, decode_metadata, encode_metadata
+from obdconv.pipeline.assemble import ConvertedLayer
+from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
-from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
+from obdconv.pipeline.pool import (
+    InlineExecutor,
+    init_worker,
+    process_repositories,
+    run_all,
+    task_build,
+    task_commit,
+    task_prepare,
+    task_send,
+    thread_priority_raised,
+)
+from obdconv.pipeline.prepare import PreparedLayer, load_prepared, spool_key
 from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
-from obdconv.pipeline.request import ConversionProfile, ConversionRequest
+from obdconv.pipeline.results import ConversionResult, OutputResult, ProgressEvent, ProgressFn, RunnerOptions
 from obdconv.pipeline.reuse import ManifestReuse, Reuse
 from obdconv.pipeline.validate import validate_request
 from obdconv.registry import PendingBlob, RegistryOptions, open_repository
+from obdconv.request import ConversionProfile, ConversionRequest
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 0.2  # seconds between byte-progress events of one layer
 
-
-# --------------------------------------------------------------------------------------------
-# results, options, progress
-
-
-@dataclass(slots=True)
-class ProgressEvent:
-    stage: str  # "plan" | "prepare" | "metadata" | "assemble" | "push" | "index" | "done"
-    layer_index: int = -1
-    layer_digest: str = ""
-    done: int = 0
-    total: int = 0
-    manifest: str = ""
-    format: str = ""
-    finished: bool = False
-
-
-ProgressFn = Callable[[ProgressEvent], None]
-
-
-@dataclass(slots=True)
-class OutputResult:
-    """One output format's image."""
-
-    format: str
-    repository: str
-    tag: str
-    root_digest: str = ""
-    root_media_type: str = ""
-    root_size: int = 0
-    manifests: dict[str, str] = field(default_factory=dict)  # source manifest digest -> converted
-    indexes: dict[str, str] = field(default_factory=dict)  # source index digest -> converted
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # source chain id -> ConvertedLayer dict
-
-
-@dataclass(slots=True)
-class ConversionResult:
-    outputs: list[OutputResult] = field(default_factory=list)
-    source_digest: str = ""
-    uploaded: bool = True
-    # Seconds per stage (summed over tasks) + "total"; "assemble" = "assemble.build" + "assemble.upload".
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def output(self, fmt: str) -> OutputResult:
-        for o in self.outputs:
-            if o.format == fmt:
-                return o
-        raise KeyError(fmt)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ConversionResult:
-        return cls(outputs=[OutputResult(**o) for o in d["outputs"]], source_digest=d["source_digest"],
-                   uploaded=d["uploaded"], timings=d["timings"])
-
-
-@dataclass(slots=True)
-class RunnerOptions:
-    """How the local runner runs (not part of the request: nothing here changes output bytes)."""
-
-    registry: RegistryOptions | None = None  # default: from request.access
-    workers: int = 0  # process pool size; 0 = cpu count; 1 = run everything in this process
-    spool_dir: str = ""  # default <workdir>/spool
-    # dedup DSN (the CLI's --db-str; the request only carries a reference). It may hold a password:
-    # kept out of repr so a logged or printed RunnerOptions never shows it.
-    db_str: str = field(default="", repr=False)
-    keep_spool: bool = False  # keep prepared layers made by this run (also kept with --reserve)
-    claim_timeout: float = 3600.0  # seconds to wait for another converter holding a manifest's claim
-    # Nice steps the metadata thread is raised by while it applies layers, when the OS allows it
-    # (root / CAP_SYS_NICE; otherwise nothing changes). The in-order metadata pass is the critical
-    # path once the prepares are done, and it competes for the cores with the assembles it feeds.
-    metadata_boost: int = 5
-
-
-# --------------------------------------------------------------------------------------------
-# pool tasks (top-level functions: they run in worker processes)
-
-_repos: dict[str, Any] = {}
-_progress_queue: Any = None
-
-
-def _init_worker(progress_queue: Any) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-
-
-def _repo(name: str, options: RegistryOptions | None) -> Any:
-    repo = _repos.get(name)
-    if repo is None:
-        repo = _repos[name] = open_repository(name, options)
-    return repo
-
-
-def _report(event: ProgressEvent) -> None:
-    if _progress_queue is not None:
-        with contextlib.suppress(Exception):
-            _progress_queue.put(event)
-
-
-def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, Any], spool_dir: str,
-                 native: bool, turbo: bool, algorithm: str, block_size: int, index: int) -> tuple[dict[str, Any], float]:
-    start = time.monotonic()
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_INTERVAL:
-            last[0] = now
-            _report(ProgressEvent("prepare", index, layer["digest"], done, total))
-
-    prepared = prepare_layer(_repo(source, options), layer, spool_dir, native=native, turbo=turbo,
-                             algorithm=algorithm, block_size=block_size, progress=progress)
-    _report(ProgressEvent("prepare", index, layer["digest"], prepared.source_size, prepared.source_size,
-                          finished=True))
-    return prepared.to_dict(), time.monotonic() - start
-
-
-def task_build(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any], chain_id: str,
-               parent_chain_id: str, out_dir: str) -> tuple[dict[str, Any], float]:
-    """The CPU part of assemble (no registry access): may run before every digest is verified."""
-    start = time.monotonic()
-    built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata), ConversionProfile(**profile),
-                        chain_id, parent_chain_id, out_dir)
-    return built.to_dict(), time.monotonic() - start
-
-
-def task_send(built: dict[str, Any], target_repo: Any, upload: bool) -> tuple[PendingBlob, float]:
-    """Runs in an upload thread of the runner's own process (see `_Run.uploads`)."""
-    start = time.monotonic()
-    pending = send_built(BuiltLayer.from_dict(built), target_repo, upload)
-    return pending, time.monotonic() - start
-
-
-def task_commit(built: dict[str, Any], pending: PendingBlob, target_repo: Any, source_repo: Any, upload: bool,
-                oci: bool) -> tuple[dict[str, Any], float]:
-    """Runs in an upload thread, like `task_send`."""
-    start = time.monotonic()
-    layer = commit_built(BuiltLayer.from_dict(built), pending, target_repo, upload, oci=oci, source_repo=source_repo)
-    return layer.to_dict(), time.monotonic() - start
-
-
-class _InlineExecutor(Executor):
-    """Runs each task at submit time in this process (workers=1: no pool, easy debugging)."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        f: Future[Any] = Future()
-        try:
-            f.set_result(fn(*args, **kwargs))
-        except BaseException as e:
-            f.set_exception(e)
-        return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +298,7 @@ class _Run:
         # Inline (workers=1) tasks run at submit time, in the submitting thread: keep them all in
         # this one, in order (uploads after the loop), so a one-process run stays simple to debug.
         helpers: list[threading.Thread] = []
-        if not isinstance(pool, _InlineExecutor):
+        if not isinstance(pool, InlineExecutor):
             helpers = [threading.Thread(target=fn, name=f"assemble-{fn.__name__}", daemon=True)
                        for fn in (open_gate_when_prepared, sender, committer)]
             for helper in helpers:
@@ -450,7 +307,7 @@ class _Run:
                 self.helper_threads.extend(helpers)
         t = time.monotonic()
         try:
-            with _thread_priority_raised(self.options.metadata_boost), \
+            with thread_priority_raised(self.options.metadata_boost), \
                     MetadataPass(self.request.vsize_gb, m.chain_ids, workdir, parents,
                                  keep_image=self.request.reserve) as metadata_pass:
                 self.add_time("metadata", time.monotonic() - t)
@@ -527,7 +384,7 @@ class _Run:
         # a slot that a prepare or build could use meanwhile. Threads share this process's
         # repositories (one connection pool) and need nothing pickled.
         self.uploads: Executor = (ThreadPoolExecutor(max(2, workers), thread_name_prefix="upload") if workers > 1
-                                  else _InlineExecutor())
+                                  else InlineExecutor())
         self.aborted = threading.Event()  # the run failed: committers cancel instead of committing
         self.helper_threads: list[threading.Thread] = []
         if workers > 1:
@@ -538,14 +395,14 @@ class _Run:
             # runs, e.g. on a second convert in the same process.)
             ctx.set_forkserver_preload(["__main__", __name__])
             progress_queue = ctx.Queue()
-            pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+            pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                                                  initargs=(progress_queue,))
             drain = threading.Thread(target=self._drain_progress, args=(progress_queue,), daemon=True)
             drain.start()
         else:
-            _repos.update(_repos_in_process)
-            _init_worker(_DirectQueue(self))
-            pool = _InlineExecutor()
+            process_repositories.update(_repos_in_process)
+            init_worker(_DirectQueue(self))
+            pool = InlineExecutor()
         try:
             self.open_reuse()
             results = self.convert_manifests(pool, plan, outputs)
@@ -570,9 +427,9 @@ class _Run:
                     if drain is not None:
                         drain.join(5)
                 if workers <= 1:
-                    _init_worker(None)
+                    init_worker(None)
                     for name in _repos_in_process:
-                        _repos.pop(name, None)
+                        process_repositories.pop(name, None)
 
             def release() -> None:
                 for reuse in getattr(self, "reuse_of", {}).values():
@@ -594,7 +451,7 @@ class _Run:
                     for path in self.metadata_workdirs:
                         shutil.rmtree(path, ignore_errors=True)
 
-            _run_all(stop_executors, stop_progress, release, remove_files)
+            run_all(stop_executors, stop_progress, release, remove_files)
         self.timings["total"] = time.monotonic() - started
         self.emit(ProgressEvent("done", finished=True))
         return ConversionResult(list(outputs.values()), plan.root["digest"], self.upload, dict(self.timings))
@@ -670,39 +527,6 @@ class _Run:
             if event is None:
                 return
             self.emit(event)
-
-
-def _run_all(*steps: Callable[[], None]) -> None:
-    """Run every cleanup step even if Ctrl-C lands in one of them (waiting for the pool takes a
-    moment, and an interrupt there would skip the rest: spools and work directories left behind);
-    the interrupt is raised once all have run."""
-    interrupt: KeyboardInterrupt | None = None
-    for step in steps:
-        try:
-            step()
-        except KeyboardInterrupt as e:
-            interrupt = interrupt or e
-    if interrupt is not None:
-        raise interrupt
-
-
-@contextlib.contextmanager
-def _thread_priority_raised(steps: int) -> Iterator[None]:
-    """Lower this thread's nice value by `steps` while inside, if permitted (Linux applies
-    setpriority(PRIO_PROCESS, tid) to one thread); restored on exit."""
-    tid = threading.get_native_id()
-    try:
-        before = os.getpriority(os.PRIO_PROCESS, tid) if steps > 0 else None
-        if before is not None:
-            os.setpriority(os.PRIO_PROCESS, tid, max(-20, before - steps))
-    except OSError:  # EPERM/EACCES without CAP_SYS_NICE: run at the normal priority
-        before = None
-    try:
-        yield
-    finally:
-        if before is not None:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
 class _DirectQueue:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from obdconv.errors import BadInputError, UnsupportedError, UsageError
-from obdconv.pipeline.request import ConversionProfile, ConversionRequest
 from obdconv.registry.reference import check_tag
+from obdconv.request import ConversionProfile, ConversionRequest
 
 ALGORITHMS = ("lz4", "zstd")
 

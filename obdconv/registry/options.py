@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from obdconv.errors import UsageError
-from obdconv.pipeline.request import RegistryAccess
+from obdconv.request import RegistryAccess
 
 # Resolves a credential reference (RegistryAccess.credential_ref) to "user:password" on the worker.
 CredentialsResolver = Callable[[str], str | None]

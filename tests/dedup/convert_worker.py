@@ -8,8 +8,8 @@ import json
 import sys
 import time
 
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.runner import ProgressEvent, RunnerOptions, convert
+from obdconv.request import ConversionRequest, RegistryAccess
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from obdconv.dedup.claims import ClaimTimeoutError, layer_claim_key, manifest_claim_key
 from obdconv.dedup.store import REFERENCE_PROFILE, DedupStore
-from obdconv.pipeline.request import ConversionProfile
+from obdconv.request import ConversionProfile
 from tests.dedup.conftest import Backend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

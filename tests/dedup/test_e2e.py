@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.runner import ConversionResult, ProgressEvent, RunnerOptions, convert
 from obdconv.registry import RegistryOptions, open_repository
+from obdconv.request import ConversionRequest, RegistryAccess
 from tests.dedup.conftest import Backend
 from tests.pipeline.edge import base, top, upper
 from tests.pipeline.images import Layout, file, layer

@@ -9,8 +9,8 @@ from typing import Any
 
 from obdconv.dedup import lookup
 from obdconv.dedup.store import REFERENCE_PROFILE, DedupStore, open_store
-from obdconv.pipeline.request import ConversionProfile
 from obdconv.registry import OCI_MANIFEST, RegistryOptions, open_repository
+from obdconv.request import ConversionProfile
 from tests.dedup import reference_sql as ref
 from tests.dedup.conftest import Backend
 

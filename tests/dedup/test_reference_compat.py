@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from obdconv.dedup.store import REFERENCE_PROFILE, DedupStore, uses_reference_tables
-from obdconv.pipeline.request import ConversionProfile
+from obdconv.request import ConversionProfile
 from tests.dedup import reference_sql as ref
 from tests.dedup.conftest import Backend
 

@@ -19,7 +19,7 @@ from celery import Celery
 
 from config.settings import load_settings
 from obdconv.client import status, submit, wait
-from obdconv.pipeline.request import ConversionRequest
+from obdconv.request import ConversionRequest
 from tests.services.base import ManagedProcess
 from tests.services.flower import FlowerServer
 from tests.services.redis import RedisServer

@@ -19,7 +19,7 @@ import pytest
 
 from obdconv.dedup.models import ProfileLayer, ProfileManifest, ReferenceLayer, ReferenceManifest
 from obdconv.pipeline.prepare import spool_key
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
+from obdconv.request import ConversionRequest, RegistryAccess
 from obdconv.status import ConversionStatus
 from tasks.stages import PREPARING_PREFIX
 from tests.fleet.conftest import CREDENTIAL_REF, Fleet, push_layout, wait_until

@@ -23,7 +23,7 @@ from obdconv.dedup.claims import manifest_claim_key
 from obdconv.dedup.store import manifest_profile_key, open_store
 from obdconv.errors import UnsupportedError
 from obdconv.pipeline.annotations import manifest_media_type
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
+from obdconv.request import ConversionRequest, RegistryAccess
 from tests.fleet.conftest import ROOT, Fleet, push_layout, running_fleet, wait_until
 from tests.services.mariadb import MariaDB, mariadb  # noqa: F401  (session fixture)
 from tests.services.registry import RegistryService

@@ -11,8 +11,8 @@ import pytest
 from config.credentials import auth_for_host, credentials_resolver_for, env_name, resolve_ref
 from config.settings import Settings, load_settings
 from obdconv.errors import AuthError, UsageError
-from obdconv.pipeline.request import RegistryAccess
 from obdconv.registry.options import RegistryOptions
+from obdconv.request import RegistryAccess
 
 
 def test_defaults_are_documented_values() -> None:

@@ -18,9 +18,9 @@ import pytest
 
 from obdconv.cli.main import main
 from obdconv.errors import BadInputError, NetworkError, NotFoundError, ObdconvError, UnsafePathError
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.runner import ProgressEvent, RunnerOptions, convert
 from obdconv.registry import open_repository
+from obdconv.request import ConversionRequest, RegistryAccess
 from tests.conftest import requires_root
 from tests.pipeline.images import (
     LAYER_TYPES,

@@ -10,8 +10,8 @@ import pytest
 from obdconv.cli.convert import add_arguments, build_request
 from obdconv.cli.main import main
 from obdconv.errors import UnsupportedError, UsageError
-from obdconv.pipeline.request import ConversionRequest
 from obdconv.pipeline.validate import validate_request
+from obdconv.request import ConversionRequest
 
 
 def parse(*argv: str) -> ConversionRequest:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from obdconv.pipeline import parents
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.runner import ConversionResult, ProgressEvent, RunnerOptions, convert
+from obdconv.request import ConversionRequest, RegistryAccess
 from tests.pipeline.edge import base, top, upper
 from tests.pipeline.images import Layout, file, layer
 from tests.pipeline.readback import check_tree, e2fsck, flatten, source_layer_paths
@@ -88,7 +88,7 @@ def test_manifest_and_layer_dedup(pipeline_registry: RegistryService, tmp_path: 
 def test_manifest_claimed_elsewhere_is_waited_for(pipeline_registry: RegistryService, tmp_path: Path) -> None:
     from obdconv.dedup.claims import ClaimTimeoutError, manifest_claim_key
     from obdconv.dedup.store import manifest_profile_key, opened_store
-    from obdconv.pipeline.request import ConversionProfile
+    from obdconv.request import ConversionProfile
 
     lay = Layout(tmp_path / "src")
     lay.image([layer([file("x", b"x")], "gzip", True)], docker=True, tag="c")

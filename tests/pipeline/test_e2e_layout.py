@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from obdconv.errors import IntegrityError, UnsupportedError
-from obdconv.pipeline.request import ConversionRequest
 from obdconv.pipeline.runner import ConversionResult, RunnerOptions, convert
+from obdconv.request import ConversionRequest
 from obdconv.tree import diff_trees
 from tests.conftest import requires_root
 from tests.pipeline.edge import edge_layers

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from obdconv.errors import IntegrityError, NetworkError
-from obdconv.pipeline.request import ConversionRequest, RegistryAccess
 from obdconv.pipeline.runner import RunnerOptions, convert
 from obdconv.registry import RegistryOptions, open_repository
+from obdconv.request import ConversionRequest, RegistryAccess
 from tests.pipeline.edge import edge_layers
 from tests.pipeline.images import Layout
 from tests.pipeline.readback import check_tree, e2fsck, flatten, manifest, source_layer_paths

@@ -15,9 +15,9 @@ from obdconv.oci.digests import chain_ids
 from obdconv.pipeline.assemble import assemble_layer, build_layer, upload_built
 from obdconv.pipeline.metadata import MetadataPass
 from obdconv.pipeline.prepare import PreparedLayer, prepare_layer
-from obdconv.pipeline.request import ConversionProfile, ConversionRequest
 from obdconv.pipeline.runner import RunnerOptions, convert
 from obdconv.registry import open_repository
+from obdconv.request import ConversionProfile, ConversionRequest
 from tests.pipeline.edge import edge_layers
 from tests.pipeline.images import Layout
 from tests.pipeline.readback import blob_path, manifest

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from obdconv.errors import IntegrityError
-from obdconv.pipeline.request import ConversionRequest
-from obdconv.pipeline.runner import ConversionResult, RunnerOptions, _thread_priority_raised, convert
+from obdconv.pipeline.pool import thread_priority_raised
+from obdconv.pipeline.runner import ConversionResult, RunnerOptions, convert
+from obdconv.request import ConversionRequest
 from tests.conftest import requires_root
 from tests.pipeline.edge import edge_layers
 from tests.pipeline.images import Layout, copy_layout
@@ -73,11 +74,11 @@ def test_metadata_thread_priority_is_raised_and_restored() -> None:
 
     t = threading.Thread(target=other)
     t.start()
-    with _thread_priority_raised(3):
+    with thread_priority_raised(3):
         assert os.getpriority(os.PRIO_PROCESS, tid) == max(-20, before - 3)
         inside.set()
         t.join()
     assert seen == [before]
     assert os.getpriority(os.PRIO_PROCESS, tid) == before
-    with _thread_priority_raised(0):
+    with thread_priority_raised(0):
         assert os.getpriority(os.PRIO_PROCESS, tid) == before

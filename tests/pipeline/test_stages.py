@@ -14,9 +14,9 @@ from obdconv.ext4 import Extent
 from obdconv.formats.blob import open_payload
 from obdconv.pipeline.metadata import AppliedLayer, FilePlacement, decode_metadata, encode_metadata
 from obdconv.pipeline.prepare import prepare_layer
-from obdconv.pipeline.request import ConversionRequest
 from obdconv.pipeline.runner import ProgressEvent, RunnerOptions, convert
 from obdconv.registry import open_repository
+from obdconv.request import ConversionRequest
 from tests.pipeline.edge import edge_layers
 from tests.pipeline.images import Layout
 from tests.pipeline.readback import blob_path, check_tree, e2fsck, flatten, manifest, source_layer_paths

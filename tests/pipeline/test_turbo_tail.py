@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from obdconv.pipeline.request import ConversionRequest
 from obdconv.pipeline.runner import RunnerOptions, convert
+from obdconv.request import ConversionRequest
 from tests.conftest import requires_root
 from tests.pipeline.images import Layout, directory, file, layer, whiteout
 from tests.pipeline.readback import check_tree, e2fsck, flatten, source_layer_paths, tag_digest

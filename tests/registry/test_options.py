@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from obdconv.errors import UsageError
-from obdconv.pipeline.request import RegistryAccess
 from obdconv.registry.options import RegistryOptions, split_client_cert, split_user_password
+from obdconv.request import RegistryAccess
 
 
 @pytest.mark.parametrize(

@@ -272,8 +272,8 @@ def test_converted_index_verifies_every_platform_present_in_both(hello: Path, tm
 @pytest.fixture(scope="module")
 def edge3_converted_by_obdconv(edge3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """edge3 `source` converted by obdconv's own local runner (native + turbo) into a layout copy."""
-    from obdconv.pipeline.request import ConversionRequest
     from obdconv.pipeline.runner import RunnerOptions, convert
+    from obdconv.request import ConversionRequest
 
     base = tmp_path_factory.mktemp("own")
     layout = le.copy_layout(edge3, base / "edge3")
@@ -305,8 +305,8 @@ def test_turbo_over_uncompressed_source_layers(edge3: Path, tmp_path: Path) -> N
     """Turbo layers whose data comes straight from plain-tar source blobs (no gzip.meta needed)."""
     import gzip
 
-    from obdconv.pipeline.request import ConversionRequest
     from obdconv.pipeline.runner import RunnerOptions, convert
+    from obdconv.request import ConversionRequest
 
     layout = le.copy_layout(edge3, tmp_path / "edge3")
     manifest = le.read_manifest(layout, "source")
@@ -382,8 +382,8 @@ def test_turbo_gzip_index_of_another_deflate_stream_is_rejected(edge3: Path, tmp
 
 def test_docker_media_type_conversion_verifies(hello: Path, tmp_path: Path) -> None:
     """Without --oci the image uses Docker media types throughout; verify checks them as a family."""
-    from obdconv.pipeline.request import ConversionRequest
     from obdconv.pipeline.runner import RunnerOptions, convert
+    from obdconv.request import ConversionRequest
 
     layout = le.copy_layout(hello, tmp_path / "hello")
     convert(ConversionRequest(repository=f"oci:{layout}", input_tag="amd64", overlaybd_tag="docker-obd",
