@@ -72,6 +72,14 @@ class ConversionRequest:
     db_str_ref: str = ""  # a reference the worker resolves (the CLI passes the DSN locally)
     db_required: bool = False
     access: RegistryAccess = field(default_factory=RegistryAccess)
+    # --mkfs=false: the overlaybd base layer the image stacks on ("" = the reference's default path)
+    base_layer: str = ""
+    flatten: bool = False  # native output as ONE layer holding the whole image's filesystem
+    all_or_nothing: bool = False  # one impossible output format fails the whole request
+    # Completion callback: POSTed a signed JSON summary on a terminal state. The HMAC key is named by
+    # `callback_secret_ref` and resolved by the worker from its own configuration (never sent here).
+    callback_url: str = ""
+    callback_secret_ref: str = ""
 
     def profiles(self) -> list[ConversionProfile]:
         out = []
