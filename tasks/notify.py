@@ -4,9 +4,9 @@ conversion's result.
 
 Trigger: obdconv/status.py tells `final_state_listeners` each time a status row is written with a
 state in FINAL_STATES (SUCCESS, FAILURE, and whatever final states other code adds), in whichever
-process wrote it. Importing this module registers `on_final_state` (the worker imports it through
-`app.conf.imports`; any other process that writes final states, e.g. an API cancelling a request,
-imports it too). A redelivered task can write the same final state again: the first writer takes
+process wrote it, once `install()` registered `on_final_state` there: every worker does at start
+(workers/startup.py); any other process that writes final states (e.g. an API cancelling a
+request) must call it too. A redelivered task can write the same final state again: the first writer takes
 `obdconv:final:<request id>:<state>` (SET NX in the result backend) and only it announces.
 
 * Event: the summary below as JSON on the channel `obdconv:events` of the result backend's Redis.
@@ -155,9 +155,7 @@ def notify_task(self: Task, *, request_id: str, state: str) -> dict[str, Any]:
 
 
 def install() -> None:
-    """Register `on_final_state` with the status table (idempotent; done on import)."""
+    """Register `on_final_state` with the status table (idempotent). Every worker does it at start
+    (workers/startup.py); another process that writes final states calls it too."""
     if on_final_state not in status_table.final_state_listeners:
         status_table.final_state_listeners.append(on_final_state)
-
-
-install()

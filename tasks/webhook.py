@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,23 @@ def _where(url: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def _reason(error: BaseException) -> str:
+    """The socket-level cause of a requests/urllib3 connection error ("Connection refused"), without
+    the URL the wrappers quote."""
+    cause: BaseException = error
+    for _ in range(6):
+        inner = getattr(cause, "reason", None)
+        if not isinstance(inner, BaseException) and cause.args and isinstance(cause.args[0], BaseException):
+            inner = cause.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(cause))
+    return found.group(1).strip() if found else type(cause).__name__
+
+
 def _error_text(response: requests.Response, deadline: float) -> str:
     data = b""
     for chunk in response.iter_content(chunk_size=128):
@@ -96,7 +114,7 @@ def post_callback(url: str, body: bytes, key: bytes, *, request_id: str, deliver
             except requests.Timeout:
                 raise CallbackError(f"{_where(current)}: no answer within {timeout:g}s", retryable=True) from None
             except requests.ConnectionError as e:
-                raise CallbackError(f"cannot reach {_where(current)}: {type(e).__name__}", retryable=True) from None
+                raise CallbackError(f"cannot reach {_where(current)}: {_reason(e)}", retryable=True) from None
             except requests.RequestException as e:
                 raise CallbackError(f"cannot POST to {_where(current)}: {type(e).__name__}: {e}",
                                     retryable=False) from None

@@ -5,6 +5,8 @@
   message ledger (workers/ledger.py);
 * in every pool process: the database (status records and dedup tables), opened after the fork
   because database connections must not be shared across processes;
+* in the main process, before the pool forks: the final-state listener of tasks/notify.py (events,
+  metrics, completion callbacks);
 * with `metrics_port` set: in the main process, before the pool forks, Prometheus multiprocess mode
   and the /metrics exporter (workers/metrics.py); a pool process that exits is marked dead.
 """
@@ -67,6 +69,13 @@ def _start_lease_keeper(sender: Any, **_: Any) -> None:
 def _stop_lease_keeper(**_: Any) -> None:
     if _keeper is not None:
         _keeper.stop()
+
+
+@signals.worker_init.connect
+def _announce_final_states(**_: Any) -> None:
+    from tasks import notify  # tasks import this module: not at the top
+
+    notify.install()  # in the main process, before the pool forks: every pool process has it
 
 
 @signals.worker_init.connect
