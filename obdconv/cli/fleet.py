@@ -101,6 +101,10 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  {fmt}: {out.get('tag') or '(by digest)'} {out.get('digest')}")
     if s.get("error"):
         lines.append(f"  error: {s['error']['class']}: {s['error']['message']}")
+    callback = s.get("callback")
+    if callback:
+        lines.append(f"  callback: {callback['state']} after {callback['attempts']} attempt(s)"
+                     + (f": {callback['error']}" if callback.get("error") else ""))
     return "\n".join(lines)
 
 

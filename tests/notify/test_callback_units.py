@@ -241,3 +241,12 @@ def test_nothing_listening_is_retryable() -> None:
     with pytest.raises(CallbackError, match=r"cannot reach http://127\.0\.0\.1:\d+: Connection refused") as raised:
         post(f"http://127.0.0.1:{free_port()}/hook")
     assert raised.value.retryable
+
+
+def test_status_shows_the_callback_outcome() -> None:
+    from obdconv.cli.fleet import format_status
+
+    text = format_status({"request_id": "r1", "state": "SUCCESS", "stage": "done", "outputs": {},
+                          "callback": {"state": "FAILED", "attempts": 9, "error": "HTTP 401 from http://r:80"}})
+    assert text.splitlines()[-1] == "  callback: FAILED after 9 attempt(s): HTTP 401 from http://r:80"
+    assert "callback" not in format_status({"request_id": "r1", "state": "SUCCESS", "stage": "", "callback": None})
