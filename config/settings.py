@@ -19,12 +19,27 @@ environment (`OBDCONV_*`). Workers, the client and the CLI all read them through
 | claim_ttl            | OBDCONV_CLAIM_TTL              | 300 s (a claim nobody heartbeats expires) |
 | spool_max_bytes      | OBDCONV_SPOOL_MAX_BYTES        | 64 GiB per worker spool (0 = no limit)    |
 | spool_max_age        | OBDCONV_SPOOL_MAX_AGE          | 172800 s since last use (0 = no limit)    |
+| callback_secrets_file| OBDCONV_CALLBACK_SECRETS_FILE  | /etc/obdconv/callback-secrets.json (optional) |
+| callback_retries     | OBDCONV_CALLBACK_RETRIES       | 8 retries of a failed callback POST       |
+| callback_backoff     | OBDCONV_CALLBACK_BACKOFF       | 2 s before the first retry, doubled each time |
+| callback_backoff_max | OBDCONV_CALLBACK_BACKOFF_MAX   | 600 s (longest wait between two attempts) |
+| callback_timeout     | OBDCONV_CALLBACK_TIMEOUT       | 10 s to connect, and again to answer      |
+| metrics_port         | OBDCONV_METRICS_PORT           | 0 (= no exporter) Prometheus port of a worker |
+| metrics_address      | OBDCONV_METRICS_ADDRESS        | 0.0.0.0                                   |
+| metrics_dir          | OBDCONV_METRICS_DIR            | "" (= <tmp>/obdconv-metrics/<nodename>)   |
 
 Dedup claims (tasks/claims.py): a request claims each manifest and layer it converts; every task
 of the request heartbeats its claims while it runs, so `claim_ttl` must exceed the longest time a
 request's next task can wait in a queue (a longer wait lets another request take the claim over and
 convert the same thing in parallel: wasted work, same bytes). A request waiting for another's
 claim gives up after `claim_timeout` with ClaimTimeoutError (retried like any DatabaseError).
+
+Completion callbacks (tasks/notify.py): one POST per final state, retried `callback_retries` times
+after `callback_backoff` * 2^n seconds (jittered, at most `callback_backoff_max`); the HMAC key is
+named by the request and resolved here (config/callback_secrets.py). Metrics (workers/metrics.py):
+each worker's main process serves /metrics on `metrics_port`; its pool processes write their
+samples under `metrics_dir` (Prometheus multiprocess mode), emptied when the worker starts, so two
+workers on one machine need different ports and directories (the default directory is per node name).
 
 Spool eviction (tasks/spool.py), after each prepare on that worker: prepared layers unused for
 `spool_max_age`, then the least recently used ones until the spool is under `spool_max_bytes`.
@@ -71,6 +86,14 @@ class Settings:
     claim_ttl: int = 300
     spool_max_bytes: int = 64 << 30
     spool_max_age: int = 172800
+    callback_secrets_file: str = "/etc/obdconv/callback-secrets.json"
+    callback_retries: int = 8
+    callback_backoff: int = 2
+    callback_backoff_max: int = 600
+    callback_timeout: int = 10
+    metrics_port: int = 0
+    metrics_address: str = "0.0.0.0"
+    metrics_dir: str = ""
 
     @property
     def visibility_timeout(self) -> int:

@@ -4,6 +4,10 @@
     request_id = submit(ConversionRequest("registry:5000/app", input_tag="v1", overlaybd_tag="v1-obd"))
     result = wait(request_id, timeout=600)   # {"state": "SUCCESS", "outputs": {...}, ...}
 
+To be told when it ends instead of polling: `ConversionRequest(..., callback_url="https://ci.example/hook",
+callback_secret_ref="ci-hooks")` (a signed POST from the fleet, see tasks/README.md; the key itself
+stays on the workers), or subscribe to the Redis channel `obdconv:events`.
+
 Requests go to the Celery task `obdconv.convert` by name (tasks/README.md documents the schema), so
 this module needs only the Celery app's connection settings, not the task code. Credentials are
 never sent: put a `credential_ref` in `request.access`; workers resolve it from their own config.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,10 @@ FINAL_STATES = frozenset({SUCCESS, FAILURE})
 # Error messages can quote untrusted input (a 100 KB tar path): keep them well inside MySQL's
 # TEXT (65535 bytes, 4 per utf8mb4 character), where a longer value fails the whole write.
 MAX_ERROR_MESSAGE = 8000
-
+# Told (request_id, state) each time a row is written with a state in FINAL_STATES (tasks/notify.py:
+# completion callback, pub/sub event, metrics). A redelivered task may write the same final state
+# twice: listeners deduplicate. They must not raise; they run after the row is committed.
+final_state_listeners: list[Callable[[str, str], None]] = []
 
 
 @register_model
@@ -48,6 +52,11 @@ class ConversionStatus(peewee.Model):
     outputs_json = peewee.TextField(default="{}")  # {"overlaybd": {"tag":..,"digest":..}, ...}
     error_class = peewee.CharField(max_length=64, default="")
     error_message = peewee.TextField(default="")
+    # Completion callback (tasks/notify.py); NULL on rows without one, and on rows written before
+    # these columns existed (added in place by obdconv.dedup.schema.add_missing_columns).
+    callback_state = peewee.CharField(max_length=16, null=True)  # PENDING/RETRYING/DELIVERED/FAILED
+    callback_error = peewee.TextField(null=True)
+    callback_attempts = peewee.IntegerField(null=True)
 
     class Meta:
         database = status_database
@@ -59,8 +68,11 @@ def bind_status_database(db: peewee.Database, create: bool = True) -> None:
     if status_database.obj is not db:
         status_database.initialize(db)
     if create:
+        from obdconv.dedup.schema import add_missing_columns
+
         with _db_errors("create the status table"):
             db.create_tables([ConversionStatus], safe=True)
+            add_missing_columns(db, ConversionStatus)  # a table made by an older obdconv
 
 
 def open_status_database(db_type: str, db_str: str) -> peewee.Database:
@@ -97,6 +109,9 @@ def _upsert(request_id: str, **values: Any) -> None:
         query = query.on_conflict(conflict_target=[ConversionStatus.request_id], update=values)
     with _db_errors(f"write status of {request_id}"), status_database.connection_context():
         query.execute()
+    if values.get("state") in FINAL_STATES:
+        for listener in final_state_listeners:
+            listener(request_id, values["state"])
 
 
 def record_submitted(request_id: str, source: str, request: dict[str, Any]) -> None:
@@ -143,6 +158,18 @@ def record_failure(request_id: str, error_class: str, message: str) -> None:
             finished_at=time.time())
 
 
+def record_callback(request_id: str, state: str, attempts: int, error: str = "") -> None:
+    """The completion callback's delivery state; never touches the conversion's own state."""
+    _upsert(request_id, callback_state=state[:16], callback_attempts=attempts, callback_error=error[:MAX_ERROR_MESSAGE])
+
+
+def get_request(request_id: str) -> dict[str, Any] | None:
+    """The request as submitted (ConversionRequest.to_dict()), or None."""
+    with _db_errors(f"read request of {request_id}"), status_database.connection_context():
+        row = ConversionStatus.get_or_none(ConversionStatus.request_id == request_id)
+    return json.loads(row.request_json or "{}") if row is not None else None
+
+
 def get_status(request_id: str) -> dict[str, Any] | None:
     with _db_errors(f"read status of {request_id}"), status_database.connection_context():
         row = ConversionStatus.get_or_none(ConversionStatus.request_id == request_id)
@@ -159,4 +186,6 @@ def get_status(request_id: str) -> dict[str, Any] | None:
         "updated_at": row.updated_at,
         "outputs": json.loads(row.outputs_json or "{}"),
         "error": {"class": row.error_class, "message": row.error_message} if row.error_class else None,
+        "callback": ({"state": row.callback_state, "attempts": row.callback_attempts or 0,
+                      "error": row.callback_error or ""} if row.callback_state else None),
     }

@@ -13,6 +13,7 @@ APT_PACKAGES=(
   apache2-utils openssl debootstrap chromium zstd pigz python3-venv ca-certificates util-linux
   liblz4-1 zlib1g
   libext2fs-dev gcc libc6-dev  # build the ext4 C fast path (obdconv/ext4/_build_fast.py) at pip install
+  prometheus  # promtool checks deploy/prometheus/ (the server itself is not used)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -67,6 +67,7 @@ from tasks.stages import (
     prepare_layer_task,
     request_of,
 )
+from workers import metrics
 from workers.app import app
 from workers.database import open_worker_database
 from workers.lease import is_worker_alive
@@ -185,6 +186,8 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
         try:
             found = reuse.lookup(ManifestPlan(**manifest), profiles, tags)
         except ClaimHeld as held:
+            if not job.get("claim_wait_since"):
+                metrics.count_dedup("claim_wait")
             since = job.get("claim_wait_since") or time.time()
             if time.time() - since > settings().claim_timeout:
                 raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
@@ -194,6 +197,8 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
                               kwargs={"job": {**job, "claim_wait_since": since}}) from None
     todo = found.todo(profiles)
     start = _start_layer(found, todo)
+    metrics.count_dedup("manifest_hit", len(found.manifests))
+    metrics.count_dedup("layer_hit", start * len(todo))
     job["reuse"] = {
         "owner": owner, "claims": [lease.key for lease in found.leases], "start": start,
         "manifests": {fmt: {**pm.to_dict(), "dedup": True} for fmt, pm in found.manifests.items()},
@@ -258,7 +263,7 @@ def push_manifest_task(self: Any, assembled: list[dict[str, Any]], *, job: dict[
     reuse = job.get("reuse") or {}
     target = _target_repo(request)
     outputs: dict[str, Any] = {}
-    with held_claims(job):
+    with metrics.stage_timer("push"), held_claims(job):
         for profile in request.profiles():
             if profile.format in reuse.get("manifests", {}):
                 continue
@@ -318,6 +323,7 @@ def push_index_task(self: Any, lane_results: list[list[dict[str, Any]]], *, job:
     """Rebuild every index (children first) per format; tag the root; finish the request."""
     request = request_of(job)
     mark_stage(job, "push")
+    started = time.monotonic()
     target = _target_repo(request)
     by_source = {r["source_digest"]: r["outputs"] for lane in lane_results for r in lane}
     root_digest = job["root"]["digest"]
@@ -349,4 +355,5 @@ def push_index_task(self: Any, lane_results: list[list[dict[str, Any]]], *, job:
             outputs[profile.format]["dump"] = {
                 "index.json": index_dump,
                 "manifests": {d: outs[profile.format].get("dump", {}) for d, outs in by_source.items()}}
+    metrics.observe_stage("push", time.monotonic() - started)
     return finish(job, outputs)

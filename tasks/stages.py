@@ -33,6 +33,7 @@ from tasks.dedup import remember_layer
 from tasks.progress import ProgressReporter, backend_client
 from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
+from workers import metrics
 from workers.app import app
 from workers.database import open_worker_database
 from workers.lease import is_worker_alive
@@ -87,7 +88,7 @@ def _holder_info(client: Any, key: str, native: bool, turbo: bool) -> dict[str, 
 
 
 def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str,
-                  lock: tuple[Any, str, str, int] | None = None) -> PreparedLayer:
+                  lock: tuple[Any, str, str, int] | None = None, stage: str = "prepare") -> PreparedLayer:
     """Prepare into this node's spool. `lock` = (redis client, key, owner, ttl): kept alive while
     bytes flow, so a long prepare is not mistaken for a dead one by tasks waiting for it."""
     request = request_of(job)
@@ -107,6 +108,7 @@ def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: s
     prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
                              algorithm=request.algorithm, block_size=request.block_size, progress=progress)
     reporter.done(prepared.source_size)
+    metrics.count_bytes_read(stage, prepared.source_size)
     return prepared
 
 
@@ -132,7 +134,7 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
             raise retry_later(self, WAIT_FOR_HOLDER_SECONDS)
     try:
         mark_stage(job, "prepare")
-        with held_claims(job), layer_in_use(spool_dir(node), key):
+        with metrics.stage_timer("prepare"), held_claims(job), layer_in_use(spool_dir(node), key):
             prepared = _prepare_here(self, job, layer, node,
                                      (client, lock, me, lease) if client is not None else None)
             _count_run("prepare", layer["digest"])
@@ -169,7 +171,7 @@ def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
     node = self.request.hostname
     scratch = Path(tempfile.mkdtemp(prefix="meta-", dir=_scratch_root(node)))
     try:
-        with held_claims(job):
+        with metrics.stage_timer("metadata"), held_claims(job):
             layers = []
             for i, info in enumerate(prepared_results):
                 shadow = scratch / f"layer{start + i}"  # a spool holding only the entry list
@@ -213,11 +215,11 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
     node = self.request.hostname
     key = spool_key(layer["digest"], request.algorithm, request.block_size)
     out: dict[str, Any] = {}
-    with held_claims(job), layer_in_use(spool_dir(node), key):
+    with metrics.stage_timer("assemble"), held_claims(job), layer_in_use(spool_dir(node), key):
         prepared = load_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
         if prepared is None or not prepared.covers(native=native, turbo=turbo):
             log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
-            prepared = _prepare_here(self, job, layer, node)
+            prepared = _prepare_here(self, job, layer, node, stage="reprepare")
             _count_run("reprepare", layer["digest"])
         metadata = decode_metadata(get_bytes(metadata_key))
         source_repo = open_repository(request.repository, request.access)
@@ -232,6 +234,7 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
             out[profile.format] = converted.to_dict()
             if not request.no_upload:
                 remember_layer(target_repo, chain_id, profile, converted.digest, converted.size)
+                metrics.count_bytes_written(profile.format, converted.size)
     _count_run("assemble", f"{layer['digest']}@{index}")
     ProgressReporter(self, job, "assemble", layer["digest"]).done(prepared.source_size)
     return out

@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery_app.config_from_object(celery_config(settings))
     celery_app.obdconv_settings = settings  # type: ignore[attr-defined]
     # Registers the tasks (tasks/) and the worker start-up hooks (workers/startup.py).
-    celery_app.conf.imports = ("tasks.stages", "tasks.canvas", "workers.startup")
+    celery_app.conf.imports = ("tasks.stages", "tasks.canvas", "tasks.notify", "workers.startup")
     return celery_app
 
 

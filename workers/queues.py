@@ -4,7 +4,7 @@ Queues are split by weight so large layers never block small jobs:
 
 | queue               | tasks                                                        | prefetch |
 |---------------------|--------------------------------------------------------------|----------|
-| `control`           | convert, convert_manifest, schedule_assemble, push_*         | 1        |
+| `control`           | convert, convert_manifest, schedule_assemble, push_*, notify | 1        |
 | `prepare`           | prepare_layer (heavy: download, decompress, compress)        | 1        |
 | `metadata`          | build_metadata (one pass per image, in layer order)          | 1        |
 | `assemble`          | assemble_layer whose preparing worker is gone (re-prepares)  | 1        |
@@ -36,6 +36,7 @@ TASK_ASSEMBLE_LAYER = "obdconv.assemble_layer"
 TASK_PUSH_MANIFEST = "obdconv.push_manifest"
 TASK_PUSH_INDEX = "obdconv.push_index"
 TASK_FINISH = "obdconv.finish"
+TASK_NOTIFY = "obdconv.notify"  # completion callback POST (tasks/notify.py)
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_CONVERT: {"queue": CONTROL},
@@ -47,6 +48,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_PUSH_MANIFEST: {"queue": CONTROL},
     TASK_PUSH_INDEX: {"queue": CONTROL},
     TASK_FINISH: {"queue": CONTROL},
+    TASK_NOTIFY: {"queue": CONTROL},
 }
 
 

@@ -1,7 +1,8 @@
 """`obdconv submit | status | wait | worker | fleet`: the fleet's command line.
 
 * submit: the `convert` flags (the shared definitions obdconv.cli.convert.add_arguments /
-  build_request; a fallback set below when that module is absent) plus `--credential-ref`.
+  build_request; a fallback set below when that module is absent) plus `--credential-ref` and
+  `--callback-url URL --callback-secret-ref REF` (a signed POST when the request ends, tasks/README.md).
   `-u user:password` is refused: secrets stay on the workers. `--db-*` are ignored: workers use
   their own database settings;
   prints the request id; `--wait` follows progress until the end.
@@ -63,6 +64,13 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> ConversionRequest:
+    request = _request_from_args(args)
+    request.callback_url = getattr(args, "callback_url", "") or ""
+    request.callback_secret_ref = getattr(args, "callback_secret_ref", "") or ""
+    return request
+
+
+def _request_from_args(args: argparse.Namespace) -> ConversionRequest:
     if getattr(args, "username", ""):
         raise errors.UsageError("submit does not send passwords; configure them on the workers and "
                                 "pass --credential-ref")
@@ -93,6 +101,10 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  {fmt}: {out.get('tag') or '(by digest)'} {out.get('digest')}")
     if s.get("error"):
         lines.append(f"  error: {s['error']['class']}: {s['error']['message']}")
+    callback = s.get("callback")
+    if callback:
+        lines.append(f"  callback: {callback['state']} after {callback['attempts']} attempt(s)"
+                     + (f": {callback['error']}" if callback.get("error") else ""))
     return "\n".join(lines)
 
 
@@ -219,6 +231,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     else:
         add_request_arguments(p)
     existing = {opt for a in p._actions for opt in a.option_strings}
+    p.add_argument("--callback-url", default="",
+                   help="http(s) URL the fleet POSTs a signed JSON summary to when the request ends")
+    p.add_argument("--callback-secret-ref", default="",
+                   help="name of the HMAC key configured on the workers (never the key itself)")
     p.add_argument("--wait", action="store_true", help="follow progress until the conversion ends")
     p.add_argument("--timeout", type=float, default=None)
     if "--json" not in existing:  # the convert flags may already define it (same meaning)

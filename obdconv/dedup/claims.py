@@ -141,6 +141,12 @@ def holder(db: peewee.Database, key: str) -> ClaimHolder | None:
     return ClaimHolder(row[0], float(row[1])) if row is not None else None
 
 
+def count_live(db: peewee.Database) -> int:
+    """How many claims are held right now (not expired by the database clock): for monitoring."""
+    row = db.execute_sql(f"SELECT COUNT(*) FROM obdconv_claims WHERE expires_at >= {_now(dialect(db))}").fetchone()
+    return int(row[0])
+
+
 # --- leases held by this process -----------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ class Fleet:
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
     flower: FlowerServer | None = None
 
-    def worker_process(self, name: str) -> ManagedProcess:
+    def worker_process(self, name: str, extra_env: dict[str, str] | None = None) -> ManagedProcess:
         nodename = f"{name}@fleettest"
         client = self.redis.client(0)
         client.delete(alive_key(nodename))
@@ -58,11 +58,11 @@ class Fleet:
             name, [sys.executable, "-m", "obdconv", "worker", "--hostname", nodename, "--concurrency", "2",
                    "--loglevel", "INFO"],
             self.workdir / "logs", ready=lambda: bool(client.exists(alive_key(nodename))),
-            env={**self.env, "PYTHONPATH": str(ROOT)}, timeout=60,
+            env={**self.env, **(extra_env or {}), "PYTHONPATH": str(ROOT)}, timeout=60,
         )
 
-    def start_worker(self, name: str) -> ManagedProcess:
-        proc = self.worker_process(name).start()
+    def start_worker(self, name: str, extra_env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = self.worker_process(name, extra_env).start()
         self.workers[name] = proc
         return proc
 
@@ -126,8 +126,9 @@ def fleet_env(workdir: Path, redis: RedisServer, credentials: Path, **overrides:
 
 @contextlib.contextmanager
 def running_fleet(workdir: Path, credentials: dict[str, dict[str, str]], *, flower: bool = True,
-                  **env_overrides: str) -> Iterator[Fleet]:
-    """Redis + two workers (w1, w2) (+ Flower), stopped at the end even on failure."""
+                  worker_env: dict[str, dict[str, str]] | None = None, **env_overrides: str) -> Iterator[Fleet]:
+    """Redis + two workers (w1, w2) (+ Flower), stopped at the end even on failure. `worker_env`:
+    settings of one worker only, by name (e.g. each its own metrics port)."""
     redis = RedisServer(workdir / "redis").start()
     credentials_file = workdir / "credentials.json"
     credentials_file.write_text(json.dumps(credentials))
@@ -135,8 +136,8 @@ def running_fleet(workdir: Path, credentials: dict[str, dict[str, str]], *, flow
     env = fleet_env(workdir, redis, credentials_file, **env_overrides)
     fleet = Fleet(workdir, redis, env, create_app(load_settings(env=env)))
     try:
-        fleet.start_worker("w1")
-        fleet.start_worker("w2")
+        fleet.start_worker("w1", (worker_env or {}).get("w1"))
+        fleet.start_worker("w2", (worker_env or {}).get("w2"))
         if flower:
             fleet.flower = FlowerServer(workdir / "logs", env).start()
         yield fleet
