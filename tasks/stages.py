@@ -30,7 +30,7 @@ from tasks.base import FleetTask, retry_later
 from tasks.claims import held_claims
 from tasks.context import open_repository, settings, spool_dir
 from tasks.dedup import remember_layer
-from tasks.progress import ProgressReporter, backend_client
+from tasks.progress import ProgressReporter, backend_client, record_manifest_stage
 from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
 from workers.app import app
@@ -55,6 +55,7 @@ def mark_stage(job: dict[str, Any], stage: str) -> None:
     if settings().db_type:
         open_worker_database()  # inside the task: an unreachable database is a retried DatabaseError
         record_running(job["request_id"], stage)
+    record_manifest_stage(job, stage)
 
 
 def _broker_client() -> Any:
