@@ -12,8 +12,9 @@ request never moved a tag, and a request that moved one is never reported CANCEL
 
 Every fleet task checks the key when it starts (`stop_if_cancelled`, from FleetTask.__call__): a
 cancelled request's tasks release the claims in their job and end quietly (Celery `Ignore`: no
-retry, no FAILURE recorded, the message ledger forgets the message). Layer blobs a running assemble
-finishes are content-addressed and referenced by no manifest; nothing else of the request is left.
+retry, no FAILURE recorded, the message ledger forgets the message); assemble checks again before
+each format's layer blob. A blob an assemble already committed is content-addressed and referenced
+by no manifest; nothing else of the request is left.
 
 `cancel_request` (used by the API; any process with the fleet's settings can call it): takes the
 gate, records CANCELLED (a conditional UPDATE: never over a final state), revokes the request's

@@ -27,6 +27,7 @@ from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer
 from obdconv.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask, retry_later
+from tasks.cancel import stop_if_cancelled
 from tasks.claims import held_claims
 from tasks.context import open_repository, settings, spool_dir
 from tasks.dedup import remember_layer
@@ -227,6 +228,7 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
         for profile in request.profiles():
             if profile.format in (job.get("reuse") or {}).get("manifests", {}):
                 continue  # this format's manifest is a dedup hit: nothing to assemble for it
+            stop_if_cancelled(job, self.name)  # no layer blob committed for a cancelled request
             converted = assemble_layer(prepared, metadata, profile, chain_id, parent_chain_id, target_repo,
                                        upload=not request.no_upload, oci=request.oci or request.referrer,
                                        source_repo=source_repo)
