@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
+from api.files import WatchedToml
 from api.idempotency import IdempotencyStore
 from api.metrics import ApiMetrics
 from api.ratelimit import RateLimiter
@@ -38,14 +39,14 @@ class Service:
     limiter: RateLimiter
     idempotency: IdempotencyStore
     metrics: ApiMetrics
-    rules: Any  # WatchedToml[RuleSet]
-    secrets: Any  # WatchedToml[EventSecrets]
+    rules: WatchedToml[RuleSet]
+    secrets: WatchedToml[EventSecrets]
 
     def rule_set(self) -> RuleSet:
-        return self.rules.get()  # type: ignore[no-any-return]
+        return self.rules.get()
 
     def event_secrets(self) -> EventSecrets:
-        return self.secrets.get()  # type: ignore[no-any-return]
+        return self.secrets.get()
 
 
 def build_service(settings: Settings) -> Service:
