@@ -27,6 +27,15 @@ environment (`OBDCONV_*`). Workers, the client and the CLI all read them through
 | metrics_port         | OBDCONV_METRICS_PORT           | 0 (= no exporter) Prometheus port of a worker |
 | metrics_address      | OBDCONV_METRICS_ADDRESS        | 0.0.0.0                                   |
 | metrics_dir          | OBDCONV_METRICS_DIR            | "" (= <tmp>/obdconv-metrics/<nodename>)   |
+| api_listen           | OBDCONV_API_LISTEN             | 127.0.0.1:8080 (`obdconv api`: host:port) |
+| api_tokens_file      | OBDCONV_API_TOKENS_FILE        | /etc/obdconv/api-tokens.toml              |
+| api_rate_limit       | OBDCONV_API_RATE_LIMIT         | 120 requests per token per window (0 = no limit) |
+| api_rate_window      | OBDCONV_API_RATE_WINDOW        | 60 s                                      |
+| api_idempotency_ttl  | OBDCONV_API_IDEMPOTENCY_TTL    | 86400 s an Idempotency-Key is remembered  |
+| api_rules_file       | OBDCONV_API_RULES_FILE         | /etc/obdconv/api-rules.toml (optional)    |
+| api_event_secrets_file | OBDCONV_API_EVENT_SECRETS_FILE | /etc/obdconv/api-event-secrets.toml     |
+| api_distribution_header | OBDCONV_API_DISTRIBUTION_HEADER | Authorization                         |
+| api_event_dedup_ttl  | OBDCONV_API_EVENT_DEDUP_TTL    | 604800 s a pushed digest is one request   |
 
 Dedup claims (tasks/claims.py): a request claims each manifest and layer it converts; every task
 of the request heartbeats its claims while it runs, so `claim_ttl` must exceed the longest time a
@@ -45,6 +54,16 @@ Spool eviction (tasks/spool.py), after each prepare on that worker: prepared lay
 `spool_max_age`, then the least recently used ones until the spool is under `spool_max_bytes`.
 A prepared layer some task is using right now (prepare, assemble) is never evicted; evicting one a
 later assemble wanted only costs a re-prepare there (the assemble task falls back to it).
+
+The HTTP API (`obdconv api`, api/README.md) reads all of the above (it submits and reads status
+like the client) plus the `api_*` settings: where it listens; the bearer tokens file (TOML: per
+token a name, the token's sha256 and the repository patterns it may use); the per-token rate limit
+(shared by every replica through Redis); how long an `Idempotency-Key` maps to its request; the
+registry-event rules file (TOML, api/rules.py); the event secrets file (TOML, mode 0600:
+`distribution = "..."` compared with the header `api_distribution_header` of the registry's
+notifications, `harbor = "..."` compared with the `Authorization` header Harbor sends); and how
+long a pushed digest stays one request when its event is delivered again. No secret is a setting:
+tokens and event secrets live in their own files.
 
 The file is TOML with the same names as keys (top level or under `[obdconv]`); its path comes from
 `OBDCONV_CONFIG_FILE` or the `path` argument. Secrets do not belong here: registry credentials live
@@ -94,6 +113,15 @@ class Settings:
     metrics_port: int = 0
     metrics_address: str = "0.0.0.0"
     metrics_dir: str = ""
+    api_listen: str = "127.0.0.1:8080"
+    api_tokens_file: str = "/etc/obdconv/api-tokens.toml"
+    api_rate_limit: int = 120
+    api_rate_window: int = 60
+    api_idempotency_ttl: int = 86400
+    api_rules_file: str = "/etc/obdconv/api-rules.toml"
+    api_event_secrets_file: str = "/etc/obdconv/api-event-secrets.toml"
+    api_distribution_header: str = "Authorization"
+    api_event_dedup_ttl: int = 604800
 
     @property
     def visibility_timeout(self) -> int:

@@ -30,7 +30,7 @@ from obdconv.request import ConversionRequest
 if TYPE_CHECKING:
     from celery import Celery
 
-FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+FINAL = frozenset({"SUCCESS", "FAILURE", "CANCELLED", "REVOKED"})
 
 
 def _app(app: Celery | None) -> Celery:
@@ -58,6 +58,11 @@ def _status_db_ready(app: Celery) -> bool:
         db = open_status_database(s.db_type, s.db_str)
         _bound_to = (db, s.db_type, s.db_str)
     return True
+
+
+def status_database_ready(app: Celery) -> bool:
+    """Bind the durable status table for readers other than `status` (the HTTP API's listing)."""
+    return _status_db_ready(app)
 
 
 def source_of(request: ConversionRequest) -> str:
@@ -129,7 +134,7 @@ def status(request_id: str, *, app: Celery | None = None) -> dict[str, Any]:
     out: dict[str, Any] = dict(record or {"request_id": request_id, "state": "UNKNOWN", "stage": "",
                                            "outputs": {}, "error": None})
     cstate = live.get("celery_state", "PENDING")
-    if out["state"] not in ("SUCCESS", "FAILURE"):
+    if out["state"] not in ("SUCCESS", "FAILURE", "CANCELLED"):  # obdconv.status.FINAL_STATES
         if cstate in ("SUCCESS", "FAILURE"):
             out["state"] = cstate
             out["outputs"] = live.get("outputs", out.get("outputs", {}))

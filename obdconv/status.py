@@ -2,7 +2,9 @@
 
 Celery's result backend forgets results after `result_expires` and loses them when Redis restarts;
 this row does not. It is written by the fleet (submit: PENDING; tasks: RUNNING/stage, SUCCESS with
-output digests, FAILURE with the error class and message) and read by `obdconv status/wait`.
+output digests, FAILURE with the error class and message; a cancel: CANCELLED) and read by
+`obdconv status/wait` and the HTTP API. SUCCESS, FAILURE and CANCELLED are final: nothing moves a
+row out of them.
 
 The model binds to the dedup database proxy (`obdconv.dedup.db.database`: SQLite for a local
 fleet, MySQL in production) and is registered there so `obdconv db init` creates its table;
@@ -28,7 +30,8 @@ PENDING = "PENDING"
 RUNNING = "RUNNING"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
-FINAL_STATES = frozenset({SUCCESS, FAILURE})
+CANCELLED = "CANCELLED"  # cancelled before any tag moved (tasks/cancel.py)
+FINAL_STATES = frozenset({SUCCESS, FAILURE, CANCELLED})
 # Error messages can quote untrusted input (a 100 KB tar path): keep them well inside MySQL's
 # TEXT (65535 bytes, 4 per utf8mb4 character), where a longer value fails the whole write.
 MAX_ERROR_MESSAGE = 8000
@@ -110,8 +113,12 @@ def _upsert(request_id: str, **values: Any) -> None:
     with _db_errors(f"write status of {request_id}"), status_database.connection_context():
         query.execute()
     if values.get("state") in FINAL_STATES:
-        for listener in final_state_listeners:
-            listener(request_id, values["state"])
+        _announce_final(request_id, values["state"])
+
+
+def _announce_final(request_id: str, state: str) -> None:
+    for listener in final_state_listeners:
+        listener(request_id, state)
 
 
 def record_submitted(request_id: str, source: str, request: dict[str, Any]) -> None:
@@ -168,6 +175,18 @@ def get_request(request_id: str) -> dict[str, Any] | None:
     with _db_errors(f"read request of {request_id}"), status_database.connection_context():
         row = ConversionStatus.get_or_none(ConversionStatus.request_id == request_id)
     return json.loads(row.request_json or "{}") if row is not None else None
+def record_cancelled(request_id: str) -> bool:
+    """CANCELLED, only from a state that is not final (one conditional UPDATE, so a request that
+    just finished is never turned into a cancelled one). False when the row is final or missing."""
+    now = time.time()
+    with _db_errors(f"record cancel of {request_id}"), status_database.connection_context():
+        changed = (ConversionStatus.update(state=CANCELLED, stage="cancelled", finished_at=now, updated_at=now)
+                   .where((ConversionStatus.request_id == request_id)
+                          & ConversionStatus.state.not_in(sorted(FINAL_STATES)))
+                   .execute())
+    if changed:
+        _announce_final(request_id, CANCELLED)
+    return bool(changed)
 
 
 def get_status(request_id: str) -> dict[str, Any] | None:

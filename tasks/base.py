@@ -5,6 +5,7 @@
   Waiting for another task (`retry_later`) is not a failure: it uses none of those retries.
 * A failure is written to the request's durable status record as (error class name, message)
   the first time it happens, so callers see the cause even when Celery wraps it in a ChordError.
+* A task of a cancelled request ends quietly before it runs (tasks/cancel.py).
 * Every task gets the request context `job` as a keyword argument:
   {"request_id": str, "request": ConversionRequest.to_dict(), ...stage specific fields}.
 """
@@ -19,6 +20,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from obdconv.errors import DatabaseError, NetworkError
 from obdconv.status import record_failure
+from tasks.cancel import stop_if_cancelled
 from tasks.claims import release_claims
 from tasks.context import settings
 from workers.database import open_worker_database
@@ -73,6 +75,12 @@ class FleetTask(Task):
 
     max_retries = settings().retry_max
     retry_backoff_max = settings().retry_backoff_max
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        job = kwargs.get("job")
+        if isinstance(job, dict):
+            stop_if_cancelled(job, self.name)  # Ignore: the request was cancelled
+        return super().__call__(*args, **kwargs)
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
               eta: Any = None, countdown: float | None = None, max_retries: int | None = None,

@@ -26,6 +26,11 @@ Dedup, per manifest (root or index child), in `obdconv.convert_manifest` before 
   holder's results are recorded or its lease expires; claims taken travel in `job["reuse"]`, are
   heartbeated by every task of the manifest and released after its push (tasks/claims.py).
 
+Cancel (tasks/cancel.py): every task of a cancelled request ends quietly when it starts; the tasks
+that move the request's tags take the commit gate first (the root's push_manifest, push_index, and
+the root's dedup lookup, which re-tags hits), so a cancel either wins before any tag moved or is
+refused.
+
 Flags with fleet semantics (the client cannot see a worker's disk):
 * `dump_manifest`: the converted manifest/config (and root index) JSON are returned in the outputs
   under `"dump"` instead of being written to files;
@@ -56,9 +61,11 @@ from obdconv.pipeline.validate import validate_request
 from obdconv.request import ConversionProfile, ConversionRequest
 from obdconv.status import record_success
 from tasks.base import FleetTask, retry_later
+from tasks.cancel import commit_or_stop, reopen_for_cancel
 from tasks.claims import claim_owner, held_claims, release_claims
 from tasks.context import open_repository, settings
 from tasks.dedup import fleet_reuse, remember_manifest
+from tasks.progress import record_manifest_stage
 from tasks.stages import (
     _broker_client,
     assemble_layer_task,
@@ -183,11 +190,16 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
     reuse = fleet_reuse(request, _target_repo(request), owner)
     found = ManifestReuse()
     if reuse is not None:
+        gated = bool(tags)  # the lookup re-tags a root's converted manifest: no cancel meanwhile
+        if gated:
+            commit_or_stop(job, settings().result_expires)
         try:
             found = reuse.lookup(ManifestPlan(**manifest), profiles, tags)
         except ClaimHeld as held:
             if not job.get("claim_wait_since"):
                 metrics.count_dedup("claim_wait")
+            if gated:
+                reopen_for_cancel(job)
             since = job.get("claim_wait_since") or time.time()
             if time.time() - since > settings().claim_timeout:
                 raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
@@ -195,6 +207,8 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
             log.info("%s: waiting for %s", job["request_id"], held)
             raise retry_later(self, CLAIM_POLL_SECONDS, args=(previous,),
                               kwargs={"job": {**job, "claim_wait_since": since}}) from None
+        if gated and not found.manifests:  # nothing re-tagged: the request may still be cancelled
+            reopen_for_cancel(job)
     todo = found.todo(profiles)
     start = _start_layer(found, todo)
     metrics.count_dedup("manifest_hit", len(found.manifests))
@@ -263,6 +277,8 @@ def push_manifest_task(self: Any, assembled: list[dict[str, Any]], *, job: dict[
     reuse = job.get("reuse") or {}
     target = _target_repo(request)
     outputs: dict[str, Any] = {}
+    if job["is_root"]:
+        commit_or_stop(job, settings().result_expires)  # a cancel from here on is refused
     with metrics.stage_timer("push"), held_claims(job):
         for profile in request.profiles():
             if profile.format in reuse.get("manifests", {}):
@@ -291,6 +307,7 @@ def _manifest_done(job: dict[str, Any], outputs: dict[str, Any]) -> Any:
     """Merge this manifest's converted `outputs` with its dedup hits; finish a root, or hand the
     lane's accumulated results on."""
     request = request_of(job)
+    record_manifest_stage(job, "done")
     for fmt, hit in (job.get("reuse") or {}).get("manifests", {}).items():
         outputs[fmt] = {**hit, "tag": output_tag(request, fmt) if job["is_root"] else ""}
         if request.dump_manifest:  # a hit is dumped too: read back what the target holds
@@ -324,6 +341,7 @@ def push_index_task(self: Any, lane_results: list[list[dict[str, Any]]], *, job:
     request = request_of(job)
     mark_stage(job, "push")
     started = time.monotonic()
+    commit_or_stop(job, settings().result_expires)  # a cancel from here on is refused
     target = _target_repo(request)
     by_source = {r["source_digest"]: r["outputs"] for lane in lane_results for r in lane}
     root_digest = job["root"]["digest"]

@@ -29,9 +29,14 @@ from workers.database import dedup_store
 log = logging.getLogger(__name__)
 
 
+def request_owner_prefix(request_id: str) -> str:
+    """What every claim owner of one request starts with (a cancel releases them all by it)."""
+    return f"fleet:{request_id}:"
+
+
 def claim_owner(request_id: str, manifest_digest: str) -> str:
     """Readable in the claims table; the same for every task (and retry) of this manifest."""
-    return f"fleet:{request_id}:{manifest_digest.partition(':')[2][:16]}"
+    return request_owner_prefix(request_id) + manifest_digest.partition(":")[2][:16]
 
 
 def claims_of(job: dict[str, Any]) -> tuple[str, list[str]]:

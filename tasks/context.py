@@ -31,8 +31,10 @@ def registry_host(repository: str) -> str:
     return repository.split("/", 1)[0]
 
 
-def open_repository(repository: str, access: RegistryAccess) -> Any:
-    """A Repository for `repository`, logged in with the worker's credentials for `access.credential_ref`."""
-    resolver = credentials_resolver_for(registry_host(repository), settings().credentials_file)
+def open_repository(repository: str, access: RegistryAccess, credentials_file: str | None = None) -> Any:
+    """A Repository for `repository`, logged in with the worker's credentials for `access.credential_ref`
+    (from `credentials_file`, default the settings': the HTTP API passes its own)."""
+    resolver = credentials_resolver_for(registry_host(repository),
+                                        settings().credentials_file if credentials_file is None else credentials_file)
     options = RegistryOptions.from_access(access, resolver)
     return open_registry_repository(repository, options)

@@ -1,6 +1,8 @@
 """Progress of a running conversion: per task in Celery task state (Flower shows it) and per
 request in a small Redis hash `obdconv:progress:<request_id>` in the result backend, which
-`obdconv status` reads (fields `<stage>:<layer>` -> {"done", "total", "host"}).
+`obdconv status` reads (fields `<stage>:<layer>` -> {"done", "total", "host"}); and per manifest in
+`obdconv:manifests:<request_id>` (field: manifest digest -> {"stage", "platform", "layers": [digests]}),
+which the HTTP API uses to group layer progress by manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tasks.context import settings
 from workers.ledger import is_redis_url
 
 PROGRESS_KEY_PREFIX = "obdconv:progress:"
+MANIFESTS_KEY_PREFIX = "obdconv:manifests:"
 MIN_INTERVAL = 0.5  # seconds between two updates of the same task (bounded broker/backend load)
 
 
@@ -38,9 +41,35 @@ def backend_client() -> redis.Redis | None:
     return client_for(settings().result_backend)
 
 
+def manifests_key(request_id: str) -> str:
+    return MANIFESTS_KEY_PREFIX + request_id
+
+
 def read_progress(client: redis.Redis, request_id: str) -> dict[str, dict[str, Any]]:
     raw = client.hgetall(progress_key(request_id))
     return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def read_manifest_stages(client: redis.Redis, request_id: str) -> dict[str, dict[str, Any]]:
+    raw = client.hgetall(manifests_key(request_id))
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def record_manifest_stage(job: dict[str, Any], stage: str) -> None:
+    """The stage a manifest of the request is at, with its layers (advisory: never raises)."""
+    manifest = job.get("manifest")
+    client = backend_client()
+    if not manifest or client is None or not job.get("request_id"):
+        return
+    descriptor = manifest.get("descriptor") or {}
+    value = {"stage": stage, "platform": descriptor.get("platform"),
+             "layers": [layer.get("digest") for layer in manifest.get("layers", [])]}
+    try:
+        key = manifests_key(job["request_id"])
+        client.hset(key, descriptor.get("digest", ""), json.dumps(value))
+        client.expire(key, settings().result_expires)
+    except (redis.RedisError, OSError):
+        pass
 
 
 class ProgressReporter:

@@ -27,10 +27,11 @@ from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer
 from obdconv.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask, retry_later
+from tasks.cancel import stop_if_cancelled
 from tasks.claims import held_claims
 from tasks.context import open_repository, settings, spool_dir
 from tasks.dedup import remember_layer
-from tasks.progress import ProgressReporter, backend_client
+from tasks.progress import ProgressReporter, backend_client, record_manifest_stage
 from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
 from workers import metrics
@@ -56,6 +57,7 @@ def mark_stage(job: dict[str, Any], stage: str) -> None:
     if settings().db_type:
         open_worker_database()  # inside the task: an unreachable database is a retried DatabaseError
         record_running(job["request_id"], stage)
+    record_manifest_stage(job, stage)
 
 
 def _broker_client() -> Any:
@@ -228,6 +230,7 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
         for profile in request.profiles():
             if profile.format in (job.get("reuse") or {}).get("manifests", {}):
                 continue  # this format's manifest is a dedup hit: nothing to assemble for it
+            stop_if_cancelled(job, self.name)  # no layer blob committed for a cancelled request
             converted = assemble_layer(prepared, metadata, profile, chain_id, parent_chain_id, target_repo,
                                        upload=not request.no_upload, oci=request.oci or request.referrer,
                                        source_repo=source_repo)

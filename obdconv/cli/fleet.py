@@ -111,7 +111,7 @@ def format_status(s: dict[str, Any]) -> str:
 def _exit_code(s: dict[str, Any]) -> int:
     if s["state"] == "SUCCESS":
         return 0
-    if s["state"] not in ("FAILURE", "REVOKED"):
+    if s["state"] not in ("FAILURE", "REVOKED", "CANCELLED"):
         return EXIT_TIMEOUT
     cls = getattr(errors, (s.get("error") or {}).get("class", ""), None)
     return cls.exit_code if isinstance(cls, type) and issubclass(cls, errors.ObdconvError) else 70

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "obdconv.cli.inspect",  # inspect FILE
     "obdconv.cli.db",  # db init
     "obdconv.cli.fleet",  # submit, status, wait, worker, fleet
+    "obdconv.cli.api",  # api (the HTTP service; imports FastAPI only when run)
 ]
 
 

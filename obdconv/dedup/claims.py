@@ -123,6 +123,15 @@ def release(db: peewee.Database, key: str, owner: str) -> bool:
     return cursor.rowcount == 1
 
 
+def release_owners(db: peewee.Database, owner_prefix: str) -> int:
+    """Drop every lease whose owner starts with `owner_prefix` (a cancelled fleet request's claims,
+    held under one owner per manifest). Returns how many were dropped."""
+    # '!' escapes LIKE's wildcards: a backslash would need different quoting in MySQL and SQLite.
+    pattern = owner_prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+    cursor = db.execute_sql(_sql(db, "DELETE FROM obdconv_claims WHERE owner LIKE {p} ESCAPE '!'"), (pattern,))
+    return int(cursor.rowcount)
+
+
 @dataclass(frozen=True)
 class ClaimHolder:
     owner: str

@@ -58,6 +58,17 @@ def validate_callback(url: str, secret_ref: str) -> None:
         return
     if not url:
         raise UsageError("--callback-secret-ref without --callback-url: there is nothing to sign")
+    validate_callback_url(url)
+    if not secret_ref:
+        raise UsageError("--callback-url needs --callback-secret-ref: callbacks are signed with a key the "
+                         "workers hold under that name")
+    if not SECRET_REF.fullmatch(secret_ref):
+        raise UsageError(f"--callback-secret-ref {secret_ref[:130]!r}: a name of letters, digits, '.', '_', '-' "
+                         "(at most 128), not the secret itself")
+
+
+def validate_callback_url(url: str) -> None:
+    """An absolute http(s) URL with a host and no user or password in it."""
     shown = url if len(url) <= 200 else url[:200] + "..."
     if len(url) > MAX_CALLBACK_URL or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise UsageError(f"--callback-url {shown!r}: not a URL (longer than {MAX_CALLBACK_URL} characters, "
@@ -75,9 +86,3 @@ def validate_callback(url: str, secret_ref: str) -> None:
     if parts.username is not None or parts.password is not None:
         raise UsageError("--callback-url: must not carry a user or password (user:password@host); the "
                          "receiver checks the HMAC signature made with the key named by --callback-secret-ref")
-    if not secret_ref:
-        raise UsageError("--callback-url needs --callback-secret-ref: callbacks are signed with a key the "
-                         "workers hold under that name")
-    if not SECRET_REF.fullmatch(secret_ref):
-        raise UsageError(f"--callback-secret-ref {secret_ref[:130]!r}: a name of letters, digits, '.', '_', '-' "
-                         "(at most 128), not the secret itself")

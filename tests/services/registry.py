@@ -3,7 +3,8 @@
 `start_registry(workdir)` starts a plain-HTTP registry with filesystem storage and deletes enabled.
 Variants: `auth="htpasswd"` (basic auth from `htpasswd -Bbn`), `auth=TokenAuthConfig` (bearer tokens
 from tests/services/token_server.py), `tls=make_tls(dir)` (a self-signed CA made with openssl; with
-`client_ca=True` the registry also demands a client certificate signed by that CA).
+`client_ca=True` the registry also demands a client certificate signed by that CA), `notifications=`
+the registry's `notifications` block (endpoints it POSTs its events to, e.g. the HTTP API's).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def start_registry(
     client_ca: bool = False,
     name: str = "registry",
     port: int | None = None,
+    notifications: dict[str, object] | None = None,
 ) -> RegistryService:
     """Write a config YAML into `workdir`, start docker-registry on a free port, wait for GET /v2/."""
     if shutil.which(REGISTRY_BINARY) is None:
@@ -187,6 +189,8 @@ def start_registry(
                                     "rootcertbundle": str(auth.signing_cert)}}
     elif auth is not None:
         raise ValueError(f"unknown registry auth mode {auth!r}")
+    if notifications is not None:
+        config["notifications"] = notifications
     # YAML is a superset of JSON, so the config is written as JSON (no YAML library needed).
     config_path = workdir / "config.yml"
     config_path.write_text(json.dumps(config, indent=2))
