@@ -65,7 +65,7 @@ def test_templates_render_and_their_patterns_recognise_outputs() -> None:
     ('[[rules]]\nname = "a"\nrepository = "x/*"\noverlaybd_tag = "{tag}"\n', "would overwrite the pushed tag"),
     ('[[rules]]\nname = "a"\nrepository = "x/*"\noverlaybd_tag = "{tag}-o"\ncolour = 1\n', "unknown key(s) ['colour']"),
     ('[[rules]]\nname = "a"\nrepository = "x/*"\noverlaybd_tag = "{tag}-o"\ncallback_url = "ftp://h/x"\n',
-     "http:// or https://"),
+     "must be http or https"),
     ('[[rules]]\nname = "a"\nrepository = "x/*"\noverlaybd_tag = "{tag}-o"\nblock_size = "4k"\n', "integer"),
     ('[[rules]]\nname = "a"\nrepository = "x/*"\noverlaybd_tag = "{tag}-o"\noci = "yes"\n', "true or false"),
     ('[[rules]]\nname = "a b"\nrepository = "x/*"\noverlaybd_tag = "{tag}-o"\n', "`name`"),
