@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import multiprocessing
 import os
 import queue
 import shutil
@@ -40,6 +39,7 @@ from typing import Any
 
 from obdconv.dedup.store import open_store
 from obdconv.errors import BadInputError, ObdconvError
+from obdconv.interpreter import start_forkserver
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
@@ -388,12 +388,12 @@ class _Run:
         self.aborted = threading.Event()  # the run failed: committers cancel instead of committing
         self.helper_threads: list[threading.Thread] = []
         if workers > 1:
-            ctx = multiprocessing.get_context("forkserver")
             # The fork server imports the pipeline once and every worker forks with it loaded,
             # instead of each worker importing it (~0.2 s of CPU each) before its first task.
             # "__main__" is multiprocessing's default preload, kept. (No effect once the server
-            # runs, e.g. on a second convert in the same process.)
-            ctx.set_forkserver_preload(["__main__", __name__])
+            # runs, e.g. on a second convert in the same process.) Started with a safe sys.path:
+            # see obdconv/interpreter.py.
+            ctx = start_forkserver(["__main__", __name__])
             progress_queue = ctx.Queue()
             pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                                                  initargs=(progress_queue,))
