@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -59,7 +60,14 @@ def start_forkserver(preload: list[str]) -> Any:
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(preload)
-    with safe_path_environment():
-        resource_tracker.ensure_running()
-        forkserver.ensure_running()
+    # The server and every worker it forks inherit SIGTERM blocked: a SIGTERM sent to the whole
+    # process group (`timeout`, systemd) reaches the runner, which stops its workers itself
+    # (obdconv/termination.py), instead of killing workers under a run that is still going.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        with safe_path_environment():
+            resource_tracker.ensure_running()
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx

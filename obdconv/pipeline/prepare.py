@@ -41,6 +41,7 @@ from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
 from obdconv.formats.gzindex import GzipIndexBuilder
 from obdconv.formats.zfile import BlockCompressor
+from obdconv.leftovers import hold, release
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
 
@@ -54,6 +55,8 @@ GZIP_INDEX_LEVEL = 1
 # Bump when the spool layout or a spooled file's bytes change, so old spools are not misread or
 # reused into different output (2: gzip.meta windows at GZIP_INDEX_LEVEL 1 instead of 6).
 SPOOL_FORMAT = 2
+PREP_PREFIX = ".prep-"  # a spool being written (flock'ed by its writer)
+OLD_PREFIX = ".old-"  # a replaced spool being removed
 
 ProgressFn = Callable[[int, int], None]  # (bytes read, total bytes)
 
@@ -267,7 +270,8 @@ def prepare_layer(
         native, turbo = native or existing.native, turbo or existing.turbo
     spool_dir.mkdir(parents=True, exist_ok=True)
     final = spool_dir / spool_key(digest, algorithm, block_size)
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=spool_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=PREP_PREFIX, dir=spool_dir))
+    lock = hold(tmp)  # marks it as being written: a later run removes it only once this process is gone
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
                            block_size=block_size, progress=progress)
@@ -276,6 +280,8 @@ def prepare_layer(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release(lock)
     prepared.spool = str(final)
     return prepared
 
@@ -293,7 +299,7 @@ def _install(tmp: Path, final: Path) -> None:
         return
     except OSError:
         pass
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    old = final.with_name(f"{OLD_PREFIX}{final.name}-{os.getpid()}")
     with contextlib.suppress(OSError):
         os.rename(final, old)
     os.rename(tmp, final)
