@@ -71,3 +71,18 @@ def start_forkserver(preload: list[str]) -> Any:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx
+
+
+def leave_forkserver() -> None:
+    """In a process the forkserver forked: close its copy of the server's "alive" pipe. Every such
+    child is handed one (so it could start forkserver children itself), and the server exits only
+    once every copy is closed; with them open, a runner killed by SIGKILL left its server, and so
+    its pool, running. (This child can then start no forkserver children; pool workers do not.)"""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None

@@ -102,41 +102,62 @@ class RunRecord:
     """The paths one run removes at its end, listed (before each is made) in
     `<directory>/.obdconv-run-<pid>-<nonce>`, a file the run holds locked while it lives.
 
-    `RunRecord.open(directory)` first removes what dead runs recorded there (and their
-    records), then starts this run's record. `add(path)` lists a path; `close()` drops the record
-    (the run removed its paths itself)."""
+    `RunRecord.start(directory, *dirs)` first removes what dead runs recorded there (and their
+    records), then starts this run's record; `directory` and `dirs` that do not exist yet are this
+    run's to remove at its end if empty. `add(path)` lists a path to remove; `finish()` drops the
+    record (the run removed its paths itself) and removes the directories it made if empty."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, made: list[Path]) -> None:
         self.path = path
         self._fd: int | None = fd
+        self.made = made
 
     @classmethod
-    def open(cls, directory: Path) -> RunRecord:
+    def start(cls, directory: Path, *dirs: Path) -> RunRecord:
+        inherited = sweep_records(directory)  # a dead run's directories not empty yet are ours to remove
+        made = [d for d in (*dirs, directory) if not d.exists() or d.absolute() in inherited]  # innermost first
         directory.mkdir(parents=True, exist_ok=True)
-        sweep_records(directory)
         path = directory / f"{RECORD_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return cls(path, fd)
+        record = cls(path, fd, made)
+        for d in made:
+            record._write(EMPTY_DIR_MARK, d)
+        return record
 
     def add(self, path: Path) -> None:
-        if self._fd is not None:
-            os.write(self._fd, (str(Path(path).absolute()) + "\n").encode("utf-8", "surrogateescape"))
+        self._write("", path)
 
-    def close(self) -> None:
+    def _write(self, mark: str, path: Path) -> None:
+        if self._fd is not None:
+            os.write(self._fd, (mark + str(Path(path).absolute()) + "\n").encode("utf-8", "surrogateescape"))
+
+    def finish(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             release(self._fd)
             self._fd = None
+            _remove_empty(self.made)
 
 
-def sweep_records(directory: Path) -> None:
-    """Remove the paths listed by records in `directory` whose runs are dead, then the records."""
+EMPTY_DIR_MARK = "?"  # record line prefix: remove this directory only if it is empty
+
+
+def _remove_empty(directories: Iterable[Path]) -> None:
+    for d in directories:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def sweep_records(directory: Path) -> set[Path]:
+    """Remove the paths listed by records in `directory` whose runs are dead, then the records.
+    Returns the directories those runs made that are not empty yet (and so still there)."""
+    left: set[Path] = set()
     try:
         names = [n for n in os.listdir(directory) if n.startswith(RECORD_PREFIX)]
     except OSError:
-        return
+        return left
     for name in names:
         record = directory / name
         try:
@@ -148,12 +169,16 @@ def sweep_records(directory: Path) -> None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its run is alive
-            paths = [Path(line) for line in
-                     record.read_bytes().decode("utf-8", "surrogateescape").splitlines() if line]
+            lines = [x for x in record.read_bytes().decode("utf-8", "surrogateescape").splitlines() if x]
+            paths = [Path(x) for x in lines if not x.startswith(EMPTY_DIR_MARK)]
             for path in paths:
                 remove(path)
             record.unlink(missing_ok=True)
+            made = [Path(x[len(EMPTY_DIR_MARK):]) for x in lines if x.startswith(EMPTY_DIR_MARK)]
+            _remove_empty(made)
+            left.update(d for d in made if d.exists())
             if paths:
                 log.warning("removed %d leftover(s) of an interrupted run (%s)", len(paths), record)
         finally:
             os.close(fd)
+    return left

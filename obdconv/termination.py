@@ -4,8 +4,9 @@
   `Terminated` exception in the main thread, a `KeyboardInterrupt` subclass, so every cleanup that
   runs for Ctrl-C runs for them too; the CLI then exits with 128 + the signal's number.
 * The local runner's pool workers (forked by multiprocessing's forkserver, which exits when the
-  runner's process dies) call `die_with_parent()`: the kernel kills them with SIGKILL the moment
-  their parent goes, so a SIGKILLed `obdconv convert` leaves no process holding its caller's
+  runner's process dies, once the workers closed their copies of its "alive" pipe:
+  obdconv/interpreter.py `leave_forkserver`) call `die_with_parent()`: the kernel kills them with
+  SIGKILL the moment their parent goes, so a SIGKILLed `obdconv convert` leaves no process holding its caller's
   stdout/stderr. The forkserver and its workers run with SIGTERM blocked (see
   obdconv/interpreter.py `start_forkserver`): the runner alone decides when they stop.
 """

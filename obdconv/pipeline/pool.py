@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from obdconv.interpreter import leave_forkserver
 from obdconv.pipeline.assemble import BuiltLayer, build_layer, commit_built, send_built
 from obdconv.pipeline.metadata import decode_metadata
 from obdconv.pipeline.prepare import PreparedLayer, prepare_layer
@@ -33,6 +34,7 @@ def init_worker(progress_queue: Any, runner_pid: int | None = None) -> None:
     global _progress_queue
     _progress_queue = progress_queue
     if runner_pid is not None:
+        leave_forkserver()  # the server then exits with the runner, and this worker with the server
         die_with_parent(runner_pid)
 
 

@@ -411,8 +411,7 @@ class _Run:
             pool = InlineExecutor()
         # What this run makes under --dir and in the spool is recorded, so that a later run removes
         # it if this one is killed; and it removes what killed runs left (obdconv/leftovers.py).
-        made_dirs = [d for d in (self.spool_dir, self.workdir) if not d.exists()]
-        self.record = RunRecord.open(self.workdir)
+        self.record = RunRecord.start(self.workdir, self.spool_dir)
         remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
         try:
             self.open_reuse()
@@ -463,10 +462,7 @@ class _Run:
                         shutil.rmtree(path, ignore_errors=True)
                 # Spools being written by workers an interrupt killed (their locks died with them).
                 remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
-                self.record.close()
-                for directory in made_dirs:  # the spool and --dir, if this run made them and left them empty
-                    with contextlib.suppress(OSError):
-                        directory.rmdir()
+                self.record.finish()  # also removes the spool and --dir if this run made them and they are empty
 
             run_all(stop_executors, stop_progress, release, remove_files)
         self.timings["total"] = time.monotonic() - started
