@@ -93,6 +93,14 @@ class LocalFleet:
         if self.workers < 1:
             raise UsageError("a fleet needs at least one worker")
         self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_children()
+        except BaseException:  # e.g. a worker that exits at start, or SIGTERM: stop what did start
+            self.stop()
+            raise
+        return self
+
+    def _start_children(self) -> None:
         self._spawn("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
                     ready_port=self.redis_port)
@@ -105,7 +113,6 @@ class LocalFleet:
                                                  f"--basic-auth={self.flower_user}:{self.flower_password}"),
                         ready_port=self.flower_port)
         self.wait_for_workers()
-        return self
 
     def wait_for_workers(self, timeout: float = 60) -> None:
         import redis

@@ -129,7 +129,7 @@ def test_sigkill_leaves_no_process_and_the_next_run_cleans_up(tmp_path: Path) ->
     assert any(".obdconv-run-" in p for p in left) and any("/.prep-" in p for p in left), left
     # the next run in the same --dir converts, and removes what the killed one left
     again = start(lay, work)
-    out, err = again.communicate(timeout=300)
+    _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err.decode()
     assert leftovers(work) == []
     assert uploads(lay) == []
