@@ -286,6 +286,14 @@ def prepare_layer(
     return prepared
 
 
+def _check_descriptor_size(desc: dict[str, Any], size: int) -> None:
+    """The blob is what its digest says; a descriptor giving another size is a broken manifest
+    (registries and runtimes check it: the converted image would carry it on)."""
+    if "size" in desc and desc["size"] != size:
+        raise BadInputError(f"layer {desc['digest']}: the manifest's descriptor says {desc['size']} bytes, "
+                            f"the blob has {size}")
+
+
 def _turbo_zstd(digest: str) -> UnsupportedError:
     return UnsupportedError(f"layer {digest} is zstd-compressed: turboOCI needs gzip or uncompressed "
                             "layers (the runtime reads file data from the original blob)")
@@ -347,6 +355,7 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
                     progress(source_size, total)
                 chunk = blob.read(READ_CHUNK)
             # EOF reached: the verifying reader has checked the digest by now.
+            _check_descriptor_size(desc, source_size)
             consume(flush())
             # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
             # the truncated tar it decompresses to (the Decompressor's flush above does the same).

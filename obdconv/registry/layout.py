@@ -142,6 +142,9 @@ class OCILayoutRepository(Repository):
         actual = sha256_digest(data)
         if actual != digest:
             raise IntegrityError(f"manifest {self._where(ref)}: content has digest {actual}, expected {digest}")
+        if descriptor is not None and "size" in descriptor and descriptor["size"] != len(data):
+            raise BadInputError(f"manifest {self._where(ref)}: index.json's descriptor says {descriptor['size']} "
+                                f"bytes, the blob has {len(data)}")
         media_type = (descriptor or {}).get("mediaType") or _guess_media_type(data)
         if media_type not in MANIFEST_MEDIA_TYPES:
             raise BadInputError(f"manifest {self._where(ref)} has unknown media type {media_type!r}")
