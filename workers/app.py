@@ -16,9 +16,13 @@ Configured from config.settings (environment / optional TOML file). Reliability 
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import ModuleType
+from typing import Any
 
 from celery import Celery
+from celery.loaders.app import AppLoader
 
 from config.settings import Settings, load_settings
 from obdconv.errors import UsageError
@@ -51,6 +55,19 @@ def chord_dispatch_claim_seconds() -> int:
 
 def min_lease_seconds() -> int:
     return math.ceil(1.5 * chord_dispatch_claim_seconds()) + 1
+
+
+class InstalledModulesLoader(AppLoader):
+    """Celery's loader imports the task modules (`imports`, `--include`, config modules) with the
+    working directory put first on sys.path (celery.utils.imports.cwd_in_path), so a `peewee.py`
+    there would run in the worker. This one imports them like any other module: installed code
+    only (see obdconv/interpreter.py)."""
+
+    def import_from_cwd(self, module: str, imp: Any = None, package: str | None = None) -> ModuleType:
+        return (imp or self.import_module)(module, package=package)  # type: ignore[no-any-return]
+
+    def find_module(self, module: str) -> ModuleType:
+        return importlib.import_module(module)
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -103,7 +120,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
-    celery_app = Celery("obdconv", set_as_current=True, amqp=LedgerAMQP)
+    celery_app = Celery("obdconv", set_as_current=True, amqp=LedgerAMQP, loader=InstalledModulesLoader)
     celery_app.config_from_object(celery_config(settings))
     celery_app.obdconv_settings = settings  # type: ignore[attr-defined]
     # Registers the tasks (tasks/) and the worker start-up hooks (workers/startup.py).

@@ -12,7 +12,9 @@ on flag errors); `--fstype erofs` and `--mkfs=false` fail with a clear "not supp
 also takes `sqlite` (`--db-str PATH`); dedup also covers turboOCI.
 
 Temporary data under `--dir`: `spool/` (prepared layers; removed at the end unless `--reserve`)
-and one metadata work directory per manifest. `--dump-manifest` writes
+and one metadata work directory per manifest; `--dir` and `spool/` themselves are removed when the
+run made them and leaves them empty. Ctrl-C, SIGTERM and SIGHUP remove it all too (exit 130, 143,
+129); after a SIGKILL the next run in the same `--dir` removes what the killed one left. `--dump-manifest` writes
 `<dir>/<format>/<os_arch>-<manifest hex>/{config,manifest}.json` and `<dir>/<format>/index.json`
 (per format, so `--overlaybd` and `--turboOCI` together do not overwrite each other), and keeps them.
 """

@@ -9,6 +9,8 @@
 * status ID / wait ID: the durable status merged with live progress; `--json` for machines.
   wait exits 0 on success, the error class's exit code on failure, 75 on timeout.
 * worker: a Celery worker of the fleet (= `celery -A workers worker` with the fleet's queues).
+* flower: Flower for the fleet's app (= `celery -A workers flower`, without importing from the
+  working directory).
 * fleet: Redis + database + N workers + Flower on this machine, converts a sample image (built
   on the fly into an OCI layout), prints the result and the Flower URL.
 """
@@ -172,6 +174,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def flower_argv(address: str, port: int, basic_auth: str = "") -> list[str]:
+    """`celery flower` arguments; `--conf` names no file, or Flower would execute the working
+    directory's `flowerconfig.py` (see obdconv/interpreter.py)."""
+    import os
+
+    argv = ["flower", f"--address={address}", f"--port={port}", f"--conf={os.devnull}"]
+    return argv + ([f"--basic-auth={basic_auth}"] if basic_auth else [])
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from workers.app import app
+
+    # The app object itself, not `celery -A workers`: Celery imports an -A app with the working
+    # directory first on sys.path.
+    return int(app.start(flower_argv(args.address, args.port, args.basic_auth)) or 0)
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -210,8 +229,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         if code == 0:  # read the result back and compare its filesystem with the source image
             import subprocess
 
-            code = subprocess.run([sys.executable, "-m", "obdconv", "verify", f"oci:{layout}:sample-obd",
-                                   "--source", f"oci:{layout}:sample"]).returncode
+            from obdconv.interpreter import python_command
+
+            code = subprocess.run(python_command("-m", "obdconv", "verify", f"oci:{layout}:sample-obd",
+                                                 "--source", f"oci:{layout}:sample")).returncode
         if args.keep_running and code == 0:
             print("fleet running; Ctrl-C stops it", flush=True)
             while True:
@@ -260,6 +281,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--pool", default="prefork")
     p.set_defaults(func=cmd_worker)
+
+    p = subparsers.add_parser("flower", help="run Flower for the fleet (= celery -A workers flower, safely)")
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--basic-auth", default="", help="user:password (or FLOWER_BASIC_AUTH in the environment)")
+    p.set_defaults(func=cmd_flower)
 
     p = subparsers.add_parser("fleet", help="run a local fleet (Redis, workers, Flower) and convert a sample image")
     p.add_argument("--workers", type=int, default=2)

@@ -41,6 +41,7 @@ from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
 from obdconv.formats.gzindex import GzipIndexBuilder
 from obdconv.formats.zfile import BlockCompressor
+from obdconv.leftovers import hold, release
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
 
@@ -54,6 +55,8 @@ GZIP_INDEX_LEVEL = 1
 # Bump when the spool layout or a spooled file's bytes change, so old spools are not misread or
 # reused into different output (2: gzip.meta windows at GZIP_INDEX_LEVEL 1 instead of 6).
 SPOOL_FORMAT = 2
+PREP_PREFIX = ".prep-"  # a spool being written (flock'ed by its writer)
+OLD_PREFIX = ".old-"  # a replaced spool being removed
 
 ProgressFn = Callable[[int, int], None]  # (bytes read, total bytes)
 
@@ -267,7 +270,8 @@ def prepare_layer(
         native, turbo = native or existing.native, turbo or existing.turbo
     spool_dir.mkdir(parents=True, exist_ok=True)
     final = spool_dir / spool_key(digest, algorithm, block_size)
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=spool_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=PREP_PREFIX, dir=spool_dir))
+    lock = hold(tmp)  # marks it as being written: a later run removes it only once this process is gone
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
                            block_size=block_size, progress=progress)
@@ -276,8 +280,18 @@ def prepare_layer(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release(lock)
     prepared.spool = str(final)
     return prepared
+
+
+def _check_descriptor_size(desc: dict[str, Any], size: int) -> None:
+    """The blob is what its digest says; a descriptor giving another size is a broken manifest
+    (registries and runtimes check it: the converted image would carry it on)."""
+    if "size" in desc and desc["size"] != size:
+        raise BadInputError(f"layer {desc['digest']}: the manifest's descriptor says {desc['size']} bytes, "
+                            f"the blob has {size}")
 
 
 def _turbo_zstd(digest: str) -> UnsupportedError:
@@ -293,7 +307,7 @@ def _install(tmp: Path, final: Path) -> None:
         return
     except OSError:
         pass
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    old = final.with_name(f"{OLD_PREFIX}{final.name}-{os.getpid()}")
     with contextlib.suppress(OSError):
         os.rename(final, old)
     os.rename(tmp, final)
@@ -341,6 +355,7 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
                     progress(source_size, total)
                 chunk = blob.read(READ_CHUNK)
             # EOF reached: the verifying reader has checked the digest by now.
+            _check_descriptor_size(desc, source_size)
             consume(flush())
             # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
             # the truncated tar it decompresses to (the Decompressor's flush above does the same).

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import multiprocessing
 import os
 import queue
 import shutil
@@ -40,6 +39,8 @@ from typing import Any
 
 from obdconv.dedup.store import open_store
 from obdconv.errors import BadInputError, ObdconvError
+from obdconv.interpreter import start_forkserver
+from obdconv.leftovers import RunRecord, remove_leftovers
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
@@ -49,13 +50,14 @@ from obdconv.pipeline.pool import (
     init_worker,
     process_repositories,
     run_all,
+    stop_workers_now,
     task_build,
     task_commit,
     task_prepare,
     task_send,
     thread_priority_raised,
 )
-from obdconv.pipeline.prepare import PreparedLayer, load_prepared, spool_key
+from obdconv.pipeline.prepare import OLD_PREFIX, PREP_PREFIX, PreparedLayer, load_prepared, spool_key
 from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
 from obdconv.pipeline.results import ConversionResult, OutputResult, ProgressEvent, ProgressFn, RunnerOptions
 from obdconv.pipeline.reuse import ManifestReuse, Reuse
@@ -125,6 +127,8 @@ class _Run:
                 i = len(self.prepare_futures)
                 if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
                     self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
+                    if not (r.reserve or self.options.keep_spool):
+                        self.record.add(self.created_spools[-1])
                 self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
                 self.prepare_futures[digest] = pool.submit(
                     task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
@@ -156,6 +160,8 @@ class _Run:
         name = m.platform.replace("/", "_") or "image"
         workdir = self.workdir / f"{name}-{m.digest.partition(':')[2][:16]}"
         self.metadata_workdirs.append(workdir)  # removed at the end of the run even when it fails
+        if not self.request.reserve:
+            self.record.add(workdir)  # or by a later run, if this one is killed
         # One metadata pass serves every format when all start from mkfs; formats continuing from
         # dedup hits each start from their own converted parents (which may differ in bytes).
         groups = [(0, todo)] if all(v == 0 for v in starts.values()) else [(starts[p.format], [p]) for p in todo]
@@ -388,21 +394,25 @@ class _Run:
         self.aborted = threading.Event()  # the run failed: committers cancel instead of committing
         self.helper_threads: list[threading.Thread] = []
         if workers > 1:
-            ctx = multiprocessing.get_context("forkserver")
             # The fork server imports the pipeline once and every worker forks with it loaded,
             # instead of each worker importing it (~0.2 s of CPU each) before its first task.
             # "__main__" is multiprocessing's default preload, kept. (No effect once the server
-            # runs, e.g. on a second convert in the same process.)
-            ctx.set_forkserver_preload(["__main__", __name__])
+            # runs, e.g. on a second convert in the same process.) Started with a safe sys.path:
+            # see obdconv/interpreter.py.
+            ctx = start_forkserver(["__main__", __name__])
             progress_queue = ctx.Queue()
             pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
-                                                 initargs=(progress_queue,))
+                                                 initargs=(progress_queue, os.getpid()))
             drain = threading.Thread(target=self._drain_progress, args=(progress_queue,), daemon=True)
             drain.start()
         else:
             process_repositories.update(_repos_in_process)
             init_worker(_DirectQueue(self))
             pool = InlineExecutor()
+        # What this run makes under --dir and in the spool is recorded, so that a later run removes
+        # it if this one is killed; and it removes what killed runs left (obdconv/leftovers.py).
+        self.record = RunRecord.start(self.workdir, self.spool_dir)
+        remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
         try:
             self.open_reuse()
             results = self.convert_manifests(pool, plan, outputs)
@@ -450,6 +460,9 @@ class _Run:
                 if not request.reserve:
                     for path in self.metadata_workdirs:
                         shutil.rmtree(path, ignore_errors=True)
+                # Spools being written by workers an interrupt killed (their locks died with them).
+                remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
+                self.record.finish()  # also removes the spool and --dir if this run made them and they are empty
 
             run_all(stop_executors, stop_progress, release, remove_files)
         self.timings["total"] = time.monotonic() - started
@@ -480,12 +493,14 @@ class _Run:
             try:
                 for digest, f in futures.items():
                     results[digest] = f.result()
-            except BaseException:
+            except BaseException as e:
                 # E.g. Ctrl-C here, or another manifest failed: manifests still running must not go
                 # on to commit layers or push (leaving this `with` waits for them).
                 self.aborted.set()
                 for f in futures.values():
                     f.cancel()
+                if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM: running tasks are not waited for
+                    stop_workers_now(pool)
                 raise
         if root_is_manifest:
             for fmt, out in outputs.items():

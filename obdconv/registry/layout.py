@@ -3,6 +3,10 @@
 Tags are the `org.opencontainers.image.ref.name` annotations of index.json's descriptors; blobs live in
 blobs/sha256/<hex>. Every write is atomic (a temp file in the same directory, then rename), and index.json
 updates are serialised across processes with a lock file and replaced atomically.
+
+A blob being written is a `.upload-*` temp file its writer holds flock'ed until it is renamed into
+place or removed; the first write through a repository object removes the `.upload-*` files that
+an interrupted process left (unlocked and older than the object, obdconv/leftovers.py).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
+from obdconv.leftovers import hold, release, remove_leftovers
 from obdconv.oci.digests import sha256_digest
 from obdconv.registry.reference import check_digest, is_digest
 from obdconv.registry.repository import (
@@ -37,6 +43,7 @@ OCI_LAYOUT_FILE = "oci-layout"
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_FILE = "index.json"
 LOCK_FILE = ".obdconv-index.lock"
+UPLOAD_PREFIX = ".upload-"
 
 
 def _guess_media_type(data: bytes) -> str:
@@ -62,6 +69,8 @@ class OCILayoutRepository(Repository):
         self.root = Path(path)
         self.host = ""
         self.name = str(path)
+        self._opened = time.time()
+        self._swept = False
 
     def __repr__(self) -> str:
         return f"OCILayoutRepository({self.name})"
@@ -77,6 +86,9 @@ class OCILayoutRepository(Repository):
 
     def _ensure_layout(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        if not self._swept:  # once per object: partial blobs of interrupted writers
+            self._swept = True
+            remove_leftovers(self.root / "blobs" / "sha256", [UPLOAD_PREFIX], self._opened)
         layout_file = self.root / OCI_LAYOUT_FILE
         if not layout_file.exists():
             _atomic_write(layout_file, OCI_LAYOUT_CONTENT)
@@ -130,6 +142,9 @@ class OCILayoutRepository(Repository):
         actual = sha256_digest(data)
         if actual != digest:
             raise IntegrityError(f"manifest {self._where(ref)}: content has digest {actual}, expected {digest}")
+        if descriptor is not None and "size" in descriptor and descriptor["size"] != len(data):
+            raise BadInputError(f"manifest {self._where(ref)}: index.json's descriptor says {descriptor['size']} "
+                                f"bytes, the blob has {len(data)}")
         media_type = (descriptor or {}).get("mediaType") or _guess_media_type(data)
         if media_type not in MANIFEST_MEDIA_TYPES:
             raise BadInputError(f"manifest {self._where(ref)} has unknown media type {media_type!r}")
@@ -206,14 +221,18 @@ class OCILayoutRepository(Repository):
     def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:
         """The bytes go to a hidden temp file beside the blobs; commit renames it into place."""
         self._ensure_layout()
-        tmp_name, digest, written = self._write_temp(chunks, None, size)
+        tmp_name, digest, written, lock = self._write_temp(chunks, None, size)
 
         def commit() -> None:
-            self._install(tmp_name, digest)
+            try:
+                self._install(tmp_name, digest)
+            finally:
+                release(lock)
 
         def cancel() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
+            release(lock)
 
         return PendingBlob(digest, written, commit, cancel)
 
@@ -236,19 +255,25 @@ class OCILayoutRepository(Repository):
     def _store(self, chunks: Iterable[bytes], expected_digest: str | None = None,
                expected_size: int | None = None) -> tuple[str, int]:
         """Write to a temp file beside the blobs, hashing; rename into place once verified."""
-        tmp_name, digest, size = self._write_temp(chunks, expected_digest, expected_size)
-        self._install(tmp_name, digest)
+        tmp_name, digest, size, lock = self._write_temp(chunks, expected_digest, expected_size)
+        try:
+            self._install(tmp_name, digest)
+        finally:
+            release(lock)
         return digest, size
 
     def _write_temp(self, chunks: Iterable[bytes], expected_digest: str | None,
-                    expected_size: int | None) -> tuple[str, str, int]:
-        """(temp file, digest, size) of `chunks` written beside the blobs and checked; the temp file
-        is removed again if anything fails."""
+                    expected_size: int | None) -> tuple[str, str, int, int]:
+        """(temp file, digest, size, lock) of `chunks` written beside the blobs and checked; the temp
+        file is removed again if anything fails. `lock` holds the temp file's flock (marking it as
+        in use, not left over) until released."""
         directory = self.root / "blobs" / "sha256"
         hasher = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+        lock: int | None = None
         try:
+            lock = hold(tmp_name)
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
                     hasher.update(chunk)
@@ -265,8 +290,9 @@ class OCILayoutRepository(Repository):
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
+            release(lock)
             raise
-        return tmp_name, digest, size
+        return tmp_name, digest, size, lock
 
     def _install(self, tmp_name: str, digest: str) -> None:
         try:
