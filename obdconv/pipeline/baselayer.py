@@ -5,7 +5,8 @@ filesystem the overlaybd package installs at `/opt/overlaybd/baselayers/ext4_64`
 LSMT of a 64 GiB device), and the output carries that file as its first layer:
 
 * native: tar-wrapped the way the reference's Go code wraps it (one ustar header, mode 0444), so
-  the blob is byte for byte the reference's `ext4_64.tar`;
+  the blob is byte for byte the reference's `ext4_64.tar` (a file that is tar-wrapped already is
+  used as it is: the runtime unwraps one tar, not two);
 * turboOCI: the raw file, under the descriptor the reference hard-codes (`TURBO_BASE_DIGEST`,
   `TURBO_BASE_SIZE`). Only the file with that digest can back it: another one would make the
   descriptor lie, so turboOCI is then refused (see `turbo_base_problem`).
@@ -33,7 +34,7 @@ from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundE
 from obdconv.ext4 import libext2fs as L
 from obdconv.formats.blob import open_layer_blob
 from obdconv.formats.lsmt import LSMTFile, LSMTStack
-from obdconv.formats.tarwrap import go_wrap_prefix, wrap_suffix
+from obdconv.formats.tarwrap import go_wrap_prefix, unwrap, wrap_suffix
 from obdconv.pipeline.annotations import layer_annotations, layer_media_type
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.parents import ParentDevice
@@ -59,6 +60,7 @@ class BaseLayer:
     native_digest: str  # sha256 of the tar-wrapped file (= its native blob and diff_id)
     native_size: int
     virtual_size: int  # bytes of the block device it holds
+    wrapped: bool = False  # the file is tar-wrapped already: its native blob is the file itself
 
     @property
     def vsize_gb(self) -> int:
@@ -85,12 +87,13 @@ class BaseLayer:
 
     def chunks(self, fmt: str) -> Iterator[bytes]:
         """The blob of format `fmt`: the file tar-wrapped (native) or as it is (turbo)."""
-        if fmt == "native":
+        wrap = fmt == "native" and not self.wrapped
+        if wrap:
             yield go_wrap_prefix(self.size)
         with open(self.path, "rb") as f:
             while chunk := f.read(READ_CHUNK):
                 yield chunk
-        if fmt == "native":
+        if wrap:
             yield wrap_suffix(self.size)
 
 
@@ -98,7 +101,7 @@ _cache: dict[tuple[str, int, int, int, int], BaseLayer] = {}
 _cache_lock = threading.Lock()
 
 
-def load_base_layer(path: str, expected_digest: str = "") -> BaseLayer:
+def load_base_layer(path: str, expected_digest: str = "", where: str = "this machine") -> BaseLayer:
     """Check and hash the base layer at `path` (once per file version in a process). Raises
     NotFoundError when it is missing, FormatError when it is not an overlaybd layer holding an
     ext4 filesystem, IntegrityError when `expected_digest` is given and the file differs."""
@@ -119,7 +122,7 @@ def load_base_layer(path: str, expected_digest: str = "") -> BaseLayer:
         with _cache_lock:
             _cache[key] = base
     if expected_digest and base.digest != expected_digest:
-        raise IntegrityError(f"base layer {path} on this machine has digest {base.digest}, but the conversion "
+        raise IntegrityError(f"base layer {path} on {where} has digest {base.digest}, but the conversion "
                              f"uses {expected_digest}: every machine converting it must hold the same file there")
     return base
 
@@ -137,8 +140,12 @@ def _load(path: str, size: int) -> BaseLayer:
         raise FormatError(f"base layer {path} is an overlaybd layer without an ext4 filesystem")
     if layer.virtual_size % GIB:
         raise FormatError(f"base layer {path}: virtual size {layer.virtual_size} is not a whole number of GiB")
+    try:
+        is_wrapped = unwrap(path) is not None
+    except (ObdconvError, OSError) as e:
+        raise FormatError(f"base layer {path} is not an overlaybd layer: {e}") from None
     raw, wrapped = hashlib.sha256(), hashlib.sha256()
-    prefix, suffix = go_wrap_prefix(size), wrap_suffix(size)
+    prefix, suffix = (b"", b"") if is_wrapped else (go_wrap_prefix(size), wrap_suffix(size))
     wrapped.update(prefix)
     seen = 0
     with open(path, "rb") as f:
@@ -150,29 +157,30 @@ def _load(path: str, size: int) -> BaseLayer:
         raise BadInputError(f"base layer {path} changed while it was read ({seen} bytes, expected {size})")
     wrapped.update(suffix)
     return BaseLayer(path, "sha256:" + raw.hexdigest(), size, "sha256:" + wrapped.hexdigest(),
-                     len(prefix) + size + len(suffix), layer.virtual_size)
+                     len(prefix) + size + len(suffix), layer.virtual_size, is_wrapped)
 
 
-def resolve_base_layer(request: ConversionRequest) -> tuple[ConversionRequest, BaseLayer | None]:
+def resolve_base_layer(request: ConversionRequest, where: str = "this machine"
+                       ) -> tuple[ConversionRequest, BaseLayer | None]:
     """The request with its base layer pinned (path, digest) and its vsize set to the base layer's
     (as the reference, which ignores --vsize without mkfs), and the base layer; unchanged and None
     with mkfs."""
     if request.mkfs:
         return request, None
     path = request.base_layer or DEFAULT_BASE_LAYER
-    base = load_base_layer(path, request.base_layer_digest)
+    base = load_base_layer(path, request.base_layer_digest, where)
     if request.vsize_gb != base.vsize_gb:
         log.warning("--vsize %d has no effect with --mkfs=false: the base layer's filesystem is %d GB",
                     request.vsize_gb, base.vsize_gb)
     return replace(request, base_layer=path, base_layer_digest=base.digest, vsize_gb=base.vsize_gb), base
 
 
-def base_layer_of(request: ConversionRequest) -> BaseLayer | None:
+def base_layer_of(request: ConversionRequest, where: str = "this machine") -> BaseLayer | None:
     """On a machine taking part in a conversion whose base layer is pinned: this machine's file,
-    checked against the pinned digest (None with mkfs)."""
+    checked against the pinned digest (None with mkfs). `where` names the machine in errors."""
     if request.mkfs:
         return None
-    return load_base_layer(request.base_layer or DEFAULT_BASE_LAYER, request.base_layer_digest)
+    return load_base_layer(request.base_layer or DEFAULT_BASE_LAYER, request.base_layer_digest, where)
 
 
 def turbo_base_problem(base: BaseLayer) -> str:
