@@ -26,7 +26,7 @@ from obdconv.request import ConversionRequest
 if TYPE_CHECKING:
     from celery import Celery
 
-FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+FINAL = frozenset({"SUCCESS", "FAILURE", "PARTIAL", "REVOKED"})  # PARTIAL: see obdconv.status
 
 
 def _app(app: Celery | None) -> Celery:
@@ -90,6 +90,8 @@ def _celery_state(celery_app: Celery, request_id: str) -> dict[str, Any]:
     result = meta.get("result")
     if state == "SUCCESS" and isinstance(result, dict):
         out["outputs"] = result.get("outputs", result)
+        # The task succeeded; the request may still be PARTIAL (some format impossible).
+        out["request_state"] = result.get("state", "SUCCESS")
     elif state == "FAILURE":
         if isinstance(result, BaseException):
             out["error"] = {"class": type(result).__name__, "message": str(result)}
@@ -125,9 +127,9 @@ def status(request_id: str, *, app: Celery | None = None) -> dict[str, Any]:
     out: dict[str, Any] = dict(record or {"request_id": request_id, "state": "UNKNOWN", "stage": "",
                                            "outputs": {}, "error": None})
     cstate = live.get("celery_state", "PENDING")
-    if out["state"] not in ("SUCCESS", "FAILURE"):
+    if out["state"] not in ("SUCCESS", "FAILURE", "PARTIAL"):
         if cstate in ("SUCCESS", "FAILURE"):
-            out["state"] = cstate
+            out["state"] = live.get("request_state", cstate)
             out["outputs"] = live.get("outputs", out.get("outputs", {}))
             out["error"] = live.get("error")
         elif record is None and cstate != "PENDING":
