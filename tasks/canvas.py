@@ -31,7 +31,11 @@ Flags with fleet semantics (the client cannot see a worker's disk):
   under `"dump"` instead of being written to files;
 * `reserve`: the worker running the metadata pass keeps its scratch directory (ext4 metadata image)
   in `<spool>/<node>/scratch/`, logged; spool eviction removes it after `spool_max_age`;
-* `mkfs=false` fails with UnsupportedError, as in the local runner (obdconv/pipeline/validate.py).
+* `mkfs=false`: the base layer's digest is pinned here (every later task that reads the file checks
+  its own copy against it), and pushed first in every manifest;
+* `flatten`: one `obdconv.assemble_flat` task instead of one assemble per layer (tasks/flatten.py);
+* formats the image cannot become are dropped from the request here, before any work, and reported
+  by the last task: state PARTIAL (`all_or_nothing`: the request fails instead).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import heapq
 import itertools
 import os
 import sys
@@ -121,9 +122,9 @@ def _uncovered(start: int, count: int, covered: Ranges, from_index: int) -> tupl
 
 
 def _union(covered: Ranges, more: Ranges) -> Ranges:
-    """Sorted, coalesced (start, end) pairs covering both lists."""
+    """Sorted, coalesced (start, end) pairs covering both lists (each sorted by start)."""
     out: Ranges = []
-    for s, e in sorted(itertools.chain(covered, more)):
+    for s, e in heapq.merge(covered, more):
         if out and s <= out[-1][1]:
             if e > out[-1][1]:
                 out[-1] = (out[-1][0], e)
@@ -174,7 +175,7 @@ def live_pieces(applied: Sequence[AppliedLayer], allocated: Ranges) -> LivePiece
                     data.append((start, n, layer, src + (start - dev)))
                 else:
                     metadata.append((start, content))
-        covered = _union(covered, [(dev, dev + count) for dev, count, _, _ in mine])
+        covered = _union(covered, [(dev, dev + count) for dev, count, _, _ in mine])  # `mine` is sorted
     data.sort()
     starts = [a for a, _ in allocated]
     metadata = sorted(m for m in metadata if _is_allocated(m[0], starts, allocated))
@@ -192,9 +193,13 @@ class _Kept:
 
     ranges: list[tuple[int, int]]
     firsts: list[int]
+    starts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.starts = [s for s, _ in self.ranges]
 
     def new_index(self, block: int) -> int:
-        i = bisect.bisect_right([s for s, _ in self.ranges], block) - 1
+        i = bisect.bisect_right(self.starts, block) - 1
         return self.firsts[i] + block - self.ranges[i][0]
 
 
@@ -208,7 +213,7 @@ def _kept_blocks(data: list[tuple[int, int, int, int]], layers: int, pages_per_b
     kept: list[list[tuple[int, int]]] = []
     partial: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for layer in range(layers):
-        merged = _union([], pages[layer])
+        merged = _union([], sorted(pages[layer]))
         blocks: list[tuple[int, int]] = []
         for first, end in merged:
             b_first, b_end = first // pages_per_block, -(-end // pages_per_block)
@@ -217,10 +222,10 @@ def _kept_blocks(data: list[tuple[int, int, int, int]], layers: int, pages_per_b
                 lo, hi = max(first, b * pages_per_block), min(end, (b + 1) * pages_per_block)
                 if hi - lo < pages_per_block:
                     partial.setdefault((layer, b), []).append((lo - b * pages_per_block, hi - b * pages_per_block))
-        kept.append(_union([], blocks))
+        kept.append(_union([], sorted(blocks)))
     # a block shared by two live page runs may be whole after all
     for key, spans in list(partial.items()):
-        if _union([], spans) == [(0, pages_per_block)]:
+        if _union([], sorted(spans)) == [(0, pages_per_block)]:
             del partial[key]
     return kept, partial
 
