@@ -4,6 +4,12 @@
     request_id = submit(ConversionRequest("registry:5000/app", input_tag="v1", overlaybd_tag="v1-obd"))
     result = wait(request_id, timeout=600)   # {"state": "SUCCESS", "outputs": {...}, ...}
 
+Final states: SUCCESS, FAILURE, and PARTIAL: some requested format could not be built (e.g. turboOCI
+for an image with a zstd layer) while the others were; each missing one is in `outputs` as
+{"tag", "error": {"class", "message"}}. Ask `ConversionRequest(all_or_nothing=True)` to get FAILURE
+instead. `mkfs=False` (with `base_layer`, a path on the workers) and `flatten=True` work as in
+`obdconv convert`.
+
 Requests go to the Celery task `obdconv.convert` by name (tasks/README.md documents the schema), so
 this module needs only the Celery app's connection settings, not the task code. Credentials are
 never sent: put a `credential_ref` in `request.access`; workers resolve it from their own config.
