@@ -98,6 +98,7 @@ def test_base_digest_is_in_the_profile_key(base_path: Path) -> None:
     assert ConversionProfile().key() == "native/ext4/v64/mkfs/lz4-4k/obdconv-1"  # unchanged for mkfs
 
 
+@pytest.mark.slow
 def test_mkfs_false_native_and_turbo(base_path: Path, edge_layout: Path, tmp_path: Path) -> None:
     result = run(edge_layout, tmp_path / "a", base_path, turbo="turbo")
     src = tag_digest(edge_layout, "docker")
@@ -146,6 +147,7 @@ def test_another_base_file_serves_native_but_not_turbo(base_path: Path, edge_lay
     assert report.ok, report.format_text()
 
 
+@pytest.mark.slow
 @requires_root
 def test_mkfs_false_mounts_to_the_source_tree(base_path: Path, edge_layout: Path, tmp_path: Path) -> None:
     run(edge_layout, tmp_path, base_path, native="m-obd", turbo="m-turbo")
