@@ -23,17 +23,9 @@ from api.problems import Problem
 from api.service import Service
 from api.tokens import ApiToken
 from obdconv.errors import DatabaseError, UsageError
-from obdconv.status import (
-    CANCELLED,
-    FAILURE,
-    PENDING,
-    RUNNING,
-    SUCCESS,
-    ConversionStatus,
-    status_database,
-)
+from obdconv.status import FINAL_STATES, PENDING, RUNNING, ConversionStatus, status_database
 
-STATES = (PENDING, RUNNING, SUCCESS, FAILURE, CANCELLED)
+STATES = (PENDING, RUNNING, *sorted(FINAL_STATES))
 MAX_LIMIT = 500
 _SORT = peewee.fn.COALESCE(ConversionStatus.submitted_at, ConversionStatus.started_at, 0.0)
 

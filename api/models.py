@@ -95,7 +95,8 @@ class ConversionSummary(BaseModel):
     """One request as the durable status row holds it (times in RFC 3339, UTC)."""
 
     request_id: str
-    state: str = Field(description="PENDING, RUNNING, SUCCESS, FAILURE or CANCELLED (final: the last three)")
+    state: str = Field(description="PENDING, RUNNING, or a final state: SUCCESS, FAILURE, CANCELLED, PARTIAL (some "
+                       "formats delivered, each missing one in outputs with its error)")
     stage: str = ""
     source: str = ""
     submitted_at: str | None = None

@@ -4,6 +4,12 @@
     request_id = submit(ConversionRequest("registry:5000/app", input_tag="v1", overlaybd_tag="v1-obd"))
     result = wait(request_id, timeout=600)   # {"state": "SUCCESS", "outputs": {...}, ...}
 
+Final states: SUCCESS, FAILURE, CANCELLED, and PARTIAL: some requested format could not be built
+(e.g. turboOCI for an image with a zstd layer) while the others were; each missing one is in `outputs`
+as {"tag", "error": {"class", "message"}}. Ask `ConversionRequest(all_or_nothing=True)` to get FAILURE
+instead. `mkfs=False` (with `base_layer`, a path on the workers) and `flatten=True` work as in
+`obdconv convert`.
+
 To be told when it ends instead of polling: `ConversionRequest(..., callback_url="https://ci.example/hook",
 callback_secret_ref="ci-hooks")` (a signed POST from the fleet, see tasks/README.md; the key itself
 stays on the workers), or subscribe to the Redis channel `obdconv:events`.
@@ -30,7 +36,7 @@ from obdconv.request import ConversionRequest
 if TYPE_CHECKING:
     from celery import Celery
 
-FINAL = frozenset({"SUCCESS", "FAILURE", "CANCELLED", "REVOKED"})
+FINAL = frozenset({"SUCCESS", "FAILURE", "CANCELLED", "PARTIAL", "REVOKED"})  # obdconv.status + Celery's
 
 
 def _app(app: Celery | None) -> Celery:
@@ -99,6 +105,8 @@ def _celery_state(celery_app: Celery, request_id: str) -> dict[str, Any]:
     result = meta.get("result")
     if state == "SUCCESS" and isinstance(result, dict):
         out["outputs"] = result.get("outputs", result)
+        # The task succeeded; the request may still be PARTIAL (some format impossible).
+        out["request_state"] = result.get("state", "SUCCESS")
     elif state == "FAILURE":
         if isinstance(result, BaseException):
             out["error"] = {"class": type(result).__name__, "message": str(result)}
@@ -134,9 +142,9 @@ def status(request_id: str, *, app: Celery | None = None) -> dict[str, Any]:
     out: dict[str, Any] = dict(record or {"request_id": request_id, "state": "UNKNOWN", "stage": "",
                                            "outputs": {}, "error": None})
     cstate = live.get("celery_state", "PENDING")
-    if out["state"] not in ("SUCCESS", "FAILURE", "CANCELLED"):  # obdconv.status.FINAL_STATES
+    if out["state"] not in ("SUCCESS", "FAILURE", "CANCELLED", "PARTIAL"):  # obdconv.status.FINAL_STATES
         if cstate in ("SUCCESS", "FAILURE"):
-            out["state"] = cstate
+            out["state"] = live.get("request_state", cstate)
             out["outputs"] = live.get("outputs", out.get("outputs", {}))
             out["error"] = live.get("error")
         elif record is None and cstate != "PENDING":

@@ -31,7 +31,10 @@ RUNNING = "RUNNING"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 CANCELLED = "CANCELLED"  # cancelled before any tag moved (tasks/cancel.py)
-FINAL_STATES = frozenset({SUCCESS, FAILURE, CANCELLED})
+# Some requested output formats delivered, others impossible (obdconv/pipeline/feasibility.py): the
+# delivered ones in `outputs` as on SUCCESS, each missing one as {"tag", "error": {"class", "message"}}.
+PARTIAL = "PARTIAL"
+FINAL_STATES = frozenset({SUCCESS, FAILURE, CANCELLED, PARTIAL})
 # Error messages can quote untrusted input (a 100 KB tar path): keep them well inside MySQL's
 # TEXT (65535 bytes, 4 per utf8mb4 character), where a longer value fails the whole write.
 MAX_ERROR_MESSAGE = 8000
@@ -149,6 +152,16 @@ def record_running(request_id: str, stage: str, source: str = "", request: dict[
 def record_success(request_id: str, outputs: dict[str, Any]) -> None:
     _upsert(request_id, state=SUCCESS, stage="done", outputs_json=json.dumps(outputs, sort_keys=True),
             finished_at=time.time(), error_class="", error_message="")
+
+
+def record_partial(request_id: str, outputs: dict[str, Any]) -> None:
+    """PARTIAL: `outputs` holds every requested format, the missing ones with their "error"; the
+    row's error names the first of them (so `error_class` says why the request is not whole)."""
+    missing = [(fmt, o["error"]) for fmt, o in sorted(outputs.items()) if isinstance(o, dict) and o.get("error")]
+    error_class, message = (missing[0][1].get("class", ""), "; ".join(
+        f"{fmt}: {e.get('message', '')}" for fmt, e in missing)) if missing else ("", "")
+    _upsert(request_id, state=PARTIAL, stage="done", outputs_json=json.dumps(outputs, sort_keys=True),
+            finished_at=time.time(), error_class=error_class[:64], error_message=message[:MAX_ERROR_MESSAGE])
 
 
 def record_failure(request_id: str, error_class: str, message: str) -> None:

@@ -448,14 +448,33 @@ class _SourceLayer:
     compression: str = "none"
 
 
-def base_layer_count(pair: _ImagePair) -> int:
+def base_layer_count(pair: _ImagePair, flattened: bool = False) -> int:
     """1 when the converted image starts with a base layer the source lacks (`--mkfs=false`: the
-    reference prepends its ext4 base layer, annotated as a native layer, spec §4.2), else 0."""
+    reference prepends its ext4 base layer, annotated as a native layer, spec §4.2), else 0. A
+    `flattened` image has one layer of its own, so a second one below it is the base."""
     layers = pair.manifest.get("layers") or []
-    if len(layers) == len(pair.source_manifest.get("layers") or []) + 1 and layers:
+    converted = 1 if flattened else len(pair.source_manifest.get("layers") or [])
+    if len(layers) == converted + 1 and layers:
         if (layers[0].get("annotations") or {}).get(ANN_VERSION) == NATIVE_VERSION:
             return 1
     return 0
+
+
+# The history entry `obdconv convert --flatten` appends to a flattened image's config.
+FLATTEN_CREATED_BY = "obdconv convert --flatten"
+
+
+def flattened_config(config: dict[str, Any] | None) -> bool:
+    """The config of an image made with `--flatten` (its last history entry says so)."""
+    history = (config or {}).get("history")
+    return isinstance(history, list) and bool(history) and isinstance(history[-1], dict) \
+        and history[-1].get("created_by") == FLATTEN_CREATED_BY
+
+
+def flattened(fmt: str, converted_layers: int, source_layers: int) -> bool:
+    """An overlaybd image of one layer for several source layers: made with `--flatten`, its one
+    layer holds the whole filesystem (checked against every source layer applied in order)."""
+    return fmt == "overlaybd" and converted_layers == 1 and source_layers > 1
 
 
 def check_manifest_types(pair: _ImagePair, report: PlatformReport, base: int = 0) -> tuple[str, str]:
@@ -739,7 +758,10 @@ def compare_filesystem(layers: list[LSMTFile], source_layers: list[_SourceLayer]
 def verify_platform(converted: Repository, source: Repository, pair: _ImagePair, workdir: Path, mount: bool) -> PlatformReport:
     report = PlatformReport(pair.platform, pair.manifest_digest, pair.source_digest)
     spool = Spool(workdir)
-    base = base_layer_count(pair)
+    # read first: a flattened image's config says so, which tells a base layer below its one layer
+    config = _fetch_json(converted, spool, pair.manifest.get("config") or {}, report, "config")
+    flat_marked = flattened_config(config)
+    base = base_layer_count(pair, flat_marked)
     family, fmt = check_manifest_types(pair, report, base)
     report.format = fmt
     layers_desc: list[dict[str, Any]] = list(pair.manifest.get("layers") or [])
@@ -748,10 +770,13 @@ def verify_platform(converted: Repository, source: Repository, pair: _ImagePair,
     if base:
         report.add(INFO, "layer 0", "base layer (converted with --mkfs=false): stacked below the others, "
                    "matched with no source layer")
-    if len(layers_desc) != len(src_desc) + base:
+    flat = flat_marked or flattened(fmt, len(layers_desc) - base, len(src_desc))
+    if flat:
+        report.add(INFO, f"layer {base}", f"flattened (--flatten): one layer holds the filesystem of the "
+                   f"{len(src_desc)} source layers, compared with all of them applied in order")
+    if len(layers_desc) != (1 if flat else len(src_desc)) + base:
         report.add(ERROR, "manifest", f"{len(layers_desc)} converted layers for {len(src_desc)} source layers")
 
-    config = _fetch_json(converted, spool, pair.manifest.get("config") or {}, report, "config")
     diff_ids: list[str] | None = None
     if config is not None:
         diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
@@ -773,7 +798,7 @@ def verify_platform(converted: Repository, source: Repository, pair: _ImagePair,
     for i, desc in enumerate(layers_desc):
         is_base = i < base
         layer_fmt = "overlaybd" if is_base else fmt
-        src = None if is_base or i - base >= len(sources) else sources[i - base]
+        src = None if is_base or flat or i - base >= len(sources) else sources[i - base]
         check_layer_annotations(i, desc, family, layer_fmt, src, report)
         digest = _descriptor_str(desc, "digest")
         try:
@@ -807,7 +832,8 @@ def verify_platform(converted: Repository, source: Repository, pair: _ImagePair,
     if fmt == "overlaybd" and layers and len(layers) == len(opened):
         check_uuid_chain(layers, report)
     # The filesystem is compared only when every layer opened: a partial stack would only add noise.
-    if layers and len(layers) == len(opened) == len(sources) + base and all(s.path is not None for s in sources):
+    if layers and len(layers) == len(opened) == (1 if flat else len(sources)) + base \
+            and all(s.path is not None for s in sources):
         compare_filesystem(layers, sources, report, workdir, mount)
     for s in sources:
         if s.path is not None:

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from obdconv.pipeline.assemble import assemble_layer
-from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
+from obdconv.pipeline.baselayer import base_layer_of
+from obdconv.pipeline.flatten import encode_ranges
+from obdconv.pipeline.metadata import MetadataPass, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
 from obdconv.request import ConversionRequest
@@ -164,7 +166,8 @@ def _evict_spool(node: str) -> None:
 def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
                         job: dict[str, Any]) -> dict[str, Any]:
     """All layers' ext4 metadata in order; needs only the entry lists (no file bytes).
-    -> {"layers": prepared_results, "metadata_keys": [key per layer]}."""
+    -> {"layers": prepared_results, "metadata_keys": [key per layer]} (+ "allocated_key": the final
+    filesystem's allocated blocks, with --flatten)."""
     request = request_of(job)
     manifest = job["manifest"]
     mark_stage(job, "metadata")
@@ -182,23 +185,31 @@ def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
                 prepared.spool = str(shadow)
                 prepared.entries_path.write_bytes(get_bytes(info["entries_key"]))
                 layers.append(prepared)
-            parents = None
+            base = base_layer_of(request, f"worker {node}")  # --mkfs=false: this worker's file, checked
+            parents = base.device() if base is not None else None
             if start:  # layers 0..start-1 are dedup hits: continue from exactly what their blobs hold
                 fmt = reuse["parents_format"]
                 target = open_repository(request.output_repository or request.repository, request.access)
                 parents = read_back_parents(target, fmt, [x["digest"] for x in reuse["layers"][fmt][:start]],
-                                            [x["digest"] for x in manifest["layers"][:start]], scratch / "parents")
-            metas = build_metadata(layers, request.vsize_gb, manifest["chain_ids"], scratch / "work", parents,
-                                   keep_image=request.reserve)
-            keys = [put_bytes(f"meta:{job['request_id']}:{manifest['descriptor']['digest']}:{start + i}",
-                              encode_metadata(m)) for i, m in enumerate(metas)]
+                                            [x["digest"] for x in manifest["layers"][:start]], scratch / "parents",
+                                            below=[base.open()] if base is not None else [])
+            metas, allocated = [], None
+            if layers:
+                with MetadataPass(request.vsize_gb, manifest["chain_ids"], scratch / "work", parents,
+                                  keep_image=request.reserve) as metadata_pass:
+                    metas = [metadata_pass.apply(p) for p in layers]
+                    # --flatten: what the final filesystem uses, for the one assemble (tasks/flatten.py)
+                    allocated = metadata_pass.allocated_blocks() if request.flatten else None
+            prefix = f"{job['request_id']}:{manifest['descriptor']['digest']}"
+            keys = [put_bytes(f"meta:{prefix}:{start + i}", encode_metadata(m)) for i, m in enumerate(metas)]
+            extra = {"allocated_key": put_bytes(f"alloc:{prefix}", encode_ranges(allocated))} if allocated else {}
     finally:
         if request.reserve:  # the fleet's `reserve`: keep the metadata pass's scratch on this worker
             log.warning("%s: reserve: metadata scratch of %s kept at %s:%s", job["request_id"],
                         manifest["descriptor"]["digest"], node, scratch)
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-    return {"layers": prepared_results, "metadata_keys": keys}
+    return {"layers": prepared_results, "metadata_keys": keys, **extra}
 
 
 def _scratch_root(node: str) -> Path:

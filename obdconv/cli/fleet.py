@@ -7,7 +7,8 @@
   their own database settings;
   prints the request id; `--wait` follows progress until the end.
 * status ID / wait ID: the durable status merged with live progress; `--json` for machines.
-  wait exits 0 on success, the error class's exit code on failure, 75 on timeout.
+  wait exits 0 on success, the error class's exit code on failure, 79 on a PARTIAL result (some
+  format could not be built, the others were: see `PartialResultError`), 75 on timeout.
 * worker: a Celery worker of the fleet (= `celery -A workers worker` with the fleet's queues).
 * flower: Flower for the fleet's app (= `celery -A workers flower`, without importing from the
   working directory).
@@ -100,6 +101,10 @@ def format_status(s: dict[str, Any]) -> str:
         pct = f"{100 * p['done'] / total:.0f}%" if total else "-"
         lines.append(f"  {key:<80} {pct:>5} on {p.get('host', '?')}")
     for fmt, out in sorted((s.get("outputs") or {}).items()):
+        if out.get("error"):  # a PARTIAL request's format that could not be built
+            lines.append(f"  {fmt}: {out.get('tag') or '(by digest)'} not built: {out['error'].get('class')}: "
+                         f"{out['error'].get('message')}")
+            continue
         lines.append(f"  {fmt}: {out.get('tag') or '(by digest)'} {out.get('digest')}")
     if s.get("error"):
         lines.append(f"  error: {s['error']['class']}: {s['error']['message']}")
@@ -113,6 +118,8 @@ def format_status(s: dict[str, Any]) -> str:
 def _exit_code(s: dict[str, Any]) -> int:
     if s["state"] == "SUCCESS":
         return 0
+    if s["state"] == "PARTIAL":
+        return errors.PartialResultError.exit_code
     if s["state"] not in ("FAILURE", "REVOKED", "CANCELLED"):
         return EXIT_TIMEOUT
     cls = getattr(errors, (s.get("error") or {}).get("class", ""), None)

@@ -4,6 +4,9 @@ Layout: PAX header 'x' (`overlaybd.pax`) | PAX record "<len> size=<n>\\n" | usta
 (`overlaybd.commit`, size field 0) | payload | zero padding to 512 | two zero blocks.
 Numeric fields are written the way the tool's libtar writes them: right-aligned octal padded with
 spaces, then a space (and a NUL in 8-byte fields); unused numeric fields of the PAX header are NUL.
+
+`go_wrap_prefix` is the other form readers accept: the one ustar header Go's `archive/tar` writes,
+which the reference convertor wraps the `--mkfs=false` base layer in (spec reference-convertor.md §3.9).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ PREFIX_SIZE = 3 * BLOCK
 _NAME, _MODE, _UID, _GID, _SIZE, _MTIME, _CHKSUM, _TYPE = (0, 100), (100, 8), (108, 8), (116, 8), \
     (124, 12), (136, 12), (148, 8), (156, 1)
 _MAGIC, _VERSION, _UNAME, _GNAME = (257, 6), (263, 2), (265, 32), (297, 32)
+_DEVMAJOR, _DEVMINOR = (329, 8), (337, 8)
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -90,6 +94,36 @@ def wrap_prefix(payload_size: int, mode: int = DEFAULT_MODE) -> bytes:
     _put(entry, _UNAME, b"root")
     _put(entry, _GNAME, b"root")
     return _finish(pax) + record.ljust(BLOCK, b"\x00") + _finish(entry)
+
+
+def _go_octal(value: int, width: int) -> bytes:
+    """Go archive/tar's formatOctal: zero-padded octal filling the field but its last byte, a NUL."""
+    text = f"{value:o}".rjust(width - 1, "0").encode("ascii")
+    if len(text) > width - 1:
+        raise FormatError(f"value {value} does not fit a {width}-byte tar field")
+    return text + b"\x00"
+
+
+def go_wrap_prefix(payload_size: int, mode: int = 0o444) -> bytes:
+    """The 512-byte header Go's `archive/tar` writes for `Header{Name: "overlaybd.commit", Mode:
+    mode, Size: payload_size, Typeflag: TypeReg}` (USTAR, zero times and ids, empty names; the
+    checksum is six octal digits, a NUL and a space). With `wrap_suffix` after the payload this is
+    the reference convertor's `ext4_64.tar` byte for byte."""
+    entry = bytearray(BLOCK)
+    _put(entry, _NAME, ENTRY_NAME)
+    _put(entry, _MODE, _go_octal(mode, 8))
+    _put(entry, _UID, _go_octal(0, 8))
+    _put(entry, _GID, _go_octal(0, 8))
+    _put(entry, _SIZE, _go_octal(payload_size, 12))
+    _put(entry, _MTIME, _go_octal(0, 12))
+    _put(entry, _TYPE, b"0")
+    _put(entry, _MAGIC, USTAR_MAGIC)
+    _put(entry, _VERSION, USTAR_VERSION)
+    _put(entry, _DEVMAJOR, _go_octal(0, 8))
+    _put(entry, _DEVMINOR, _go_octal(0, 8))
+    unsigned, _ = _checksum(entry)
+    _put(entry, _CHKSUM, _go_octal(unsigned, 7) + b" ")
+    return bytes(entry)
 
 
 def wrap_suffix(payload_size: int) -> bytes:

@@ -32,10 +32,10 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from obdconv.errors import BadInputError
 from obdconv.formats.lsmt import commit_header, commit_tail
@@ -138,6 +138,30 @@ def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
             yield chunk
 
 
+def _range_chunks(ranges: Iterable[Sequence[Any]]) -> Iterator[bytes]:
+    """The bytes of `[path, offset, length]` ranges in order, each file opened once per run of
+    ranges in it."""
+    f: BinaryIO | None = None
+    current = ""
+    try:
+        for path, offset, length in ranges:
+            if path != current or f is None:
+                if f is not None:
+                    f.close()
+                f, current = open(path, "rb"), path
+            f.seek(offset)
+            left = length
+            while left:
+                chunk = f.read(min(STREAM_CHUNK, left))
+                if not chunk:
+                    raise BadInputError(f"{path}: ends before byte {offset + length} (prepared data truncated?)")
+                left -= len(chunk)
+                yield chunk
+    finally:
+        if f is not None:
+            f.close()
+
+
 @dataclass(slots=True)
 class BlobParts:
     """A layer blob as `head` + the bytes of file `body_path` (if any) + `tail`."""
@@ -161,7 +185,9 @@ class BlobParts:
 @dataclass(slots=True)
 class BuiltLayer:
     """A layer blob built by `build_layer`, waiting for `upload_built`: its bytes are the file
-    `head_path`, then `body_path` (the prepared blocks, verbatim; "" for turbo), then `tail_path`."""
+    `head_path`, then `body_path` (the prepared blocks, verbatim; "" for turbo), then each
+    `[path, offset, length]` of `body_ranges` (pieces of several spools: a flattened layer, see
+    flatten.py), then `tail_path`."""
 
     format: str
     head_path: str
@@ -172,11 +198,15 @@ class BuiltLayer:
     source_digest: str
     source_size: int
     target_media_type: str  # turbo annotation; "" for native
+    body_ranges: list[list[Any]] = field(default_factory=list)
 
     def chunks(self) -> Iterator[bytes]:
-        for path in (self.head_path, self.body_path, self.tail_path):
+        for path in (self.head_path, self.body_path):
             if path:
                 yield from _file_chunks(path)
+        yield from _range_chunks(self.body_ranges)
+        if self.tail_path:
+            yield from _file_chunks(self.tail_path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

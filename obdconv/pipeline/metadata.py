@@ -34,6 +34,7 @@ import zstandard
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, FormatError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
+from obdconv.ext4.usage import allocated_ranges
 from obdconv.oci.digests import chain_id_to_uuid
 from obdconv.pipeline.layout import FS_BLOCK
 from obdconv.pipeline.prepare import PreparedLayer
@@ -113,6 +114,11 @@ class MetadataPass:
         finally:
             if gc_was_enabled:
                 gc.enable()
+
+    def allocated_blocks(self) -> list[tuple[int, int]]:
+        """(first block, count) of every run of blocks in use in the filesystem as the layers
+        applied so far leave it (what `--flatten` keeps)."""
+        return allocated_ranges(self.image)
 
     def close(self) -> None:
         self.builder.close()

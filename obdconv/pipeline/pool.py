@@ -14,6 +14,7 @@ from typing import Any
 
 from obdconv.interpreter import leave_forkserver
 from obdconv.pipeline.assemble import BuiltLayer, build_layer, commit_built, send_built
+from obdconv.pipeline.flatten import build_flat_layer, decode_ranges
 from obdconv.pipeline.metadata import decode_metadata
 from obdconv.pipeline.prepare import PreparedLayer, prepare_layer
 from obdconv.pipeline.results import ProgressEvent
@@ -83,6 +84,15 @@ def task_build(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any
     start = time.monotonic()
     built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata), ConversionProfile(**profile),
                         chain_id, parent_chain_id, out_dir)
+    return built.to_dict(), time.monotonic() - start
+
+
+def task_build_flat(layers: list[tuple[dict[str, Any], bytes]], allocated: bytes, profile: dict[str, Any],
+                    chain_id: str, out_dir: str) -> tuple[dict[str, Any], float]:
+    """`task_build` of a flattened image: all its layers' (prepared, encoded metadata) at once."""
+    start = time.monotonic()
+    built = build_flat_layer([PreparedLayer.from_dict(p) for p, _ in layers], [decode_metadata(m) for _, m in layers],
+                             decode_ranges(allocated), ConversionProfile(**profile), chain_id, out_dir)
     return built.to_dict(), time.monotonic() - start
 
 

@@ -265,7 +265,7 @@ def prepare_layer(
     if existing is not None:
         if existing.covers(native=native, turbo=turbo):
             if turbo and existing.compression == "zstd":
-                raise _turbo_zstd(digest)
+                raise turbo_zstd_error(digest)
             return existing
         native, turbo = native or existing.native, turbo or existing.turbo
     spool_dir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +294,7 @@ def _check_descriptor_size(desc: dict[str, Any], size: int) -> None:
                             f"the blob has {size}")
 
 
-def _turbo_zstd(digest: str) -> UnsupportedError:
+def turbo_zstd_error(digest: str) -> UnsupportedError:
     return UnsupportedError(f"layer {digest} is zstd-compressed: turboOCI needs gzip or uncompressed "
                             "layers (the runtime reads file data from the original blob)")
 
@@ -334,7 +334,7 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         head = blob.read(READ_CHUNK)
         kind = sniff(head[:SNIFF_BYTES]) if head else "none"
         if turbo and kind == "zstd":
-            raise _turbo_zstd(digest)
+            raise turbo_zstd_error(digest)
         gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN, level=GZIP_INDEX_LEVEL) if turbo and kind == "gzip" else None
         feed, flush = _inflater(kind, gzip_index)
         sink = DataAreaBlocks(blocks_out, algorithm, block_size) if native else None

@@ -42,6 +42,9 @@ from obdconv.errors import BadInputError, ObdconvError
 from obdconv.interpreter import start_forkserver
 from obdconv.leftovers import RunRecord, remove_leftovers
 from obdconv.pipeline.assemble import ConvertedLayer
+from obdconv.pipeline.baselayer import push_base_layer, resolve_base_layer, with_base
+from obdconv.pipeline.feasibility import Refusal, deliverable, refusals
+from obdconv.pipeline.flatten import encode_ranges
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
@@ -52,6 +55,7 @@ from obdconv.pipeline.pool import (
     run_all,
     stop_workers_now,
     task_build,
+    task_build_flat,
     task_commit,
     task_prepare,
     task_send,
@@ -76,10 +80,14 @@ log = logging.getLogger(__name__)
 
 class _Run:
     def __init__(self, request: ConversionRequest, options: RunnerOptions, progress: ProgressFn | None) -> None:
-        self.request = request
+        validate_request(request)
+        # --mkfs=false: the base layer pinned by digest (profiles name it), the vsize its own
+        self.request, self.base = resolve_base_layer(request)
+        request = self.request
         self.options = options
         self.progress = progress
-        self.profiles = validate_request(request)
+        self.profiles = request.profiles()
+        self.refused: dict[str, Refusal] = {}  # formats the image cannot become (feasibility.py)
         self.registry = options.registry or RegistryOptions.from_access(request.access)
         self.source_name = request.repository
         self.target_name = request.output_repository or request.repository
@@ -172,26 +180,33 @@ class _Run:
                 self.metadata_and_assemble(pool, m, start, group, reuse, workdir / group[0].format, futures)
         for profile in todo:
             layers = list(reuse.layers.get(profile.format, []))
-            for i in range(len(layers), n):
+            # a flattened image has one layer, filed under the top chain id (none for no layers)
+            indexes = ([n - 1] if n else []) if profile.flatten else range(len(layers), n)
+            for i in indexes:
                 result, seconds = futures[(profile.format, i)].result()
                 self.add_time("assemble", seconds)
                 layer = ConvertedLayer.from_dict(result)
                 layers.append(layer)
-                if self.upload:
+                if self.upload and not profile.flatten:  # flattened output is deduplicated per manifest only
                     self.reuse.record_layer(profile, m.chain_ids[i], layer)
                 self.emit(ProgressEvent("assemble", i, m.layers[i]["digest"], 1, 1, m.digest, profile.format,
                                         finished=True))
-            for i, layer in enumerate(layers):
-                outputs[profile.format].layers[m.chain_ids[i]] = layer.to_dict()
+            chain_keys = m.chain_ids[-1:] if profile.flatten else m.chain_ids
+            for chain_id, layer in zip(chain_keys, layers, strict=False):
+                outputs[profile.format].layers[chain_id] = layer.to_dict()
             t = time.monotonic()
             dump_dir = self.dump_dir(profile, m) if self.request.dump_manifest else None
             with self.push_lock:
                 self.check_not_aborted()
+                base = (push_base_layer(self.target_repo, self.base, profile.format, oci=self.oci, upload=self.upload)
+                        if self.base is not None else None)
+                layers = with_base(base, layers)
                 pushed[profile.format] = push_manifest(
                     self.target_repo, source_manifest=m.data.encode(), source_config=m.config.encode(),
                     source_desc=m.descriptor, fmt=profile.format, layers=[x.descriptor() for x in layers],
                     diff_ids=[x.diff_id for x in layers], oci=self.oci, referrer=self.request.referrer,
-                    ref=self.tag_for(profile) if root else "", upload=self.upload, dump_dir=dump_dir)
+                    ref=self.tag_for(profile) if root else "", upload=self.upload, dump_dir=dump_dir,
+                    flattened=n if profile.flatten else 0)
             if self.upload:
                 self.reuse.record_manifest(profile, m, pushed[profile.format])
             self.add_time("push", time.monotonic() - t)
@@ -225,12 +240,13 @@ class _Run:
         the metadata apply under way returns: a big layer's metadata takes seconds, and it is the
         critical path), one starts the sends, one commits (or cancels)."""
         n = len(m.layers)
-        parents = None
+        parents = self.base.device() if self.base is not None else None
         if start:
             fmt = group[0].format
             t = time.monotonic()
             parents = read_back_parents(self.target_repo, fmt, [x.digest for x in reuse.layers[fmt][:start]],
-                                        [x["digest"] for x in m.layers[:start]], workdir / "parents")
+                                        [x["digest"] for x in m.layers[:start]], workdir / "parents",
+                                        below=[self.base.open()] if self.base is not None else [])
             self.add_time("parents", time.monotonic() - t)
         self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
         own_prepares = [self.prepare_futures[layer["digest"]] for layer in m.layers[start:]]
@@ -311,6 +327,7 @@ class _Run:
                 helper.start()
             with self.timing_lock:
                 self.helper_threads.extend(helpers)
+        flat_inputs: list[tuple[dict[str, Any], bytes]] = []  # --flatten: (prepared, metadata) per layer
         t = time.monotonic()
         try:
             with thread_priority_raised(self.options.metadata_boost), \
@@ -327,11 +344,20 @@ class _Run:
                     self.add_time("metadata", time.monotonic() - t)
                     self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
                     for profile in group:
+                        if profile.flatten:  # one build of all layers, after the last one
+                            flat_inputs.append((prepared.to_dict(), encoded))
+                            continue
                         result: Future[tuple[dict[str, Any], float]] = Future()
                         futures[(profile.format, i)] = result
                         build = pool.submit(task_build, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
                                             m.chain_ids[i - 1] if i else "", built_dir)
                         builds.put((build, result))
+                for profile in (p for p in group if p.flatten):
+                    # The flattened layer stands for the whole chain: filed under the top layer.
+                    futures[(profile.format, n - 1)] = result = Future()
+                    build = pool.submit(task_build_flat, flat_inputs, encode_ranges(metadata_pass.allocated_blocks()),
+                                        asdict(profile), m.chain_ids[-1], built_dir)
+                    builds.put((build, result))
         except BaseException:
             stopped.set()
             gate_open.set()
@@ -382,6 +408,12 @@ class _Run:
         self.add_time("plan", time.monotonic() - t)
         self.emit(ProgressEvent("plan", finished=True, total=len(plan.manifests)))
         outputs = {p.format: OutputResult(p.format, self.target_name, self.tag_for(p)) for p in self.profiles}
+        self.refused = refusals(plan, self.profiles, self.source_repo, self.base)
+        self.profiles = deliverable(self.profiles, self.refused, all_or_nothing=request.all_or_nothing)
+        for fmt, refusal in self.refused.items():
+            outputs[fmt].error = refusal.to_dict()
+        self.native = any(p.format == "native" for p in self.profiles)
+        self.turbo = any(p.format == "turbo" for p in self.profiles)
         workers = self.options.workers or os.cpu_count() or 1
         progress_queue: Any = None
         drain: threading.Thread | None = None
@@ -504,6 +536,8 @@ class _Run:
                 raise
         if root_is_manifest:
             for fmt, out in outputs.items():
+                if out.error:  # a format the image could not become: nothing converted
+                    continue
                 pm = results[plan.root["digest"]][fmt]
                 out.root_digest, out.root_media_type, out.root_size = pm.digest, pm.media_type, pm.size
         return results

@@ -32,9 +32,11 @@ def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
         except BadInputError:
             raise UsageError(f"{flag} {tag!r}: not a valid tag (letters, digits, '_', '.', '-'; "
                              "at most 128, not starting with '.' or '-')") from None
-    if not request.mkfs:
-        raise UnsupportedError("--mkfs=false (a base layer from /opt/overlaybd/baselayers) is not supported: "
-                               "obdconv always creates the filesystem in layer 0")
+    if request.mkfs and (request.base_layer or request.base_layer_digest):
+        raise UsageError("--base-layer is used only with --mkfs=false (with mkfs, layer 0 makes the filesystem)")
+    if request.flatten and request.turbo_tag:
+        raise UsageError("--flatten with --turboOCI: a turboOCI image cannot be flattened (its layers read file "
+                         "data from the original layer blobs, one per layer); flatten --overlaybd only")
     if request.turbo_tag and request.fstype not in ("", "ext4"):
         raise UnsupportedError(f"--fstype {request.fstype} is not supported: only ext4")
     if request.algorithm not in ALGORITHMS:
