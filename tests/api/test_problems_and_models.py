@@ -85,7 +85,8 @@ def test_the_request_model_is_conversion_request_without_worker_only_fields() ->
     access = {f.name for f in dataclasses.fields(RegistryAccess)}
     modelled = set(ConversionIn.model_fields)
     assert modelled <= known_request_fields() | access  # nothing the fleet would not understand
-    worker_only = {"workdir", "reserve", "db_type", "db_str_ref", "db_required", "no_upload", "disable_sparse", "access"}
+    worker_only = {"workdir", "reserve", "db_type", "db_str_ref", "db_required", "no_upload", "disable_sparse", "access",
+                   "base_layer_digest"}  # pinned by the fleet when it plans the request
     assert known_request_fields() - modelled == worker_only
     body = ConversionIn(repository="reg.example/app", input_digest="sha256:" + "a" * 64, turbo_tag="t", plain=True,
                         credential_ref="team", callback_url="https://hooks.example/x", flatten=True)
