@@ -39,7 +39,7 @@ import zstandard
 
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
-from obdconv.formats.gzindex import GzipIndexBuilder
+from obdconv.formats.gzindex import GzipIndexBuilder, MultiMemberGzip
 from obdconv.formats.zfile import BlockCompressor
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
@@ -350,6 +350,8 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
             if isinstance(e, IntegrityError):
                 raise
             _raise_if_corrupt(blob, e)
+            if isinstance(e, MultiMemberGzip):
+                raise UnsupportedError(f"layer {digest} cannot be converted to turboOCI: {e}") from e
             raise
         data_area = sink.finish() if sink is not None else 0
     if sink is not None:
