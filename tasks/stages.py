@@ -23,7 +23,7 @@ from typing import Any
 from obdconv.pipeline.assemble import assemble_layer
 from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
-from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
+from obdconv.pipeline.prepare import PreparedLayer, prepare_layer, reuse_prepared, spool_key
 from obdconv.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask, retry_later
@@ -214,7 +214,7 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
     key = spool_key(layer["digest"], request.algorithm, request.block_size)
     out: dict[str, Any] = {}
     with held_claims(job), layer_in_use(spool_dir(node), key):
-        prepared = load_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
+        prepared = reuse_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
         if prepared is None or not prepared.covers(native=native, turbo=turbo):
             log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
             prepared = _prepare_here(self, job, layer, node)
