@@ -134,7 +134,8 @@ def main() -> None:
         d = CORPUS / target
         d.mkdir(parents=True, exist_ok=True)
         for old in d.iterdir():
-            old.unlink()
+            if not old.name.startswith("regress-"):  # inputs of defects found are kept (README)
+                old.unlink()
         for name, data in seeds.items():
             (d / name).write_bytes(data)
 

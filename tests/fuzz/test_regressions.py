@@ -10,8 +10,10 @@ import textwrap
 
 import pytest
 
+from obdconv.errors import FormatError
+from obdconv.formats import tarwrap
 from obdconv.oci import tarscan
-from tests.fuzz.targets import tar_scanner
+from tests.fuzz.targets import tar_scanner, tar_wrapper
 from tests.oci.helpers import END, checksum, pad, raw_header
 
 
@@ -57,3 +59,19 @@ def test_base256_mode_of_any_value_parses(mode: int) -> None:
         tar_scanner(bytes([chunking]) + tar)
     entries = tarscan.scan_tar(io.BytesIO(tar)).entries
     assert [(e.path, e.mode) for e in entries] == [("f", mode & 0o7777)]
+
+
+def test_tar_wrapper_refuses_a_negative_size() -> None:
+    """Defect 3: the tar wrapper took a PAX `size=-7` (and a signed octal size field) through int(),
+    returning a negative payload size for the ZFile/LSMT readers behind it."""
+    prefix = bytearray(tarwrap.wrap_prefix(70))
+    at = prefix.find(b"size=70")
+    prefix[at : at + 7] = b"size=-7"
+    with pytest.raises(FormatError, match="bad PAX size"):
+        tar_wrapper(bytes(prefix) + bytes(512))
+    header = raw_header(b"overlaybd.commit")
+    header[124:136] = b"-0000000070\x00"
+    checksum(header)
+    with pytest.raises(FormatError, match="bad octal number"):
+        tar_wrapper(bytes(header) + bytes(1024))
+    assert tarwrap.unwrap(tarwrap.wrap_prefix(70) + bytes(70)) == (1536, 70)  # the well-formed one still works
