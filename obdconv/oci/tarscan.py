@@ -70,6 +70,7 @@ BLOCK_SIZE = 512
 DATA_ALIGNMENT = 4096
 # PAX headers and GNU long names are held in memory; anything bigger is not a real header.
 MAX_META_SIZE = 64 << 20
+MAX_TIME_DIGITS = 30  # digits of seconds a PAX time may have
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -208,8 +209,10 @@ def parse_pax_time(value: bytes, entry: str) -> int:
     if negative:
         text = text[1:]
     whole, _, frac = text.partition(b".")
-    if not whole.isdigit() or (frac and not frac.isdigit()):
-        raise FormatError(f"tar entry {entry!r}: bad PAX mtime {value!r}")
+    # At most MAX_TIME_DIGITS of seconds: far past any real time, and far below the 4300 digits
+    # int() refuses with ValueError (found while writing tests/fuzz).
+    if not whole.isdigit() or (frac and not frac.isdigit()) or len(whole) > MAX_TIME_DIGITS:
+        raise FormatError(f"tar entry {entry!r}: bad PAX mtime {value[:64]!r}")
     ns = int(whole) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
     return -ns if negative else ns
 

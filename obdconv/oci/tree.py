@@ -63,6 +63,7 @@ _WHITEOUT_OPAQUE = ".wh..wh..opq"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _HASH_CHUNK = 1 << 20
+MAX_TIME_DIGITS = 30  # digits of seconds in a PAX time, as the tar scanner allows (tarscan.MAX_TIME_DIGITS)
 
 
 @dataclass(slots=True)
@@ -99,8 +100,13 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     text = member.pax_headers.get("mtime")
     if text is None:
         return int(member.mtime) * 1_000_000_000
+    # As the tar scanner reads it (tarscan.parse_pax_time): what it refuses is bad input here too.
+    text = text.strip()
     negative = text.startswith("-")
-    whole, _, frac = text.lstrip("-").partition(".")
+    whole, _, frac = (text[1:] if negative else text).partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (frac and not (frac.isascii() and frac.isdigit())) \
+            or len(whole) > MAX_TIME_DIGITS:
+        raise BadInputError(f"tar entry {member.name!r}: bad PAX mtime {text[:64]!r}")
     ns = int(whole) * 1_000_000_000 + int((frac[:9] or "0").ljust(9, "0"))
     return -ns if negative else ns
 

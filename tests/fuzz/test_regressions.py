@@ -6,13 +6,16 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tarfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from obdconv.errors import FormatError
+from obdconv.errors import BadInputError, FormatError
 from obdconv.formats import tarwrap
 from obdconv.oci import tarscan
+from obdconv.oci.tree import tree_from_tar_layers
 from tests.fuzz.targets import tar_scanner, tar_wrapper
 from tests.oci.helpers import END, checksum, pad, raw_header
 
@@ -31,7 +34,7 @@ def test_garbage_collecting_a_tar_error_does_not_segfault() -> None:
     collector cleared the memoryview before cffi released it: BufferError, then a segfault."""
     script = textwrap.dedent("""
         import gc
-        from obdconv.errors import FormatError
+        from obdconv.errors import BadInputError, FormatError
         from obdconv.oci.tarscan import TarScanner
         from tests.oci.helpers import pad, raw_header
         tar = bytes(raw_header(b"a", size=5)) + pad(b"hello") + b"\\x01" * 512 + bytes(1024)
@@ -75,3 +78,21 @@ def test_tar_wrapper_refuses_a_negative_size() -> None:
     with pytest.raises(FormatError, match="bad octal number"):
         tar_wrapper(bytes(header) + bytes(1024))
     assert tarwrap.unwrap(tarwrap.wrap_prefix(70) + bytes(70)) == (1536, 70)  # the well-formed one still works
+
+
+@pytest.mark.parametrize("mtime", ["9" * 5000, "-" + "1" * 31, "--5", "1.2.3", "\u0661\u0662"])
+def test_pax_mtime_beyond_any_time_is_bad_input(tmp_path: Path, mtime: str) -> None:
+    """Defect 4 (found by review while writing the targets, not by the fuzzer): a PAX mtime of
+    more than 4300 digits made int() raise ValueError in the scanner and in verify's tar model;
+    the model also took forms the scanner refuses. Both now say FormatError/BadInputError."""
+    info = tarfile.TarInfo("f")
+    info.pax_headers = {"mtime": mtime}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.addfile(info, io.BytesIO(b""))
+    with pytest.raises(FormatError, match="bad PAX mtime"):
+        tar_scanner(b"\x00" + buf.getvalue())
+    path = tmp_path / "l.tar"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(BadInputError, match="bad PAX mtime"):
+        tree_from_tar_layers([path])
