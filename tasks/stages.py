@@ -25,7 +25,7 @@ from obdconv.pipeline.baselayer import base_layer_of
 from obdconv.pipeline.flatten import encode_ranges
 from obdconv.pipeline.metadata import MetadataPass, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
-from obdconv.pipeline.prepare import PreparedLayer, load_prepared, prepare_layer, spool_key
+from obdconv.pipeline.prepare import PreparedLayer, prepare_layer, reuse_prepared, spool_key
 from obdconv.request import ConversionRequest
 from obdconv.status import record_running
 from tasks.base import FleetTask, retry_later
@@ -229,7 +229,7 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
     key = spool_key(layer["digest"], request.algorithm, request.block_size)
     out: dict[str, Any] = {}
     with metrics.stage_timer("assemble"), held_claims(job), layer_in_use(spool_dir(node), key):
-        prepared = load_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
+        prepared = reuse_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
         if prepared is None or not prepared.covers(native=native, turbo=turbo):
             log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
             prepared = _prepare_here(self, job, layer, node, stage="reprepare")

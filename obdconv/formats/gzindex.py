@@ -7,11 +7,17 @@ package does either, so the few calls are made directly: on zlib-ng's native API
 package when it is installed (twice as fast, see `bundled_zlib_ng`), else on the system zlib
 (`OBDCONV_GZINDEX_SYSTEM_ZLIB=1` forces it). `INFLATE_LIBRARY` says which.
 
-Only the first gzip member is indexed (as the reference tool does: `uncompress_file_size` is the
-first member's size). Beyond it: `GzipIndexBuilder.feed` keeps inflating later members (its output is
-the whole layer, so it can be the caller's only decompressor) and `GzipRandomReader.pread` continues
-across member boundaries from the last access point of the first member (correct, but slower the
-further past it you read).
+One gzip member only: a blob whose later members hold data (concatenated gzip streams, valid per
+RFC 1952 and written by some parallel compressors) makes `GzipIndexBuilder` raise `MultiMemberGzip`.
+Why refuse instead of indexing every member (docs/ARCHITECTURE.md, Decisions): the overlaybd
+runtime's reader (`GzFile::extract`, gzfile.cpp) inflates raw deflate (`inflateInit2(-15)`) from an
+access point and stops at the member's end (`Z_STREAM_END`) with a short read, which the LSMT warp
+file treats as an I/O error, and its `fstat` size is `uncompress_file_size`, which the reference
+index builder (`create_gz_index`, `inflateInit2(47)`) sets to the first member's size. Access points
+inside later members would serve reads that stay within one member, but any read crossing a member
+boundary (a file's data, or a gzip cache page) would still fail on the runtime. Later members that
+inflate to nothing (empty members) and zero padding after the last member are accepted.
+`GzipRandomReader.pread` still continues across members (for reading indexes made elsewhere).
 
 Difference from the reference tool, on purpose: a block boundary reported twice by zlib (when an
 input chunk ends exactly on it) is recorded once, so the index does not depend on how the input was
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, BinaryIO
 
-from obdconv.errors import FormatError
+from obdconv.errors import FormatError, UnsupportedError
 from obdconv.formats.crc import raw_crc32c
 from obdconv.formats.source import RandomAccess, as_source
 
@@ -157,6 +163,18 @@ def _default_library() -> InflateLibrary:
 
 
 INFLATE_LIBRARY = _default_library()
+
+
+class MultiMemberGzip(UnsupportedError):
+    """The gzip blob has data after its first member: `gzip.meta` cannot cover it (module doc)."""
+
+    def __init__(self, first_member_size: int) -> None:
+        super().__init__(
+            f"the gzip blob has more than one member with data (concatenated gzip streams, as some parallel "
+            f"compressors write): the overlaybd runtime's gzip index reader stops at the end of the first member "
+            f"(uncompressed byte {first_member_size}), so turboOCI could not read the files after it; convert "
+            "this layer to overlaybd (native) instead, or recompress it as one gzip member")
+        self.first_member_size = first_member_size
 
 
 class _Inflater:
@@ -329,7 +347,7 @@ class GzipIndexBuilder:
         """Inflate the next piece of the blob; returns the bytes it decompressed to."""
         data = bytes(compressed)
         if self._tail is not None:
-            return self._tail.feed(data)
+            return self._after_first_member(data)
         z = self._z
         z.set_input(data)
         out: list[bytes] = []
@@ -361,7 +379,7 @@ class GzipIndexBuilder:
                 self.first_member_size = self.total_out
                 rest = data[len(data) - left_in :]
                 self._tail = _MemberChain(rest, trailer_left=0)
-                out.append(self._tail.feed(b""))
+                out.append(self._after_first_member(b""))
                 return b"".join(out)
             if rc not in (Z_OK, Z_BUF_ERROR):
                 raise FormatError(f"gzip blob is corrupt at input byte {self.total_in}: {z.error(rc)}")
@@ -374,6 +392,13 @@ class GzipIndexBuilder:
         if pos > emitted:
             out.append(ctypes.string_at(addr + emitted, pos - emitted))
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _after_first_member(self, data: bytes) -> bytes:
+        """Later members are inflated only to find out they hold nothing (see MultiMemberGzip)."""
+        assert self._tail is not None and self.first_member_size is not None
+        if self._tail.feed(data):
+            raise MultiMemberGzip(self.first_member_size)
+        return b""
 
     @property
     def entries(self) -> list[tuple[int, int, int]]:

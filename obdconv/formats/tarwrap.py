@@ -136,10 +136,11 @@ def _parse_number(field: bytes) -> int:
         value = int.from_bytes(field, "big") & ~(0x80 << 8 * (len(field) - 1))
         return value
     text = field.split(b"\x00", 1)[0].strip(b" ")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise FormatError(f"bad octal number in tar header: {field!r}") from None
+    # Octal digits only: int() would also take a sign, "_" or inner spaces (a negative size, found
+    # by tests/fuzz).
+    if text.strip(b"01234567"):
+        raise FormatError(f"bad octal number in tar header: {field!r}")
+    return int(text, 8) if text else 0
 
 
 def is_tar_header(block: bytes) -> bool:
@@ -189,17 +190,15 @@ def _pax_size(data: bytes) -> int | None:
         sp = data.find(b" ", pos)
         if sp < 0:
             raise FormatError("tar wrapper: malformed PAX record")
-        try:
-            n = int(data[pos:sp])
-        except ValueError:
-            raise FormatError("tar wrapper: malformed PAX record length") from None
+        if not data[pos:sp].isdigit():
+            raise FormatError("tar wrapper: malformed PAX record length")
+        n = int(data[pos:sp])
         if n <= 0 or pos + n > len(data):
             raise FormatError("tar wrapper: PAX record length out of range")
         key, _, value = data[sp + 1 : pos + n - 1].partition(b"=")
         if key == b"size":
-            try:
-                size = int(value)
-            except ValueError:
-                raise FormatError(f"tar wrapper: bad PAX size {value!r}") from None
+            if not value.isdigit():  # int() would take "-70" (a negative size, found by tests/fuzz)
+                raise FormatError(f"tar wrapper: bad PAX size {value!r}")
+            size = int(value)
         pos += n
     return size

@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import contextlib
 import gc
+import logging
 import os
 import struct
 import sys
@@ -35,9 +36,12 @@ from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, FormatError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
 from obdconv.ext4.usage import allocated_ranges
+from obdconv.faithful import out_of_range_times
 from obdconv.oci.digests import chain_id_to_uuid
 from obdconv.pipeline.layout import FS_BLOCK
 from obdconv.pipeline.prepare import PreparedLayer
+
+log = logging.getLogger(__name__)
 
 METADATA_IMAGE = "metadata.img"
 _MAGIC = b"OBDMETA2"
@@ -70,6 +74,16 @@ class AppliedLayer:
     @classmethod
     def of(cls, entries: Sequence[LayerEntry], metadata: LayerMetadata) -> AppliedLayer:
         return cls(metadata.blocks, [(FilePlacement.of(entries[i]), exts) for i, exts in metadata.file_extents])
+
+
+def warn_out_of_range_times(layer_digest: str, entries: Sequence[LayerEntry]) -> None:
+    """One warning per layer whose entries carry times ext4 cannot store (they are clamped: a
+    documented difference, `faithful.MTIME_CLAMPED`), naming one path and the count."""
+    count, first = out_of_range_times(entries)
+    if count:
+        log.warning("layer %s: %d entr%s with a time outside ext4's range (1901-12-13 .. 2446-05-10), "
+                    "e.g. %r: clamped to the nearest end", layer_digest, count, "y" if count == 1 else "ies",
+                    first)
 
 
 def fs_uuid_for(chain_id: str) -> uuid.UUID:
@@ -110,6 +124,7 @@ class MetadataPass:
         gc.disable()
         try:
             entries = prepared.load_entries()
+            warn_out_of_range_times(prepared.source_digest, entries)
             return AppliedLayer.of(entries, self.builder.apply(entries))
         finally:
             if gc_was_enabled:

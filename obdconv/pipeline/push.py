@@ -68,7 +68,7 @@ def flattened_history(doc: dict[str, Any], layers: int) -> list[Any]:
     entry: dict[str, Any] = {}
     if isinstance(doc.get("created"), str):
         entry["created"] = doc["created"]  # the image's own time: deterministic
-    entry["created_by"] = "obdconv convert --flatten"
+    entry["created_by"] = mediatypes.FLATTEN_CREATED_BY
     entry["comment"] = f"{layers} layer(s) flattened into one overlaybd layer holding the final filesystem"
     return [*entries, entry]
 

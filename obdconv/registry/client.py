@@ -89,7 +89,7 @@ def _registry_error_text(response: requests.Response) -> str:
                 parts.append(text)
         if parts:
             return "; ".join(parts[:5])
-    except (ValueError, AttributeError, requests.RequestException):
+    except (ValueError, RecursionError, AttributeError, requests.RequestException):
         pass
     return f"{response.status_code} {response.reason or ''}".strip()
 
@@ -640,6 +640,6 @@ def _rechunk(chunks: Iterable[bytes], limit: int, merge_below: int | None = None
 def _media_type_from_json(data: bytes) -> str:
     try:
         value = json.loads(data).get("mediaType", "")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return ""
     return value if value in MANIFEST_MEDIA_TYPES else ""

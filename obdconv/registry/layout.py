@@ -50,7 +50,7 @@ def _guess_media_type(data: bytes) -> str:
     """A manifest's type from its own JSON: `mediaType` if set, else by shape (OCI allows omitting it)."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     if not isinstance(doc, dict):
         return ""
@@ -103,7 +103,7 @@ class OCILayoutRepository(Repository):
             if not self.root.is_dir():
                 raise NotFoundError(f"OCI layout directory {self.root} does not exist") from None
             return {"schemaVersion": 2, "manifests": []}
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise FormatError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
             raise FormatError(f"{path} is not an OCI image index")
