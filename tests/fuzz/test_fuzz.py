@@ -2,7 +2,8 @@
 readers and `obdconv inspect` (tests/fuzz/README.md). The invariant: every input parses or raises
 an ObdconvError subclass; no other exception, no hang (-timeout), no runaway memory (-rss_limit_mb).
 
-Budget: OBDCONV_FUZZ_SECONDS per target (default 4); set it higher to fuzz longer locally. With
+Budget: OBDCONV_FUZZ_SECONDS per target (default 4), from the fixed OBDCONV_FUZZ_SEED; set it higher
+(and the seed to 0 for a random one) to fuzz longer locally. With
 atheris (libFuzzer, coverage-guided) each target runs in its own process, as many at once as there
 are CPUs (OBDCONV_FUZZ_JOBS), so the seven take ~30 s on two cores; where atheris does not
 install, hypothesis mutates the same seed corpus in this process.
@@ -29,7 +30,10 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 SECONDS = float(os.environ.get("OBDCONV_FUZZ_SECONDS", "4"))
 JOBS = int(os.environ.get("OBDCONV_FUZZ_JOBS", "0")) or os.cpu_count() or 2
 HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
-LIBFUZZER_FLAGS = ["-timeout=10", "-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"]
+# A fixed seed makes a run explore the same mutation sequence each time (a CI run repeats a prefix of
+# what a longer local run with the same seed explored); OBDCONV_FUZZ_SEED=0 lets libFuzzer pick one.
+SEED = int(os.environ.get("OBDCONV_FUZZ_SEED", "20261207"))
+LIBFUZZER_FLAGS = [f"-seed={SEED}", "-timeout=10", "-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"]
 
 
 @dataclass
