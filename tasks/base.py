@@ -17,10 +17,10 @@ from typing import Any
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
 
-from obdconv.errors import DatabaseError, NetworkError
+from obdconv.errors import DatabaseError, NetworkError, ObdconvError
 from obdconv.status import record_failure
 from tasks.claims import release_claims
-from tasks.context import settings
+from tasks.context import failure_message, settings
 from workers.database import open_worker_database
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,22 @@ class FleetTask(Task):
     autoretry_for = (NetworkError, DatabaseError)
     acks_late = True
     reject_on_worker_lost = True
+    # A retry's ETA was set on the fleet clock: wait for it on the fleet clock (workers/clock.py).
+    Strategy = "workers.clock:fleet_strategy"
 
     max_retries = settings().retry_max
     retry_backoff_max = settings().retry_backoff_max
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task; an obdconv error leaving it says which worker it happened on (and why a
+        path may be missing there), in the exception itself: Celery stores the exception as the
+        task's result before `on_failure` runs, and a client may read either."""
+        try:
+            return super().__call__(*args, **kwargs)
+        except ObdconvError as exc:
+            job = kwargs.get("job") or {}
+            exc.args = (failure_message(exc, job.get("request") or {}, self.request.hostname or "?"),)
+            raise
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
               eta: Any = None, countdown: float | None = None, max_retries: int | None = None,

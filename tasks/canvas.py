@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from tasks.stages import (
     request_of,
 )
 from workers.app import app
+from workers.clock import fleet_time
 from workers.database import open_worker_database
 from workers.lease import is_worker_alive
 from workers.queues import (
@@ -185,8 +185,8 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
         try:
             found = reuse.lookup(ManifestPlan(**manifest), profiles, tags)
         except ClaimHeld as held:
-            since = job.get("claim_wait_since") or time.time()
-            if time.time() - since > settings().claim_timeout:
+            since = job.get("claim_wait_since") or fleet_time()  # (the next try may run on another host)
+            if fleet_time() - since > settings().claim_timeout:
                 raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
                                         f"{held.key}") from None
             log.info("%s: waiting for %s", job["request_id"], held)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 import redis
 
+from workers.clock import FleetClock
 from workers.queues import ASSEMBLE, WORKER_QUEUE_PREFIX, owner_of_worker_queue
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def is_worker_alive(client: redis.Redis, nodename: str) -> bool:
 
 
 def renew_leases(client: redis.Redis, delivery_tags: Iterable[str], now: float | None = None) -> int:
-    """Push the delivery time of held messages to `now` (only those still unacked: ZADD XX)."""
+    """Push the delivery time of held messages to `now` (only those still unacked: ZADD XX).
+    `now` must be on the clock kombu stamps deliveries with: the fleet clock (workers/transport.py)."""
     tags = list(delivery_tags)
     if not tags:
         return 0
@@ -73,6 +75,7 @@ class LeaseKeeper:
                  held_delivery_tags: Callable[[], list[str]],
                  sweep_ledger: Callable[[], object] | None = None) -> None:
         self.client = redis.Redis.from_url(broker_url, socket_timeout=10, socket_connect_timeout=5)
+        self.clock = FleetClock(self.client)
         self.nodename = nodename
         self.lease_seconds = max(3, lease_seconds)
         self.held_delivery_tags = held_delivery_tags
@@ -81,8 +84,9 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="obdconv-lease", daemon=True)
 
     def tick(self) -> None:
-        self.client.set(alive_key(self.nodename), str(time.time()), ex=self.lease_seconds)
-        renew_leases(self.client, self.held_delivery_tags())
+        now = self.clock.now()
+        self.client.set(alive_key(self.nodename), str(now), ex=self.lease_seconds)
+        renew_leases(self.client, self.held_delivery_tags(), now)
         rescue_orphaned_queues(self.client)
         if self.sweep_ledger is not None:
             self.sweep_ledger()
