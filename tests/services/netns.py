@@ -111,7 +111,6 @@ class Host:
     netns: str
     address: str
     init: subprocess.Popen[bytes] | None = None
-    faketime: str = ""  # e.g. "-120s": every process started by `command` runs with that clock offset
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -151,10 +150,7 @@ class Host:
         """argv that runs `argv` on this host (its network, files and hostname)."""
         if self.init is None or self.init.poll() is not None:
             raise NetnsError(f"host {self.name} is not running")
-        prefix = ["nsenter", "-t", str(self.init.pid), "--mount", "--uts", "--net", "--wd", "--"]
-        if self.faketime:
-            prefix += ["faketime", "-f", self.faketime]
-        return [*prefix, *argv]
+        return ["nsenter", "-t", str(self.init.pid), "--mount", "--uts", "--net", "--wd", "--", *argv]
 
     def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 120,
             env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
