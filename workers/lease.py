@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 ALIVE_KEY_PREFIX = "obdconv:alive:"
 UNACKED_INDEX_KEY = "unacked_index"  # kombu's default name (no global_keyprefix configured)
+# One worker per lease period scans for orphaned private queues (whoever sets this first): the scan
+# visits the broker's whole keyspace, which grows with the fleet, so N workers scanning it every
+# period cost Redis O(N^2) (docs/CAPACITY.md).
+RESCUE_LOCK_KEY = "obdconv:rescue"
+SCAN_COUNT = 1000
 
 
 def alive_key(nodename: str) -> str:
@@ -54,7 +59,7 @@ def renew_leases(client: redis.Redis, delivery_tags: Iterable[str], now: float |
 def rescue_orphaned_queues(client: redis.Redis, target_queue: str = ASSEMBLE) -> int:
     """Move messages out of private queues whose owner is not alive. Returns how many moved."""
     moved = 0
-    for raw_key in client.scan_iter(match=WORKER_QUEUE_PREFIX + "*", _type="list"):
+    for raw_key in client.scan_iter(match=WORKER_QUEUE_PREFIX + "*", count=SCAN_COUNT, _type="list"):
         queue = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
         owner = owner_of_worker_queue(queue)
         if owner is None or is_worker_alive(client, owner):
@@ -87,7 +92,9 @@ class LeaseKeeper:
         now = self.clock.now()
         self.client.set(alive_key(self.nodename), str(now), ex=self.lease_seconds)
         renew_leases(self.client, self.held_delivery_tags(), now)
-        rescue_orphaned_queues(self.client)
+        period_ms = max(int(self.lease_seconds / 3 * 1000), 1)
+        if self.client.set(RESCUE_LOCK_KEY, self.nodename, nx=True, px=period_ms):
+            rescue_orphaned_queues(self.client)
         if self.sweep_ledger is not None:
             self.sweep_ledger()
 
