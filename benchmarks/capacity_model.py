@@ -98,13 +98,14 @@ class Costs:
         c3, c12, hit, part = net("cold3"), net("cold12"), net("manifest_hit"), net("base_hit")
         # Claim heartbeats: every task that holds claims (L prepares, L assembles, metadata, push)
         # heartbeats all L + 1 claims once at its start: taken apart, it grows as L squared.
-        hb3, hb12 = heartbeat_queries(3), heartbeat_queries(12)
+        per_claim = d.get("heartbeats") != "per-task"  # how the measured fleet beat its claims
+        hb3, hb12 = heartbeat_queries(3, per_claim), heartbeat_queries(12, per_claim)
         db_b = ((c12[2] - hb12) - (c3[2] - hb3)) / 9
         db_a = c3[2] - hb3 - 3 * db_b
         red_b = (c12[0] - c3[0]) / 9
         red_a = c3[0] - 3 * red_b
         # base_hit: 3 layers, the 2 lowest dedup hits (read back as parents), 1 converted
-        db_h = max((part[2] - heartbeat_queries(1) - db_a - db_b) / 2, 0.0)
+        db_h = max((part[2] - heartbeat_queries(1, per_claim) - db_a - db_b) / 2, 0.0)
         red_h = max((part[0] - red_a - red_b) / 2, 0.0)
         idle_calls, idle_usec = _totals(fleet["idle"]["redis"])
         scan = fleet["idle"]["redis"].get("scan", [1, 12.0])
@@ -128,9 +129,12 @@ class Costs:
         )
 
 
-def heartbeat_queries(layers: int) -> int:
-    """Claim heartbeats of a request converting `layers` layers (tasks/claims.py `held_claims`)."""
-    return (2 * layers + 2) * (layers + 1)
+def heartbeat_queries(layers: int, per_claim: bool = False) -> int:
+    """Claim heartbeats of a request converting `layers` layers: each task holding its claims (the
+    prepares, the assembles, metadata, push) beats them once as it starts, in one statement now
+    (tasks/claims.py); `per_claim`: one statement per claim, as before (quadratic)."""
+    tasks = 2 * layers + 2
+    return tasks * (layers + 1) if per_claim else tasks
 
 
 def _totals(redis: dict[str, list[float]]) -> tuple[float, float]:
@@ -225,9 +229,10 @@ class Machine:
 
 class Fleet:
     def __init__(self, costs: Costs, workers: int, slots: int, link_mib_s: float, shared_cores: float,
-                 mix: ImageMix, backlog: int, rescue: str = "locked") -> None:
+                 mix: ImageMix, backlog: int, rescue: str = "locked", heartbeats: str = "per-task") -> None:
         self.c = costs
         self.rescue = rescue
+        self.heartbeats = heartbeats
         self.workers = workers
         self.slots = slots
         self.link = link_mib_s
@@ -412,7 +417,7 @@ class Fleet:
             s["redis"] += (c.redis_cold[0] + c.redis_cold[1] * converted + c.redis_cold[2] * r.start
                            + r.polls * c.redis_hit / 2)
             s["db"] += (c.db_cold[0] + c.db_cold[1] * converted + c.db_cold[2] * r.start
-                        + heartbeat_queries(converted) + r.polls * c.db_hit / 2)
+                        + heartbeat_queries(converted, self.heartbeats == "per-claim") + r.polls * c.db_hit / 2)
         self.arrive()
 
     def warm(self, requests: int) -> None:
@@ -539,6 +544,8 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true", help="predict bench_fleet.py at N = 1, 2, 3")
     ap.add_argument("--measured", default="", help="with --validate: bench_fleet seconds 'b1,m1;b2,m2;b3,m3'")
     ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--heartbeats", choices=("per-task", "per-claim"), default="per-task",
+                    help="claim heartbeats: one statement per task (now) or per claim (before)")
     ap.add_argument("--rescue", choices=("locked", "per-worker"), default="locked",
                     help="orphan-queue scans: one worker per period (now) or every worker (before)")
     args = ap.parse_args()
@@ -570,7 +577,7 @@ def main() -> None:
     for n in (int(x) for x in args.workers.split(",")):
         mix = ImageMix(random.Random(args.seed), args.repos, args.bases, args.zipf, args.repeat)
         fleet = Fleet(costs, n, args.slots, args.link_mib_s, 0, mix, backlog=max(4, 3 * n * args.slots),
-                      rescue=args.rescue)
+                      rescue=args.rescue, heartbeats=args.heartbeats)
         fleet.warm(args.history)
         r = fleet.run(max(args.requests, 4 * n * args.slots))
         print(f"{n:5d} {r['images_per_hour']:9.0f} {r['manifest_hit_share']:8.0%} {r['layer_hit_share']:6.0%} "

@@ -354,7 +354,8 @@ def main() -> int:
                 for n in (1, 2, 3):
                     copy_image(source, open_repository(f"{registry.host}/costs{n}/{name}", RegistryOptions(plain=True)),
                                name, "src")
-            out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}}
+            out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
+                                   "heartbeats": "per-task"}  # tasks/claims.py: one statement per task
             out["stages_usr"] = measure_stages(layout, "bench", registry.host, "costs/usr")
             out["stages_sample"] = measure_stages(layout, "sample", registry.host, "costs/sample")
             rows = out["stages_usr"]["layers"] + out["stages_sample"]["layers"]
