@@ -10,8 +10,8 @@ machine's real default route, so 198.18.x would leave the machine from there. Ev
 to a host runs as a process ON a host (`command`, `run`).
 
 Topology (all made here, all removed by `destroy`, also after a failure; a leftover from a killed
-run is removed by the next `create`): a namespace `<prefix>-sw` holding a bridge, and per host a
-namespace `<prefix>-<host>` with a veth pair whose other end is a port of that bridge. Addresses
+run is removed by the next `create`): a namespace `<prefix>-<pid>-sw` holding a bridge, and per host a
+namespace `<prefix>-<pid>-<host>` with a veth pair whose other end is a port of that bridge. Addresses
 ONLY from the benchmarking range 198.18.0.0/15 (RFC 2544), one /24 on the bridge; no default
 route, no address on the bridge, nothing connected to the root namespace. Loopback is left DOWN
 unless asked for: "localhost" on such a host reaches nothing, not even the host itself (nor does
