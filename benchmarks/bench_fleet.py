@@ -2,6 +2,7 @@
 and with two workers (each a separate process with one pool slot), on this machine.
 
     .venv/bin/python benchmarks/bench_fleet.py [--images 6] [--layers 3] [--many-layers 12] [--mib 4]
+    .venv/bin/python benchmarks/bench_fleet.py --workers 1,2,3 --json   # what capacity_model.py --validate takes
 
 Each configuration gets a fresh fleet (Redis, SQLite, its own spool), so nothing is reused
 between runs; images are `oci:` layouts (no registry in the way, no dedup). The baseline is the
@@ -11,6 +12,7 @@ one-worker fleet measured in the same run; the ratios are the scaling (ideal 2.0
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -62,20 +64,27 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--many-layers", type=int, default=12)
     parser.add_argument("--mib", type=int, default=4, help="random MiB per layer (plus ~as much text)")
+    parser.add_argument("--workers", default="1,2", help="fleet sizes to measure, the first is the baseline")
+    parser.add_argument("--json", action="store_true", help="also print {workers: [batch s, many-layer s]}")
     args = parser.parse_args()
+    sizes = [int(w) for w in args.workers.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     try:
         source = scratch / "source"
         build_images(source, args.images, args.layers, args.many_layers, args.mib << 20)
-        results = {w: run(w, source, args.images, scratch) for w in (1, 2)}
+        results = {w: run(w, source, args.images, scratch) for w in sizes}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    (b1, m1), (b2, m2) = results[1], results[2]
     print(f"images: {args.images} x {args.layers} layers; many-layer image: {args.many_layers} layers; "
           f"{args.mib} MiB random + text per layer")
-    print(f"1 worker : {60 * args.images / b1:7.1f} images/min ({b1:6.2f} s); many-layer image {m1:6.2f} s")
-    print(f"2 workers: {60 * args.images / b2:7.1f} images/min ({b2:6.2f} s); many-layer image {m2:6.2f} s")
-    print(f"scaling (2 workers / 1 worker): throughput x{b1 / b2:.2f}, many-layer image x{m1 / m2:.2f}")
+    b1, m1 = results[sizes[0]]
+    for w in sizes:
+        b, m = results[w]
+        print(f"{w} worker{'s' if w > 1 else ' '}: {60 * args.images / b:7.1f} images/min ({b:6.2f} s); "
+              f"many-layer image {m:6.2f} s; scaling vs {sizes[0]}: throughput x{b1 / b:.2f}, "
+              f"many-layer image x{m1 / m:.2f}")
+    if args.json:
+        print(json.dumps({w: [round(b, 2), round(m, 2)] for w, (b, m) in results.items()}))
 
 
 if __name__ == "__main__":

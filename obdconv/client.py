@@ -23,6 +23,7 @@ here at submit time when a database is configured, and read back by `status`/`wa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import uuid
@@ -76,6 +77,40 @@ def source_of(request: ConversionRequest) -> str:
     return request.repository + ref
 
 
+def is_loopback_host(host: str) -> bool:
+    """`host` ("name", "name:port", "[v6]:port", "v6") names the machine it is used on."""
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host
+    for candidate in (name, name.rsplit(":", 1)[0]):
+        if candidate == "localhost" or candidate.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(candidate).is_loopback
+        except ValueError:
+            continue
+    return False
+
+
+def check_registry_for_fleet(request: ConversionRequest, broker_url: str) -> None:
+    """Refuse a registry named by a loopback address when the workers are on other machines: the
+    request would be read by each worker as its OWN machine's registry (nothing there, or another
+    one). A fleet whose broker is on this machine (127.0.0.1) may use one."""
+    from urllib.parse import urlparse
+
+    from obdconv.registry.reference import parse_reference
+
+    broker_host = urlparse(broker_url).hostname
+    if not broker_host or is_loopback_host(broker_host):
+        return
+    for repository in (request.repository, request.output_repository):
+        if not repository or repository.startswith("oci:"):
+            continue
+        host = parse_reference(repository).host
+        if is_loopback_host(host):
+            raise UsageError(f"{repository}: {host} would mean each worker's own machine (the fleet's broker is "
+                             f"{broker_host}, so the workers are elsewhere); name the registry by an address "
+                             "the workers reach")
+
+
 def submit(request: ConversionRequest, *, request_id: str | None = None, app: Celery | None = None) -> str:
     """Enqueue a conversion; returns its request id (a UUID unless given)."""
     if not request.profiles():
@@ -84,6 +119,9 @@ def submit(request: ConversionRequest, *, request_id: str | None = None, app: Ce
         raise UsageError("give an input tag or digest")
     validate_request(request)  # the local runner's checks, before anything is queued
     celery_app = _app(app)
+    from workers.app import settings_of
+
+    check_registry_for_fleet(request, settings_of(celery_app).broker_url)
     request_id = request_id or str(uuid.uuid4())
     body = request.to_dict()
     if _status_db_ready(celery_app):

@@ -90,6 +90,7 @@ from tasks.stages import (
 )
 from workers import metrics
 from workers.app import app
+from workers.clock import fleet_time
 from workers.database import open_worker_database
 from workers.lease import is_worker_alive
 from workers.queues import (
@@ -235,8 +236,8 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
                 metrics.count_dedup("claim_wait")
             if gated:
                 reopen_for_cancel(job)
-            since = job.get("claim_wait_since") or time.time()
-            if time.time() - since > settings().claim_timeout:
+            since = job.get("claim_wait_since") or fleet_time()  # (the next try may run on another host)
+            if fleet_time() - since > settings().claim_timeout:
                 raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
                                         f"{held.key}") from None
             log.info("%s: waiting for %s", job["request_id"], held)

@@ -48,14 +48,16 @@ def _beat(owner: str, keys: list[str], ttl: float, stop: threading.Event) -> Non
     store = dedup_store()
     try:
         while True:
-            for key in keys:
-                try:
-                    if not store.heartbeat(key, owner, ttl):
-                        # Taken over: another request converts it too. Our output is the same bytes
-                        # (deterministic) and rows are upserts, so we carry on rather than fail.
-                        log.warning("claim %s was taken over from %s", key, owner)
-                except DatabaseError as e:
-                    log.warning("claim heartbeat of %s failed: %s", key, e)
+            try:  # one statement for all of them: every task of a request beats all its claims
+                held = store.heartbeat_many(keys, owner, ttl)
+                if held < len(keys):
+                    # Taken over (another request converts it too) or released (the request is
+                    # done). Our output is the same bytes (deterministic) and rows are upserts, so
+                    # we carry on rather than fail.
+                    log.warning("%d of the %d claims of %s were taken over or released", len(keys) - held,
+                                len(keys), owner)
+            except DatabaseError as e:
+                log.warning("claim heartbeat of %s failed: %s", owner, e)
             if stop.wait(ttl / 3):
                 return
     finally:

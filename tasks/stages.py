@@ -142,6 +142,7 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
             prepared = _prepare_here(self, job, layer, node,
                                      (client, lock, me, lease) if client is not None else None)
             _count_run("prepare", layer["digest"])
+            log.info("prepared layer %s for %s on %s", layer["digest"], job["request_id"], node)
             entries_key = put_bytes("entries:" + key, prepared.entries_path.read_bytes())
         info = {"node": node, "prepared": prepared.to_dict(), "entries_key": entries_key}
         if client is not None:
@@ -228,12 +229,14 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
     node = self.request.hostname
     key = spool_key(layer["digest"], request.algorithm, request.block_size)
     out: dict[str, Any] = {}
+    again = ""
     with metrics.stage_timer("assemble"), held_claims(job), layer_in_use(spool_dir(node), key):
         prepared = reuse_prepared(spool_dir(node), layer["digest"], request.algorithm, request.block_size)
         if prepared is None or not prepared.covers(native=native, turbo=turbo):
             log.warning("layer %s not in the spool of %s: preparing it again here", layer["digest"], node)
             prepared = _prepare_here(self, job, layer, node, stage="reprepare")
             _count_run("reprepare", layer["digest"])
+            again = " after preparing it again here"
         metadata = decode_metadata(get_bytes(metadata_key))
         source_repo = open_repository(request.repository, request.access)
         target_repo = (open_repository(request.output_repository, request.access)
@@ -250,5 +253,6 @@ def assemble_layer_task(self: Any, *, job: dict[str, Any], index: int, layer: di
                 remember_layer(target_repo, chain_id, profile, converted.digest, converted.size)
                 metrics.count_bytes_written(profile.format, converted.size)
     _count_run("assemble", f"{layer['digest']}@{index}")
+    log.info("assembled layer %s (index %d) for %s on %s%s", layer["digest"], index, job["request_id"], node, again)
     ProgressReporter(self, job, "assemble", layer["digest"]).done(prepared.source_size)
     return out

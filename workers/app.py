@@ -12,12 +12,17 @@ Configured from config.settings (environment / optional TOML file). Reliability 
 * Events on (`worker_send_task_events`, `task_send_sent_event`) so Flower sees every task.
 * Every task message the app sends is kept in a ledger (workers/ledger.py) until its task ran, and
   re-sent if the broker lost it (kombu's Redis transport can, when a worker dies mid-delivery).
+* Times that cross machines are on the broker's clock (workers/clock.py): lease stamps (the
+  transport in workers/transport.py), ETAs of delayed retries (`FleetCelery.now` when sending,
+  `FleetTask.Strategy` when receiving), the ledger. Hosts whose clocks disagree by minutes neither
+  take each other's running tasks nor wait minutes for a 1 s retry.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
@@ -26,8 +31,10 @@ from celery.loaders.app import AppLoader
 
 from config.settings import Settings, load_settings
 from obdconv.errors import UsageError
-from workers.ledger import LedgerAMQP
+from workers.clock import clock_for
+from workers.ledger import LedgerAMQP, is_redis_url
 from workers.queues import CONTROL, TASK_ROUTES, shared_queues
+from workers.transport import TRANSPORT
 
 # How often surviving workers scan for expired leases (seconds); with throttle 1 every tick scans.
 UNACKED_RESTORE_INTERVAL = 5
@@ -88,6 +95,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
     return {
         "broker_url": settings.broker_url,
+        # kombu's Redis transport with its leases on the broker's clock (workers/transport.py)
+        **({"broker_transport": TRANSPORT} if settings.broker_url.startswith("redis://") else {}),
         "result_backend": settings.result_backend,
         "broker_transport_options": transport_options,
         "result_backend_transport_options": {"socket_timeout": 30, "socket_connect_timeout": 5},
@@ -118,9 +127,19 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
+class FleetCelery(Celery):
+    def now(self) -> datetime:
+        """Celery's "now" (a retry countdown becomes ETA = now + countdown) on the fleet clock."""
+        settings: Settings | None = getattr(self, "obdconv_settings", None)
+        if settings is None or not is_redis_url(settings.broker_url):
+            return super().now()
+        stamp = clock_for(settings.broker_url).now()
+        return datetime.fromtimestamp(stamp, UTC).astimezone(self.timezone)
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
-    celery_app = Celery("obdconv", set_as_current=True, amqp=LedgerAMQP, loader=InstalledModulesLoader)
+    celery_app = FleetCelery("obdconv", set_as_current=True, amqp=LedgerAMQP, loader=InstalledModulesLoader)
     celery_app.config_from_object(celery_config(settings))
     celery_app.obdconv_settings = settings  # type: ignore[attr-defined]
     # Registers the tasks (tasks/) and the worker start-up hooks (workers/startup.py).

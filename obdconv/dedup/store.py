@@ -396,6 +396,10 @@ class DedupStore:
     def heartbeat(self, key: str, owner: str, ttl: float = claims.DEFAULT_TTL) -> bool:
         return self._run("claim heartbeat", lambda: claims.heartbeat(database, key, owner, ttl), True)
 
+    def heartbeat_many(self, keys: list[str], owner: str, ttl: float = claims.DEFAULT_TTL) -> int:
+        """How many of `keys` are still ours after extending them (one statement)."""
+        return self._run("claim heartbeat", lambda: claims.heartbeat_many(database, keys, owner, ttl), len(keys))
+
     def release(self, key: str, owner: str) -> None:
         self._run("claim release", lambda: claims.release(database, key, owner), False)
 

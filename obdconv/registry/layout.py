@@ -162,6 +162,7 @@ class OCILayoutRepository(Repository):
         if ref and is_digest(ref) and ref != digest:
             raise IntegrityError(f"manifest for {self._where(ref)}: bytes have digest {digest}")
         self._ensure_layout()
+        self._check_referenced(data, ref or digest)
         self._store(iter([bytes(data)]), digest, len(data))
         descriptor: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": len(data)}
         with self._index_update() as index:
@@ -175,6 +176,23 @@ class OCILayoutRepository(Repository):
             elif not any(d.get("digest") == digest for d in manifests):
                 manifests.append(descriptor)
         return digest
+
+    def _check_referenced(self, data: bytes, ref: str) -> None:
+        """Like a registry (MANIFEST_BLOB_UNKNOWN), refuse a manifest whose config, layers or child
+        manifests are not in the layout: e.g. written by another machine into ITS directory of the
+        same path. (A `subject` may live elsewhere, as in a registry.)"""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return  # not JSON: nothing it refers to
+        if not isinstance(doc, dict):
+            return
+        referenced = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("manifests") or [])]
+        for d in referenced:
+            if isinstance(d, dict) and isinstance(d.get("digest"), str) and is_digest(d["digest"]):
+                if not self._blob_path(d["digest"]).exists():
+                    raise NotFoundError(f"manifest for {self._where(ref)} refers to blob {d['digest']}, which is not in "
+                                        f"the layout {self.root} (a registry would refuse it too)")
 
     def list_tags(self) -> list[str]:
         names = {(d.get("annotations") or {}).get(REF_NAME_ANNOTATION) for d in self._read_index()["manifests"]}
