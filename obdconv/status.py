@@ -69,7 +69,10 @@ def open_status_database(db_type: str, db_str: str) -> peewee.Database:
     if cfg.db_type == "sqlite":
         Path(cfg.path).parent.mkdir(parents=True, exist_ok=True)
     db = connect_database(cfg)
-    bind_status_database(db)
+    try:
+        bind_status_database(db)
+    except DatabaseError as e:  # the driver's message names the host at most: say which database
+        raise DatabaseError(f"{e} ({cfg.describe()})") from e
     return db
 
 

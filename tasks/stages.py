@@ -12,14 +12,18 @@ and then reuse the holder's result, published under `obdconv:holder:<spool key>`
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from obdconv.errors import ObdconvError
 from obdconv.pipeline.assemble import assemble_layer
 from obdconv.pipeline.metadata import build_metadata, decode_metadata, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
@@ -83,7 +87,23 @@ def _holder_info(client: Any, key: str, native: bool, turbo: bool) -> dict[str, 
         return None
     if not is_worker_alive(_broker_client(), info["node"]):
         return None
+    if not client.exists(info["entries_key"]):
+        # Written to a Redis that restarted without persistence between storing the entry list
+        # and this record: the list is gone, so the layer must be prepared (and stored) again.
+        return None
     return info
+
+
+@contextlib.contextmanager
+def _spool_space_named(node: str, what: str) -> Iterator[None]:
+    """A full disk is reported by write() without a file name: say whose spool filled up."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ObdconvError(f"worker {node}: no space left in its spool {spool_dir(node)} ({what}): "
+                               f"{e.strerror}") from e
+        raise
 
 
 def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str,
@@ -104,8 +124,9 @@ def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: s
             if client.get(key) == owner.encode():
                 client.expire(key, ttl)
 
-    prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
-                             algorithm=request.algorithm, block_size=request.block_size, progress=progress)
+    with _spool_space_named(node, f"preparing layer {layer['digest']}"):
+        prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
+                                 algorithm=request.algorithm, block_size=request.block_size, progress=progress)
     reporter.done(prepared.source_size)
     return prepared
 
@@ -169,7 +190,7 @@ def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
     node = self.request.hostname
     scratch = Path(tempfile.mkdtemp(prefix="meta-", dir=_scratch_root(node)))
     try:
-        with held_claims(job):
+        with held_claims(job), _spool_space_named(node, f"metadata of {manifest['descriptor']['digest']}"):
             layers = []
             for i, info in enumerate(prepared_results):
                 shadow = scratch / f"layer{start + i}"  # a spool holding only the entry list

@@ -21,6 +21,8 @@ Rules are added at run time through the control port (JSON over HTTP, see `Fault
    "reset_response_after"   forward; reset after `bytes` bytes of the response body
    "stall_response_after"   forward; after `bytes` bytes of the response body, hold (as "hold")
    "reset_request_after"    forward; reset both sides after `bytes` bytes of the request body
+   "stall_request_after"    forward; after `bytes` bytes of the request body, hold (as "hold"),
+                            then reset both sides
    "drop_response"          forward; the registry acts on it, but the client gets a reset instead
                             of the answer (a response lost on the way back)
    "throttle"               forward; response body at `rate` bytes per second
@@ -258,9 +260,11 @@ class ProxyHandler(socketserver.BaseRequestHandler):
             sent = 0
             limit = int(spec.get("bytes", 0))
             for piece in _body_pieces(reader, headers):
-                if action == "reset_request_after" and sent + len(piece) > limit:
+                if action in ("reset_request_after", "stall_request_after") and sent + len(piece) > limit:
                     upstream.sendall(piece[:max(limit - sent, 0)])
                     entry["sent"] = limit
+                    if action == "stall_request_after":
+                        _hold(rule)  # type: ignore[arg-type]
                     _reset(client)
                     _reset(upstream)
                     return

@@ -16,13 +16,17 @@ from tests.services.base import ManagedProcess, free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    """`appendonly=True`: the persistence deploy/ configures (append-only file, fsync every second),
+    so a restart on the same `workdir` comes back with what was written."""
+
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
         self.process = ManagedProcess(
             f"redis-{self.port}",
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
+             *persistence, "--dir", str(workdir)],
             workdir, ready=self._ping, timeout=20,
         )
 
