@@ -34,7 +34,7 @@ from tasks.base import FleetTask, retry_later
 from tasks.claims import held_claims
 from tasks.context import open_repository, settings, spool_dir
 from tasks.dedup import remember_layer
-from tasks.progress import ProgressReporter, backend_client
+from tasks.progress import ProgressReporter, backend_client, redis_client
 from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
 from workers.app import app
@@ -62,9 +62,7 @@ def mark_stage(job: dict[str, Any], stage: str) -> None:
 
 
 def _broker_client() -> Any:
-    import redis
-
-    return redis.Redis.from_url(settings().broker_url, socket_timeout=10, socket_connect_timeout=5)
+    return redis_client(settings().broker_url, outlast_restarts=True)
 
 
 def _count_run(kind: str, key: str) -> None:

@@ -1,5 +1,5 @@
-"""The fault matrix's fleet: real Redis (append-only file, as deploy/ runs it), a MariaDB of its own
-(durable, so it can be killed and restarted), docker-registry behind the fault proxy, and workers
+"""The fault matrix's fleet: real Redis (append-only file, as deploy/ runs it), the session's MariaDB
+(its own database; tests stop, kill and restart the server), docker-registry behind the fault proxy, and workers
 w1 (2 slots) and w2 (8 slots: the victim of the kill test holds a stalled task of every stage at
 once). Helpers read outcomes from the database and the registry's storage directly."""
 
@@ -20,7 +20,7 @@ from tests.faults import storage
 from tests.faults.conftest import layer_digests, run_cli
 from tests.fleet.conftest import Fleet, push_layout, running_fleet
 from tests.services.fault_proxy import FaultProxy
-from tests.services.mariadb import MariaDB, start_mariadb
+from tests.services.mariadb import MariaDB
 from tests.services.redis import RedisServer
 from tests.services.registry import RegistryService
 from workers.sample_image import build_sample_image
@@ -72,6 +72,12 @@ class FaultFleet:
     def request(self, repo: str, tag: str = "obd", src: str = "src") -> ConversionRequest:
         return ConversionRequest(f"{self.proxy.host}/faults/{repo}", input_tag=src, overlaybd_tag=tag,
                                  access=RegistryAccess(plain=True))
+
+    def make_commits_durable(self) -> None:
+        """Commits survive a SIGKILL of the server from now on (the session's MariaDB trades that for
+        speed; its restart turns it off again)."""
+        with self.db.connect() as conn, conn.cursor() as cur:
+            cur.execute("SET GLOBAL innodb_flush_log_at_trx_commit = 1")
 
     # -- outcomes, read straight from MariaDB and the registry's storage
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -126,19 +132,20 @@ def spool_directory(path: Path) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def fault_fleet(workdir: Path, registry: RegistryService, proxy: FaultProxy) -> Iterator[FaultFleet]:
-    db = start_mariadb(workdir / "mariadb", durable=True)
+def fault_fleet(workdir: Path, registry: RegistryService, proxy: FaultProxy, db: MariaDB) -> Iterator[FaultFleet]:
+    """`db`: the session's MariaDB (tests stop, kill and restart it; it comes back on the same port)."""
     redis = RedisServer(workdir / "redis", appendonly=True).start()
     try:
         database = db.create_database("faults")
         with spool_directory(workdir / "spool") as tmpfs, running_fleet(
                 workdir, {}, flower=False, workers=(), redis=redis, OBDCONV_DB_TYPE="mysql",
                 OBDCONV_DB_STR=db.dsn_go_for(database), OBDCONV_SPOOL_DIR=str(workdir / "spool"),
-                OBDCONV_RETRY_MAX="3", OBDCONV_CLAIM_TTL=str(CLAIM_TTL)) as fleet:
+                OBDCONV_RETRY_MAX="5", OBDCONV_CLAIM_TTL=str(CLAIM_TTL)) as fleet:
             fleet.start_worker("w1", 2)
             fleet.start_worker("w2", 8)
             yield FaultFleet(fleet, proxy, registry, db, database, redis, workdir / "spool", tmpfs,
                              workdir / "layout", workdir)
     finally:
         redis.stop()
-        db.process.stop()
+        if db.process.proc is not None and db.process.proc.poll() is not None:
+            db.process.start()  # a test that stopped it failed before starting it again
