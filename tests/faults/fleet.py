@@ -26,7 +26,7 @@ from tests.services.registry import RegistryService
 from workers.sample_image import build_sample_image
 
 SPOOL_TMPFS = "48M"  # the workers' spool, when root can mount it (the disk-full test fills it)
-CLAIM_TTL = 10  # seconds: claims of a request Redis forgot expire soon
+CLAIM_TTL = 5  # seconds: claims of a request Redis forgot expire soon (a redelivered task re-takes its own)
 
 
 @dataclass
