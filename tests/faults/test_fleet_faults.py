@@ -268,9 +268,11 @@ def test_spool_full(ff: FaultFleet) -> None:
 # Last: after this the workers' remote control (pidbox) may not answer, as in tests/fleet.
 def test_redis_restart_without_persistence(ff: FaultFleet) -> None:
     """Redis without persistence restarted mid-request: as deploy/README.md says, the request in
-    flight is forgotten and its status row stays RUNNING (not a false SUCCESS or FAILURE); the fleet
-    serves new requests: the same request submitted again converts as undisturbed once the
-    forgotten one's claims expire, also when a layer's holder record outlived its entry list."""
+    flight is forgotten: its status row stays RUNNING, or says FAILURE with Redis's ConnectionError
+    when one of its tasks was finishing just then (Celery's chord bookkeeping is not retried), never
+    a false SUCCESS or another error; the fleet serves new requests: the same request submitted
+    again converts as undisturbed once the forgotten one's claims expire, also when a layer's
+    holder record outlived its entry list."""
     ff.image("redis-none", seed=94, **SMALL)
     ff.redis.stop()
     ff.redis = RedisServer(ff.workdir / "redis-none", port=ff.redis.port).start()  # empty, no AOF
@@ -283,8 +285,9 @@ def test_redis_restart_without_persistence(ff: FaultFleet) -> None:
     ff.redis.process.start()
     ff.proxy.clear()
     time.sleep(3)  # the held prepare finishes meanwhile; nothing is left to carry the request on
-    assert [r[0] for r in ff.status_rows(lost)] == ["RUNNING"]
-    assert ff.fleet.status(lost)["state"] == "RUNNING"
+    forgotten = [(r[0], r[2]) for r in ff.status_rows(lost)]
+    assert forgotten in ([("RUNNING", "")], [("FAILURE", "ConnectionError")]), forgotten
+    assert ff.fleet.status(lost)["state"] == forgotten[0][0]
     # A prepare that stored its entry list before the restart and its holder record after it leaves
     # a record pointing at nothing (seen in this test when the restart fell between the two
     # writes): make that state certain, for the layer whose prepare the restart interrupted.
@@ -294,4 +297,4 @@ def test_redis_restart_without_persistence(ff: FaultFleet) -> None:
     backend.delete(json.loads(holder)["entries_key"])
     again = ff.fleet.submit(ff.request("redis-none"))
     ff.assert_converted_once("redis-none", again, ff.fleet.wait(again, timeout=120))
-    assert [r[0] for r in ff.status_rows(lost)] == ["RUNNING"]
+    assert [(r[0], r[2]) for r in ff.status_rows(lost)] == forgotten
