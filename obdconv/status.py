@@ -102,8 +102,20 @@ class _db_errors:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         if exc is not None and isinstance(exc, peewee.PeeweeException):
-            raise DatabaseError(f"status database: cannot {self.what}: {exc}") from exc
+            # (the driver's message names the host at most: say which database)
+            raise DatabaseError(f"status database {_describe(status_database.obj)}: cannot {self.what}: {exc}") from exc
         return False
+
+
+def _describe(db: peewee.Database | None) -> str:
+    """Where the status table lives, without the password."""
+    if isinstance(db, peewee.MySQLDatabase):
+        params = db.connect_params
+        where = params.get("unix_socket") or f"{params.get('host')}:{params.get('port')}"
+        return f"mysql://{params.get('user', '')}@{where}/{db.database}"
+    if isinstance(db, peewee.SqliteDatabase):
+        return f"sqlite:{db.database}"
+    return "(not configured)"
 
 
 def _upsert(request_id: str, **values: Any) -> None:

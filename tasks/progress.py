@@ -14,6 +14,8 @@ from typing import Any
 
 import redis
 from celery import Task
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from tasks.context import settings
 from workers.ledger import is_redis_url
@@ -21,24 +23,34 @@ from workers.ledger import is_redis_url
 PROGRESS_KEY_PREFIX = "obdconv:progress:"
 MANIFESTS_KEY_PREFIX = "obdconv:manifests:"
 MIN_INTERVAL = 0.5  # seconds between two updates of the same task (bounded broker/backend load)
+RESTART_RETRIES = 20  # backoff 0.1 s doubling up to 1 s: Redis may be gone ~15 s
 
 
 def progress_key(request_id: str) -> str:
     return PROGRESS_KEY_PREFIX + request_id
 
 
-@lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+@lru_cache(maxsize=8)
+def redis_client(url: str, outlast_restarts: bool = False) -> redis.Redis:
+    """A (cached) Redis client. `outlast_restarts` (workers): a command that cannot reach Redis is
+    tried again for ~15 s, as Celery's own result backend does, so a task in flight outlives a
+    Redis restart (deploy/ runs it with an append-only file) instead of failing its request."""
+    retry: dict[str, Any] = {}
+    if outlast_restarts:
+        retry = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), RESTART_RETRIES),
+                 "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, **retry)
 
 
 def client_for(url: str) -> redis.Redis | None:
     """A (cached) Redis client for a result backend URL; None when the backend is not Redis."""
-    return _client(url) if is_redis_url(url) else None
+    return redis_client(url) if is_redis_url(url) else None
 
 
 def backend_client() -> redis.Redis | None:
-    return client_for(settings().result_backend)
+    """The worker's client of the result backend (outlives a Redis restart)."""
+    url = settings().result_backend
+    return redis_client(url, outlast_restarts=True) if is_redis_url(url) else None
 
 
 def manifests_key(request_id: str) -> str:

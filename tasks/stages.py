@@ -12,14 +12,18 @@ and then reuse the holder's result, published under `obdconv:holder:<spool key>`
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from obdconv.errors import ObdconvError
 from obdconv.pipeline.assemble import assemble_layer
 from obdconv.pipeline.baselayer import base_layer_of
 from obdconv.pipeline.flatten import encode_ranges
@@ -33,7 +37,7 @@ from tasks.cancel import stop_if_cancelled
 from tasks.claims import held_claims
 from tasks.context import open_repository, settings, spool_dir
 from tasks.dedup import remember_layer
-from tasks.progress import ProgressReporter, backend_client, record_manifest_stage
+from tasks.progress import ProgressReporter, backend_client, record_manifest_stage, redis_client
 from tasks.spool import evict_spool, layer_in_use
 from tasks.transfer import get_bytes, put_bytes
 from workers import metrics
@@ -63,9 +67,7 @@ def mark_stage(job: dict[str, Any], stage: str) -> None:
 
 
 def _broker_client() -> Any:
-    import redis
-
-    return redis.Redis.from_url(settings().broker_url, socket_timeout=10, socket_connect_timeout=5)
+    return redis_client(settings().broker_url, outlast_restarts=True)
 
 
 def _count_run(kind: str, key: str) -> None:
@@ -88,7 +90,23 @@ def _holder_info(client: Any, key: str, native: bool, turbo: bool) -> dict[str, 
         return None
     if not is_worker_alive(_broker_client(), info["node"]):
         return None
+    if not client.exists(info["entries_key"]):
+        # Written to a Redis that restarted without persistence between storing the entry list
+        # and this record: the list is gone, so the layer must be prepared (and stored) again.
+        return None
     return info
+
+
+@contextlib.contextmanager
+def _spool_space_named(node: str, what: str) -> Iterator[None]:
+    """A full disk is reported by write() without a file name: say whose spool filled up."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ObdconvError(f"worker {node}: no space left in its spool {spool_dir(node)} ({what}): "
+                               f"{e.strerror}") from e
+        raise
 
 
 def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str,
@@ -109,8 +127,9 @@ def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: s
             if client.get(key) == owner.encode():
                 client.expire(key, ttl)
 
-    prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
-                             algorithm=request.algorithm, block_size=request.block_size, progress=progress)
+    with _spool_space_named(node, f"preparing layer {layer['digest']}"):
+        prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
+                                 algorithm=request.algorithm, block_size=request.block_size, progress=progress)
     reporter.done(prepared.source_size)
     metrics.count_bytes_read(stage, prepared.source_size)
     return prepared
@@ -177,7 +196,8 @@ def build_metadata_task(self: Any, prepared_results: list[dict[str, Any]], *,
     node = self.request.hostname
     scratch = Path(tempfile.mkdtemp(prefix="meta-", dir=_scratch_root(node)))
     try:
-        with metrics.stage_timer("metadata"), held_claims(job):
+        with metrics.stage_timer("metadata"), held_claims(job), \
+                _spool_space_named(node, f"metadata of {manifest['descriptor']['digest']}"):
             layers = []
             for i, info in enumerate(prepared_results):
                 shadow = scratch / f"layer{start + i}"  # a spool holding only the entry list

@@ -10,6 +10,8 @@ Configured from config.settings (environment / optional TOML file). Reliability 
   long it takes (the effective timeout is above the longest task), and a dead worker's messages
   are restored by the surviving workers' periodic sweep within lease + sweep interval (< 1 min).
 * Events on (`worker_send_task_events`, `task_send_sent_event`) so Flower sees every task.
+* The broker transport is kombu's Redis transport with a fix that lets a worker outlive a Redis
+  restart while it holds messages (workers/transport.py).
 * Every task message the app sends is kept in a ledger (workers/ledger.py) until its task ran, and
   re-sent if the broker lost it (kombu's Redis transport can, when a worker dies mid-delivery).
 * Times that cross machines are on the broker's clock (workers/clock.py): lease stamps (the
@@ -93,10 +95,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
     }
-    return {
+    config: dict[str, object] = {
         "broker_url": settings.broker_url,
-        # kombu's Redis transport with its leases on the broker's clock (workers/transport.py)
-        **({"broker_transport": TRANSPORT} if settings.broker_url.startswith("redis://") else {}),
         "result_backend": settings.result_backend,
         "broker_transport_options": transport_options,
         "result_backend_transport_options": {"socket_timeout": 30, "socket_connect_timeout": 5},
@@ -125,6 +125,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport with its leases on the broker's clock, fixed so a worker survives
+        # a Redis restart (workers/transport.py)
+        config["broker_transport"] = TRANSPORT
+    return config
 
 
 class FleetCelery(Celery):

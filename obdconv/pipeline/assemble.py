@@ -55,7 +55,7 @@ from obdconv.pipeline.layout import (
 from obdconv.pipeline.mapping import native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
-from obdconv.registry.repository import PendingBlob
+from obdconv.registry.repository import ChunkSource, PendingBlob
 from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def _native_converted(digest: str, size: int, oci: bool) -> ConvertedLayer:
 def assemble_native(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                     parent_chain_id: str, target_repo: Any, upload: bool = True, *, oci: bool = False) -> ConvertedLayer:
     parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
-    digest, size = _store(target_repo, parts.chunks(), upload, parts.size)
+    digest, size = _store(target_repo, ChunkSource(parts.chunks), upload, parts.size)
     return _native_converted(digest, size, oci)
 
 
@@ -428,7 +428,8 @@ def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> Pend
     """The heavy half of an upload: a built layer's bytes sent (or, with `upload` False, only
     hashed), not yet a blob in `target_repo` until `commit_built`."""
     if upload:
-        return target_repo.begin_upload(built.chunks(), size=built.size)  # type: ignore[no-any-return]
+        # (a ChunkSource, so that an upload the network breaks can be sent again)
+        return target_repo.begin_upload(ChunkSource(built.chunks), size=built.size)  # type: ignore[no-any-return]
     digest, size = _store(target_repo, built.chunks(), False, built.size)
     return PendingBlob(digest, size, lambda: None, lambda: None)
 

@@ -113,6 +113,17 @@ def iter_file_chunks(f: BinaryIO, chunk_size: int = READ_CHUNK) -> Iterator[byte
         yield chunk
 
 
+class ChunkSource:
+    """Blob bytes that can be read more than once: each iteration calls `open()` afresh. An upload
+    given one (or a list) can start over when the network breaks it; an iterator cannot."""
+
+    def __init__(self, open: Callable[[], Iterable[bytes]]) -> None:
+        self._open = open
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._open())
+
+
 class PendingBlob:
     """Bytes sent to a repository but not yet a blob (`Repository.begin_upload`): `commit()` makes
     them blob `digest`, `cancel()` drops them; each at most once, and one of them always should be
@@ -163,7 +174,9 @@ class Repository(ABC):
     def upload_blob(self, chunks: Iterable[bytes], size: int | None = None) -> tuple[str, int]:
         """Store a blob whose digest is not known up front; returns (digest, size). `size`, when the
         caller knows it, is checked (IntegrityError if the chunks add up to anything else) and lets a
-        registry upload send it as Content-Length instead of a chunk-framed body."""
+        registry upload send it as Content-Length instead of a chunk-framed body. `chunks` that can be
+        iterated again (a list, a `ChunkSource`; not an iterator) are sent again if the network breaks
+        the upload."""
 
     @abstractmethod
     def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:

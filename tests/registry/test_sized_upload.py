@@ -14,7 +14,7 @@ import requests
 
 from obdconv.errors import IntegrityError
 from obdconv.registry import RegistryOptions, open_repository
-from obdconv.registry.client import _SizedBody
+from obdconv.registry.bodies import SizedBody
 from obdconv.registry.repository import Repository
 from tests.services.registry import RegistryService
 
@@ -41,7 +41,7 @@ def _upload_data_files(registry: RegistryService, name: str) -> list[Path]:
 def test_sized_body_is_sent_with_content_length_not_chunked() -> None:
     pieces = [b"abc", b"defgh"]
     prepared = requests.Request("PATCH", "http://127.0.0.1:9/v2/x/blobs/uploads/1",
-                                data=_SizedBody(iter(pieces), 8)).prepare()
+                                data=SizedBody(iter(pieces), 8)).prepare()
     assert prepared.headers.get("Content-Length") == "8"
     assert "Transfer-Encoding" not in prepared.headers
     assert b"".join(prepared.body) == b"abcdefgh"  # type: ignore[arg-type]

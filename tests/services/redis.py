@@ -17,18 +17,21 @@ from tests.services.base import LOCAL, ManagedProcess, Place, free_port
 
 class RedisServer:
     """`place`: where it runs (default this machine; a netns host keeps its files in `data_dir`
-    on that host, and is checked from there: the test process never dials a host itself)."""
+    on that host, and is checked from there: the test process never dials a host itself).
+    `appendonly=True`: the persistence deploy/ configures (append-only file, fsync every second),
+    so a restart on the same `workdir` comes back with what was written."""
 
     def __init__(self, workdir: Path, port: int | None = None, place: Place = LOCAL,
-                 data_dir: str = "") -> None:
+                 data_dir: str = "", appendonly: bool = False) -> None:
         self.port = port or (free_port() if place is LOCAL else 6379)
         self.workdir = workdir
         self.place = place
         self.host = place.address
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
         self.process = ManagedProcess(
             f"redis-{self.port}",
             place.command(["redis-server", "--port", str(self.port), "--bind", self.host, "--save", "",
-                           "--appendonly", "no", "--dir", data_dir or str(workdir),
+                           *persistence, "--dir", data_dir or str(workdir),
                            # off loopback, Redis without a password refuses clients unless told this
                            *(["--protected-mode", "no"] if place is not LOCAL else [])]),
             workdir, ready=self._ping, timeout=20,
