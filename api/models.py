@@ -46,7 +46,8 @@ class ConversionIn(BaseModel):
     turbo_tag: str = Field("", description="tag of the overlaybd-turboOCI output")
     output_repository: str = Field("", description="write the outputs there instead of the source repository")
     platforms: list[str] = Field(default_factory=list, description="only these platforms of an index, os/arch[/variant]")
-    oci: bool = Field(False, description="OCI media types (else Docker schema 2)")
+    oci: bool | None = Field(None, description="OCI media types (else Docker schema 2); default: OCI for an "
+                                               "oci:PATH output, Docker for a registry")
     referrer: bool = Field(False, description="outputs refer to their source (subject + artifactType; implies oci)")
     algorithm: str = Field("lz4", description="ZFile codec: lz4 or zstd")
     block_size: int = Field(4096, description="ZFile block size in bytes: 4096..32768, a power of two")

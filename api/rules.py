@@ -9,7 +9,7 @@
     registry = ""                        # host[:port] the workers use for the source; "" = the event's
     output_repository = ""               # "" = the source repository; e.g. "{registry}/converted/{repository}"
     platforms = []                       # only these platforms of an index
-    oci = false
+    oci = false                          # omit: OCI for an oci:PATH output, else Docker
     referrer = false
     algorithm = "lz4"
     block_size = 4096
@@ -96,7 +96,7 @@ class Rule:
     registry: str = ""
     output_repository: str = ""
     platforms: tuple[str, ...] = ()
-    oci: bool = False
+    oci: bool | None = None  # None: OCI media types for an oci: output only (validate_request)
     referrer: bool = False
     algorithm: str = "lz4"
     block_size: int = 4096

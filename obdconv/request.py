@@ -59,7 +59,7 @@ class ConversionRequest:
     overlaybd_tag: str = ""  # --overlaybd (or -o when neither output flag is given)
     turbo_tag: str = ""  # --turboOCI / --fastoci
     output_repository: str = ""  # obdconv extra: write somewhere else ("" = same repository)
-    oci: bool = False
+    oci: bool | None = None  # OCI media types; None: validate_request decides (OCI for an oci: target)
     referrer: bool = False
     mkfs: bool = True
     vsize_gb: int = 64

@@ -17,7 +17,8 @@ on flag errors); `--fstype erofs` fails with a clear "not supported"; `--vsize` 
 `--mkfs=false` (the base layer's size applies, as in the reference);
 `--no-upload` pushes nothing at all (the reference still pushes turbo layers and indexes);
 `--disable-sparse` is accepted and has no effect (no sparse RW files are involved); `--db-type`
-also takes `sqlite` (`--db-str PATH`); dedup also covers turboOCI.
+also takes `sqlite` (`--db-str PATH`); dedup also covers turboOCI; an `oci:PATH` target gets OCI
+media types unless `--oci=false` (skopeo and podman see no Docker-typed image in a layout).
 
 Temporary data under `--dir`: `spool/` (prepared layers; removed at the end unless `--reserve`)
 and one metadata work directory per manifest; `--dir` and `spool/` themselves are removed when the
@@ -59,7 +60,7 @@ def parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
 
 
-def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
+def _bool_flag(p: argparse.ArgumentParser, name: str, default: bool | None, help_text: str) -> None:
     p.add_argument(name, nargs="?", const=True, default=default, type=parse_bool, metavar="BOOL", help=help_text)
 
 
@@ -79,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output-tag", default="",
                    help="native output tag when none of --overlaybd/--turboOCI/--fastoci is given")
     p.add_argument("-d", "--dir", default="tmp_conv", help="directory for temporary data (default tmp_conv)")
-    _bool_flag(p, "--oci", False, "emit OCI media types (else Docker schema 2)")
+    _bool_flag(p, "--oci", None, "emit OCI media types (else Docker schema 2); default: true for an oci:PATH "
+               "target (skopeo and podman see no Docker-typed image in a layout), false for a registry")
     p.add_argument("--fstype", default="ext4", help="filesystem of turboOCI layers (only ext4 is supported)")
     _bool_flag(p, "--mkfs", True, "create the filesystem in layer 0 (false: stack the image on --base-layer)")
     p.add_argument("--vsize", type=int, default=64, help="virtual block device size in GB (default 64)")
@@ -137,7 +139,7 @@ def build_request(args: argparse.Namespace) -> ConversionRequest:
         overlaybd_tag=overlaybd_tag,
         turbo_tag=turbo_tag,
         output_repository=args.output_repository,
-        oci=args.oci or args.referrer,
+        oci=True if args.referrer else args.oci,  # None: validate_request decides
         referrer=args.referrer,
         mkfs=args.mkfs,
         vsize_gb=args.vsize,

@@ -50,7 +50,8 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlaybd", default="", help="tag for the overlaybd output")
     p.add_argument("--turboOCI", "--fastoci", dest="turbo", default="", help="tag for the turboOCI output")
     p.add_argument("--output-repository", default="")
-    p.add_argument("--oci", action="store_true")
+    p.add_argument("--oci", action="store_true", default=None,
+                   help="OCI media types (default: for an oci:PATH target only)")
     p.add_argument("--referrer", action="store_true")
     p.add_argument("--mkfs", default=True, type=lambda s: s.lower() not in ("false", "0", "no"))
     p.add_argument("--vsize", type=int, default=64)

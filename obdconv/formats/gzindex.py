@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 from obdconv.errors import FormatError, UnsupportedError
 from obdconv.formats.crc import raw_crc32c
-from obdconv.formats.source import RandomAccess, as_source
+from obdconv.formats.source import BytesSource, RandomAccess, as_source
 
 MAGIC = b"ddgzidx\x00"
 MAJOR_VERSION = 1
@@ -271,6 +271,27 @@ class GzipIndexHeader:
         return cls(span, index_num, gz_size, file_size, usize, index_start, area_len, algo, level, flag,
                    window, index_size, major, minor, crc)
 
+    @classmethod
+    def read(cls, src: RandomAccess, file_size: int) -> GzipIndexHeader:
+        """The header of the `file_size`-byte gzip.meta `src`, checked in itself and against that
+        size. Reads the header only: the windows and access points after it are left unread."""
+        b = src.pread(0, HEADER_SIZE)
+        h = cls.unpack(b)
+        if h.major != MAJOR_VERSION:
+            raise FormatError(f"gzip.meta: unsupported version {h.major}.{h.minor}")
+        if h.index_size != ENTRY_SIZE:
+            raise FormatError(f"gzip.meta: entry size {h.index_size}, expected {ENTRY_SIZE}")
+        if raw_crc32c(b[:_CRC_COVERS], 0) != h.crc:
+            raise FormatError("gzip.meta: header CRC mismatch")
+        if h.window != WINSIZE or h.span < MIN_SPAN:
+            raise FormatError(f"gzip.meta: window {h.window} / span {h.span} invalid")
+        if h.index_file_size != file_size or h.index_start + h.index_area_len != file_size:
+            raise FormatError(f"gzip.meta: sizes do not match the file ({file_size} bytes; header says "
+                              f"{h.index_file_size}, index {h.index_start}+{h.index_area_len})")
+        if not HEADER_SIZE <= h.index_start <= file_size:
+            raise FormatError(f"gzip.meta: index_start {h.index_start} out of range")
+        return h
+
 
 class _Recorder:
     """IndexFilterRecorder: picks, for each multiple of span, the last block boundary at or before
@@ -480,20 +501,7 @@ class GzipIndex:
 
     @classmethod
     def parse(cls, b: bytes) -> GzipIndex:
-        h = GzipIndexHeader.unpack(b)
-        if h.major != MAJOR_VERSION:
-            raise FormatError(f"gzip.meta: unsupported version {h.major}.{h.minor}")
-        if h.index_size != ENTRY_SIZE:
-            raise FormatError(f"gzip.meta: entry size {h.index_size}, expected {ENTRY_SIZE}")
-        if raw_crc32c(b[:_CRC_COVERS], 0) != h.crc:
-            raise FormatError("gzip.meta: header CRC mismatch")
-        if h.window != WINSIZE or h.span < MIN_SPAN:
-            raise FormatError(f"gzip.meta: window {h.window} / span {h.span} invalid")
-        if h.index_file_size != len(b) or h.index_start + h.index_area_len != len(b):
-            raise FormatError(f"gzip.meta: sizes do not match the file ({len(b)} bytes; header says "
-                              f"{h.index_file_size}, index {h.index_start}+{h.index_area_len})")
-        if not HEADER_SIZE <= h.index_start <= len(b):
-            raise FormatError(f"gzip.meta: index_start {h.index_start} out of range")
+        h = GzipIndexHeader.read(BytesSource(b), len(b))
         area = b[h.index_start :]
         if h.dict_compress_algo == DICT_COMPRESS_ALGO_ZLIB:
             try:

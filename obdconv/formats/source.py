@@ -21,13 +21,15 @@ class RandomAccess(Protocol):
 
 class FileSource:
     """A file as a source. Uses os.pread when the object has a real descriptor (thread safe, no
-    shared file position); otherwise falls back to seek + read under the caller's discipline."""
+    shared file position); otherwise falls back to seek + read under the caller's discipline.
+    `use_fd=False` always seeks and reads: a tar member's file object (`TarFile.extractfile`)
+    answers `fileno()` with the descriptor of the whole archive, not of the member's bytes."""
 
-    def __init__(self, f: BinaryIO | str | os.PathLike[str]) -> None:
+    def __init__(self, f: BinaryIO | str | os.PathLike[str], use_fd: bool = True) -> None:
         self._owned = isinstance(f, (str, os.PathLike))
         self._f: BinaryIO = open(f, "rb") if isinstance(f, (str, os.PathLike)) else f
         try:
-            self._fd: int | None = self._f.fileno()
+            self._fd: int | None = self._f.fileno() if use_fd else None
         except (OSError, AttributeError, io.UnsupportedOperation):
             self._fd = None
 

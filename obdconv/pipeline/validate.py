@@ -6,7 +6,7 @@ import re
 from urllib.parse import urlsplit
 
 from obdconv.errors import BadInputError, UnsupportedError, UsageError
-from obdconv.registry.reference import check_tag
+from obdconv.registry.reference import OCI_LAYOUT_PREFIX, check_tag
 from obdconv.request import ConversionProfile, ConversionRequest
 
 ALGORITHMS = ("lz4", "zstd")
@@ -15,9 +15,11 @@ SECRET_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
-    """The reference's checks and messages, plus obdconv's own limits."""
+    """The reference's checks and messages, plus obdconv's own limits. Settles `request.oci` when
+    the caller left it open (`settle_media_types`)."""
     if not request.repository:
         raise UsageError("repository is required (-r)")
+    settle_media_types(request)
     if not (request.input_tag or request.input_digest):
         raise UsageError("one of input-tag [-i] or input-digest [-g] is required")
     profiles = request.profiles()
@@ -51,6 +53,15 @@ def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
         raise UsageError(f"--vsize {request.vsize_gb}: must be a positive number of GB")
     validate_callback(request.callback_url, request.callback_secret_ref)
     return profiles
+
+
+def settle_media_types(request: ConversionRequest) -> None:
+    """OCI or Docker media types, when not asked (`oci` None): OCI for an `oci:` layout target, whose
+    Docker-typed manifests skopeo, podman and buildah do not see ("no descriptor found for
+    reference"); Docker schema 2 for a registry, as the reference convertor does. Decided here, where
+    every entry point (convert, submit, the API, the fleet's first task) validates its request."""
+    if request.oci is None:
+        request.oci = (request.output_repository or request.repository).startswith(OCI_LAYOUT_PREFIX)
 
 
 def validate_callback(url: str, secret_ref: str) -> None:

@@ -50,8 +50,9 @@ class FaultFleet:
         if name not in self.baselines:
             build_sample_image(self.layout, name, **build)
             push_layout(self.layout, name, f"{self.registry.host}/faults/{repo or name}:{tag}")
+            # oci=False: the Docker media types a registry target gets (a layout target's default is OCI)
             request = ConversionRequest(f"oci:{self.layout}", input_tag=name, overlaybd_tag="obd", no_upload=True,
-                                        workdir=str(self.workdir / "baseline" / name))
+                                        workdir=str(self.workdir / "baseline" / name), oci=False)
             result = convert(request, options=RunnerOptions(workers=1))
             self.baselines[name] = result.output("native").root_digest
         return self.baselines[name]

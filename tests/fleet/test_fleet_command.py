@@ -3,7 +3,9 @@ sample image, and stops every process it started."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,13 @@ def test_fleet_command_converts_and_verifies_then_stops(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "native: sample-obd sha256:" in result.stdout
     assert "0 difference(s)" in result.stdout
+    # Converted by the fleet into an OCI layout: OCI media types there, as `obdconv convert` writes them.
+    tags = {e["annotations"]["org.opencontainers.image.ref.name"]: e
+            for e in json.loads((tmp_path / "images" / "index.json").read_text())["manifests"]}
+    assert tags["sample-obd"]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    if shutil.which("skopeo"):  # installed by scripts/setup.sh; it skips Docker-typed entries of a layout
+        subprocess.run(["skopeo", "inspect", f"oci:{tmp_path / 'images'}:sample-obd"], check=True,
+                       capture_output=True, timeout=60)
     for name in ("worker1", "worker2", "flower", "redis"):
         assert (tmp_path / f"{name}.log").is_file()
     redis_port = int(re.search(r"OBDCONV_BROKER_URL=redis://127\.0\.0\.1:(\d+)/0", result.stdout)[1])  # type: ignore[index]

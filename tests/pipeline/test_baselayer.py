@@ -100,7 +100,7 @@ def test_base_digest_is_in_the_profile_key(base_path: Path) -> None:
 
 @pytest.mark.slow
 def test_mkfs_false_native_and_turbo(base_path: Path, edge_layout: Path, tmp_path: Path) -> None:
-    result = run(edge_layout, tmp_path / "a", base_path, turbo="turbo")
+    result = run(edge_layout, tmp_path / "a", base_path, turbo="turbo", oci=False)  # Docker media types
     src = tag_digest(edge_layout, "docker")
     source_layers = manifest(edge_layout, src)["layers"]
     base = load_base_layer(str(base_path))
@@ -122,7 +122,7 @@ def test_mkfs_false_native_and_turbo(base_path: Path, edge_layout: Path, tmp_pat
         report = verify_reference(f"oci:{edge_layout}:{result.output(fmt).tag}", f"oci:{edge_layout}:docker")
         assert report.ok, report.format_text()  # e2fsck -fn clean, every path equal to the source's
     # deterministic, also through the process pool
-    again = run(edge_layout, tmp_path / "b", base_path, native="obd2", turbo="turbo2", workers=2)
+    again = run(edge_layout, tmp_path / "b", base_path, native="obd2", turbo="turbo2", workers=2, oci=False)
     for fmt in ("native", "turbo"):
         assert again.output(fmt).root_digest == result.output(fmt).root_digest
 

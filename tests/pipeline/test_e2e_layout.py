@@ -81,7 +81,7 @@ def test_edge_image_native_oci_mixed_compression(edge_layout: Path, tmp_path: Pa
 def test_edge_image_docker_native_and_turbo_share_one_prepare(edge_layout: Path, tmp_path: Path) -> None:
     events: list[str] = []
     request = ConversionRequest(repository=f"oci:{edge_layout}", input_tag="docker", overlaybd_tag="obd",
-                                turbo_tag="turbo", workdir=str(tmp_path / "work"))
+                                turbo_tag="turbo", workdir=str(tmp_path / "work"), oci=False)  # Docker types
     result = convert(request, options=RunnerOptions(workers=1),
                      progress=lambda e: events.append(e.stage) if e.finished and e.stage == "prepare" else None)
     assert events.count("prepare") == 4  # one prepare per layer serves both formats
@@ -225,10 +225,10 @@ def test_nested_index_attestation_and_zero_layer_manifest(tmp_path: Path) -> Non
                            "vnd.docker.reference.digest": amd["digest"]}}
     nested = {**lay.index([arm, empty], docker=True), "annotations": {"nested": "yes"}}
     lay.index([amd, att, nested], tag="multi")
-    result = run(lay.root, "multi", tmp_path)
+    result = run(lay.root, "multi", tmp_path, oci=False)
     out = result.output("native")
     root = manifest(lay.root, out.root_digest)
-    assert root["mediaType"] == "application/vnd.oci.image.index.v1+json"  # source type kept without --oci
+    assert root["mediaType"] == "application/vnd.oci.image.index.v1+json"  # source type kept with --oci=false
     assert [e.get("annotations") for e in root["manifests"]] == [{"keep": "me"}, {"nested": "yes"}]
     assert root["manifests"][0]["platform"] == amd["platform"]
     inner = manifest(lay.root, root["manifests"][1]["digest"])

@@ -381,13 +381,13 @@ def test_turbo_gzip_index_of_another_deflate_stream_is_rejected(edge3: Path, tmp
 
 
 def test_docker_media_type_conversion_verifies(hello: Path, tmp_path: Path) -> None:
-    """Without --oci the image uses Docker media types throughout; verify checks them as a family."""
+    """With --oci=false the image uses Docker media types throughout; verify checks them as a family."""
     from obdconv.pipeline.runner import RunnerOptions, convert
     from obdconv.request import ConversionRequest
 
     layout = le.copy_layout(hello, tmp_path / "hello")
     convert(ConversionRequest(repository=f"oci:{layout}", input_tag="amd64", overlaybd_tag="docker-obd",
-                              turbo_tag="docker-turbo", workdir=str(tmp_path / "work")),
+                              turbo_tag="docker-turbo", workdir=str(tmp_path / "work"), oci=False),
             options=RunnerOptions(workers=1))
     for tag, layer_type in (("docker-obd", "application/vnd.docker.image.rootfs.diff.tar"),
                             ("docker-turbo", "application/vnd.docker.image.rootfs.diff.tar.gzip")):
