@@ -503,16 +503,19 @@ class GzipIndex:
     def parse(cls, b: bytes) -> GzipIndex:
         h = GzipIndexHeader.read(BytesSource(b), len(b))
         area = b[h.index_start :]
+        # Every access point has a window of its own in the window area (at least one byte), so a
+        # count beyond the file's size is a lie; checked before inflating, and the inflate is bounded
+        # by what that count needs: a crafted index area cannot make a reader allocate more.
+        if h.index_num > h.index_start:
+            raise FormatError(f"gzip.meta: {h.index_num} access points cannot fit in {len(b)} bytes")
+        expected = h.index_num * ENTRY_SIZE
         if h.dict_compress_algo == DICT_COMPRESS_ALGO_ZLIB:
-            try:
-                raw = zlib.decompress(area)
-            except zlib.error as e:
-                raise FormatError(f"gzip.meta: index area does not decompress: {e}") from e
+            raw = _inflate_bounded(area, expected, "index area")
         elif h.dict_compress_algo == DICT_COMPRESS_ALGO_NONE:
             raw = area
         else:
             raise FormatError(f"gzip.meta: unknown dictionary compression {h.dict_compress_algo}")
-        if len(raw) != h.index_num * ENTRY_SIZE:
+        if len(raw) != expected:
             raise FormatError(f"gzip.meta: index area holds {len(raw)} bytes, expected {h.index_num} entries")
         entries = [IndexEntry(*t) for t in _ENTRY.iter_unpack(raw)]
         prev = -1
@@ -527,13 +530,22 @@ class GzipIndex:
     def window(self, i: int) -> bytes:
         e = self.entries[i]
         blob = self.data[e.win_pos : e.win_pos + e.win_len]
-        try:
-            w = zlib.decompress(blob) if self.header.dict_compress_algo == DICT_COMPRESS_ALGO_ZLIB else blob
-        except zlib.error as e2:
-            raise FormatError(f"gzip.meta: window {i} does not decompress: {e2}") from e2
+        w = (_inflate_bounded(blob, WINSIZE, f"window {i}")
+             if self.header.dict_compress_algo == DICT_COMPRESS_ALGO_ZLIB else blob)
         if len(w) != WINSIZE:
             raise FormatError(f"gzip.meta: window {i} is {len(w)} bytes, expected {WINSIZE}")
         return w
+
+
+def _inflate_bounded(data: bytes, expected: int, what: str) -> bytes:
+    """zlib-inflate `data`, which should give `expected` bytes; never more than one byte beyond
+    that is produced (the caller's length check then refuses it)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, expected + 1)
+    except zlib.error as e:
+        raise FormatError(f"gzip.meta: {what} does not decompress: {e}") from e
+    return out
 
 
 class GzipRandomReader:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import random
+import resource
 import shutil
 import subprocess
 import zlib
@@ -180,3 +182,25 @@ def test_zlib_ng_and_system_zlib_give_the_same_index_and_reads() -> None:
     for library in (ng, system):
         r = GzipRandomReader(blob, meta, library=library)
         assert r.pread(4_000_123, 70_000) == DATA[4_000_123:4_070_123]
+
+
+def _with_index_area(meta: bytes, area: bytes, index_num: int | None = None) -> bytes:
+    """`meta` with its index area replaced (header fields and CRC made consistent again)."""
+    h = GzipIndex.parse(meta).header
+    h = dataclasses.replace(h, index_area_len=len(area), index_file_size=h.index_start + len(area),
+                            index_num=h.index_num if index_num is None else index_num)
+    return h.pack() + meta[len(h.pack()) : h.index_start] + area
+
+
+def test_an_index_area_that_inflates_beyond_its_count_is_refused_without_inflating_it() -> None:
+    """A crafted gzip.meta (a 100 KB zlib bomb as its index area) must not make a reader allocate
+    what it inflates to: the inflate stops one byte past what the header's count needs."""
+    _, meta = _build(gzip.compress(DATA[:300_000]), 4096)
+    bomb = zlib.compress(bytes(512 << 20), 9)  # ~0.5 MB that inflates to 512 MiB
+    crafted = _with_index_area(meta, bomb)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FormatError, match="index area holds"):
+        GzipIndex.parse(crafted)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB: far below 512 MiB
+    with pytest.raises(FormatError, match="cannot fit"):
+        GzipIndex.parse(_with_index_area(meta, bomb, index_num=len(crafted) + 1))
