@@ -1,5 +1,6 @@
 """OCI side of obdconv: media types, digests and chain ids, manifest/index/config JSON, layer
-decompression, the streaming tar scanner (`tarscan`) and filesystem tree models (`tree`).
+decompression, the streaming tar scanner (`tarscan`, over the header fields of `tarheader`) and
+filesystem tree models (`tree`).
 
 Modules are imported explicitly (`from obdconv.oci.tarscan import TarScanner`); nothing heavy here.
 """

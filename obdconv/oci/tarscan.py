@@ -57,64 +57,49 @@ import struct
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, Protocol
-from zlib import adler32
 
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import FormatError, UnsafePathError, UnsupportedError
 from obdconv.faithful import is_socket
 from obdconv.native import load_extension
+from obdconv.oci.tarheader import (
+    AREGTYPE,
+    BLKTYPE,
+    BLOCK_SIZE,
+    CHRTYPE,
+    DIRTYPE,
+    GNUTYPE_LONGLINK,
+    GNUTYPE_LONGNAME,
+    GNUTYPE_SPARSE,
+    HEADER_FIELDS,
+    LNKTYPE,
+    MAX_META_SIZE,
+    META_TYPES,
+    POSIX_MAGIC,
+    REGULAR_TYPES,
+    ROOT_PATH,
+    SIMPLE_TYPES,
+    SOLARIS_XHDTYPE,
+    SYMTYPE,
+    WHITEOUT_META_PREFIX,
+    WHITEOUT_OPAQUE,
+    WHITEOUT_PREFIX,
+    XHDTYPE,
+    ZERO_BLOCK,
+    clean_path,
+    cstr,
+    decode_name,
+    parse_number,
+    parse_pax_records,
+    parse_pax_time,
+    verify_checksum,
+)
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 512
 DATA_ALIGNMENT = 4096
-# PAX headers and GNU long names are held in memory; anything bigger is not a real header.
-MAX_META_SIZE = 64 << 20
-MAX_TIME_DIGITS = 30  # digits of seconds a PAX time may have
-
-WHITEOUT_PREFIX = ".wh."
-WHITEOUT_META_PREFIX = ".wh..wh."
-WHITEOUT_OPAQUE = ".wh..wh..opq"
-
-ROOT_PATH = "."
-
-# typeflags (POSIX ustar, GNU, PAX)
-REGTYPE = b"0"
-AREGTYPE = b"\x00"
-LNKTYPE = b"1"
-SYMTYPE = b"2"
-CHRTYPE = b"3"
-BLKTYPE = b"4"
-DIRTYPE = b"5"
-FIFOTYPE = b"6"
-CONTTYPE = b"7"
-GNUTYPE_LONGNAME = b"L"
-GNUTYPE_LONGLINK = b"K"
-GNUTYPE_SPARSE = b"S"
-XHDTYPE = b"x"  # PAX extended header for the next entry
-XGLTYPE = b"g"  # PAX global header
-SOLARIS_XHDTYPE = b"X"  # old Solaris/star spelling of 'x'
-
-REGULAR_TYPES = (REGTYPE, AREGTYPE, CONTTYPE)
-POSIX_MAGIC = b"ustar\x00"
-
-_SIMPLE_TYPES = {
-    DIRTYPE: EntryType.DIR,
-    SYMTYPE: EntryType.SYMLINK,
-    LNKTYPE: EntryType.HARDLINK,
-    CHRTYPE: EntryType.CHAR,
-    BLKTYPE: EntryType.BLOCK,
-    FIFOTYPE: EntryType.FIFO,
-}
-
-_ZERO_BLOCK = bytes(BLOCK_SIZE)
 # A memoryview, so sinks get the same flat byte view for padding as for file content.
 _ZERO_PAD = memoryview(bytes(DATA_ALIGNMENT))
-_SIGNED_HEADER = struct.Struct("148b8x356b")
-# name mode uid gid size mtime chksum typeflag linkname magic version uname gname devmajor devminor prefix
-_HEADER_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
-_CHKSUM_SPACES = 8 * 0x20
-_META_TYPES = frozenset({GNUTYPE_LONGNAME, GNUTYPE_LONGLINK, XHDTYPE, SOLARIS_XHDTYPE, XGLTYPE})
 
 # parser states
 _HEADER = 0
@@ -152,116 +137,6 @@ class DataSink(Protocol):
 
 def _align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
-
-
-def clean_path(name: str, what: str) -> str:
-    """Lexically clean `name` relative to the root; "" means the root itself.
-
-    Raises UnsafePathError if it resolves above the root (`what` names the entry in the message).
-    """
-    if not name.startswith((".", "/")) and "/." not in name and "//" not in name:
-        return name.rstrip("/")  # nothing to clean but a trailing slash
-    parts: list[str] = []
-    for part in name.split("/"):
-        if part == "" or part == ".":
-            continue
-        if part == "..":
-            if not parts:
-                raise UnsafePathError(f"tar entry {what!r}: path {name!r} escapes the root")
-            parts.pop()
-        else:
-            parts.append(part)
-    return "/".join(parts)
-
-
-def _cstr(field: bytes) -> bytes:
-    nul = field.find(b"\x00")
-    return field if nul < 0 else field[:nul]
-
-
-def _decode(raw: bytes) -> str:
-    # Names are bytes on Linux; surrogateescape keeps non-UTF-8 names round-trippable (os.fsencode).
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def parse_number(field: bytes, what: str, entry: str | bytes) -> int:
-    """A numeric header field: octal (NUL/space padded) or GNU base-256 (first byte & 0x80)."""
-    text = field.partition(b"\x00")[0].strip(b" ")
-    if text.isdigit():  # ASCII digits only: no sign, underscore or prefix that int() would accept
-        try:
-            return int(text, 8)
-        except ValueError:  # an 8 or a 9
-            pass
-    elif not text:
-        return 0
-    elif field[0] & 0x80:
-        if field[0] & 0x40:  # negative, two's complement over the whole field (Go's encoding)
-            return int.from_bytes(field, "big", signed=True)
-        return int.from_bytes(field, "big") - (1 << (8 * len(field) - 1))
-    label = _decode(entry) if isinstance(entry, bytes) else entry
-    raise FormatError(f"tar entry {label!r}: bad {what} field {field!r}")
-
-
-def parse_pax_time(value: bytes, entry: str) -> int:
-    """PAX time "[-]SECONDS[.FRACTION]" -> nanoseconds, exactly (no float rounding)."""
-    text = value.strip()
-    negative = text.startswith(b"-")
-    if negative:
-        text = text[1:]
-    whole, _, frac = text.partition(b".")
-    # At most MAX_TIME_DIGITS of seconds: far past any real time, and far below the 4300 digits
-    # int() refuses with ValueError (found while writing tests/fuzz).
-    if not whole.isdigit() or (frac and not frac.isdigit()) or len(whole) > MAX_TIME_DIGITS:
-        raise FormatError(f"tar entry {entry!r}: bad PAX mtime {value[:64]!r}")
-    ns = int(whole) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
-    return -ns if negative else ns
-
-
-def parse_pax_records(body: bytes, entry: str) -> list[tuple[bytes, bytes]]:
-    """PAX records "LEN KEY=VALUE\\n", all as raw bytes (values may be binary, e.g. capabilities)."""
-    records: list[tuple[bytes, bytes]] = []
-    pos = 0
-    end = len(body)
-    while pos < end:
-        if body[pos] == 0:  # NUL padding after the last record
-            break
-        space = body.find(b" ", pos, min(end, pos + 24))
-        if space < 0:
-            raise FormatError(f"tar entry {entry!r}: malformed PAX header at byte {pos}")
-        try:
-            length = int(body[pos:space])
-        except ValueError:
-            raise FormatError(f"tar entry {entry!r}: malformed PAX record length at byte {pos}") from None
-        record_end = pos + length
-        if length <= space - pos + 1 or record_end > end or body[record_end - 1] != 0x0A:
-            raise FormatError(f"tar entry {entry!r}: malformed PAX record at byte {pos}")
-        key, eq, value = body[space + 1 : record_end - 1].partition(b"=")
-        if not eq:
-            raise FormatError(f"tar entry {entry!r}: PAX record without '=' at byte {pos}")
-        records.append((key, value))
-        pos = record_end
-    return records
-
-
-def _verify_checksum(block: bytes, field: bytes, raw_name: bytes, header_offset: int) -> None:
-    """Header checksum: the unsigned or the signed byte sum, the field itself counted as spaces."""
-    text = field.partition(b"\x00")[0].strip(b" ")
-    try:
-        stored = int(text, 8) if text else -1
-    except ValueError:
-        stored = -1
-    # Exact byte sums via adler32 (C speed): its low half is 1 + sum mod 65521, and a 256-byte
-    # half-block sums to at most 65280, so nothing wraps.
-    total = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
-    unsigned = total - sum(field) + _CHKSUM_SPACES
-    if stored == unsigned:
-        return
-    signed = sum(_SIGNED_HEADER.unpack(block)) + _CHKSUM_SPACES
-    if stored != signed:
-        raise FormatError(
-            f"tar entry {_decode(raw_name)!r}: bad header checksum at byte {header_offset} "
-            f"(stored {field!r}, computed {unsigned})"
-        )
 
 
 class _Pending:
@@ -503,7 +378,7 @@ class TarScanner:
     def _on_header(self, block: bytes) -> None:
         header_offset = self._offset
         self._offset += BLOCK_SIZE
-        if block == _ZERO_BLOCK:
+        if block == ZERO_BLOCK:
             self._zero_blocks += 1
             if self._zero_blocks >= 2:
                 self._state = _END
@@ -512,7 +387,7 @@ class TarScanner:
             raise FormatError(f"tar: a zero block followed by a non-zero header at byte {header_offset}")
 
         (raw_name, mode_f, uid_f, gid_f, size_f, mtime_f, chksum_f, typeflag, raw_link, magic, _version,
-         _uname, _gname, devmajor_f, devminor_f, prefix) = _HEADER_FIELDS.unpack(block)
+         _uname, _gname, devmajor_f, devminor_f, prefix) = HEADER_FIELDS.unpack(block)
         raw_name = raw_name.partition(b"\x00")[0]
         if magic == POSIX_MAGIC:
             prefix = prefix.partition(b"\x00")[0]
@@ -521,15 +396,15 @@ class TarScanner:
         pending = self._pending
         if pending is not None and pending.name is not None:
             raw_name = pending.name
-        _verify_checksum(block, chksum_f, raw_name, header_offset)
+        verify_checksum(block, chksum_f, raw_name, header_offset)
 
         size = parse_number(size_f, "size", raw_name)
         if size < 0:
-            raise FormatError(f"tar entry {_decode(raw_name)!r}: negative size {size}")
+            raise FormatError(f"tar entry {decode_name(raw_name)!r}: negative size {size}")
         padded = (size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
 
-        if typeflag in _META_TYPES:
-            entry_label = _decode(raw_name)
+        if typeflag in META_TYPES:
+            entry_label = decode_name(raw_name)
             if size > MAX_META_SIZE:
                 raise FormatError(f"tar entry {entry_label!r}: {typeflag!r} header of {size} bytes is too big")
             self._meta_kind = typeflag
@@ -545,7 +420,7 @@ class TarScanner:
         self._pending = None
         if pending is None:
             pending = _NO_PENDING
-        name = _decode(raw_name)
+        name = decode_name(raw_name)
         if pending.size is not None:
             size = pending.size
             padded = (size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
@@ -561,7 +436,7 @@ class TarScanner:
             log.warning("tar entry %r is a socket; skipped", name)
             self._skip(padded)
             return
-        if not is_regular and typeflag not in _SIMPLE_TYPES:
+        if not is_regular and typeflag not in SIMPLE_TYPES:
             raise UnsafePathError(f"tar entry {name!r}: unsupported tar entry type {typeflag!r}")
 
         path = clean_path(name, name)
@@ -602,13 +477,13 @@ class TarScanner:
             self._state = _DATA
             return
 
-        entry.type = _SIMPLE_TYPES[typeflag]
+        entry.type = SIMPLE_TYPES[typeflag]
         if typeflag in (SYMTYPE, LNKTYPE):
             if pending.linkname is not None:
                 raw_link = pending.linkname
             else:
                 raw_link = raw_link.partition(b"\x00")[0]
-            target = _decode(raw_link)
+            target = decode_name(raw_link)
             if typeflag == LNKTYPE:
                 target = clean_path(target, name)
                 if target == "":
@@ -649,9 +524,9 @@ class TarScanner:
         kind = self._meta_kind
         entry = self._meta_entry
         if kind == GNUTYPE_LONGNAME:
-            self._pending_for_write().name = _cstr(body)
+            self._pending_for_write().name = cstr(body)
         elif kind == GNUTYPE_LONGLINK:
-            self._pending_for_write().linkname = _cstr(body)
+            self._pending_for_write().linkname = cstr(body)
         elif kind in (XHDTYPE, SOLARIS_XHDTYPE):
             self._apply_pax(parse_pax_records(body, entry), entry)
         # XGLTYPE: global headers are skipped (as the reference does).
@@ -675,7 +550,7 @@ class TarScanner:
             elif key == b"mtime":
                 pending.mtime_ns = parse_pax_time(value, entry)
             elif key.startswith(b"SCHILY.xattr."):
-                pending.xattrs.append((_decode(key[len(b"SCHILY.xattr.") :]), value))
+                pending.xattrs.append((decode_name(key[len(b"SCHILY.xattr.") :]), value))
             elif key.startswith(b"GNU.sparse."):
                 pending.sparse = True
 

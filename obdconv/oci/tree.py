@@ -55,6 +55,7 @@ from obdconv.faithful import (
     is_socket,
     xattr_dropped_by,
 )
+from obdconv.oci.tarheader import MAX_TIME_DIGITS
 from obdconv.tree import Tree, TreeEntry
 
 _WHITEOUT_PREFIX = ".wh."
@@ -63,7 +64,6 @@ _WHITEOUT_OPAQUE = ".wh..wh..opq"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _HASH_CHUNK = 1 << 20
-MAX_TIME_DIGITS = 30  # digits of seconds in a PAX time, as the tar scanner allows (tarscan.MAX_TIME_DIGITS)
 
 
 @dataclass(slots=True)
@@ -100,7 +100,8 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     text = member.pax_headers.get("mtime")
     if text is None:
         return int(member.mtime) * 1_000_000_000
-    # As the tar scanner reads it (tarscan.parse_pax_time): what it refuses is bad input here too.
+    # As the tar scanner reads it (tarheader.parse_pax_time; this model stays independent of the
+    # scanner it checks, only the limit is shared): what it refuses is bad input here too.
     text = text.strip()
     negative = text.startswith("-")
     whole, _, frac = (text[1:] if negative else text).partition(".")
