@@ -21,8 +21,8 @@ from obdconv.registry.auth import (
     parse_scope,
 )
 from obdconv.registry.bodies import rechunk
-from obdconv.registry.client import _scopes_for
 from obdconv.registry.repository import VerifyingReader, buffered
+from obdconv.registry.session import scopes_for as _scopes_for
 
 
 def test_parse_bearer_challenge_with_commas_inside_quotes() -> None:
