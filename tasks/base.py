@@ -94,7 +94,7 @@ class FleetTask(Task):
         path may be missing there), in the exception itself: Celery stores the exception as the
         task's result before `on_failure` runs, and a client may read either."""
         job = kwargs.get("job")
-        if isinstance(job, dict) and not self.request.is_eager:  # (eager: run in-process, no fleet)
+        if isinstance(job, dict):
             stop_if_cancelled(job, self.name)  # Ignore: the request was cancelled
         try:
             return super().__call__(*args, **kwargs)

@@ -506,7 +506,7 @@ class GzipIndex:
         # Every access point has a window of its own in the window area (at least one byte), so a
         # count beyond the file's size is a lie; checked before inflating, and the inflate is bounded
         # by what that count needs: a crafted index area cannot make a reader allocate more.
-        if h.index_num > h.index_start:
+        if not 0 <= h.index_num <= h.index_start:
             raise FormatError(f"gzip.meta: {h.index_num} access points cannot fit in {len(b)} bytes")
         expected = h.index_num * ENTRY_SIZE
         if h.dict_compress_algo == DICT_COMPRESS_ALGO_ZLIB:

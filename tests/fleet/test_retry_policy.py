@@ -12,11 +12,20 @@ from typing import Any
 import pytest
 from celery import Celery
 
+import tasks.cancel as cancel
 from obdconv.errors import NetworkError
 from tasks.base import WAITS, FleetTask, failure_retry, retry_later
 from tasks.context import settings
 
 RETRY_MAX = settings().retry_max
+
+
+@pytest.fixture(autouse=True)
+def _no_fleet_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No result backend runs here: the cancel check (every FleetTask start) has nothing to read.
+    (Left to reach for the default backend, a client that outlasts Redis restarts waits ~15 s per
+    call for a server that never comes.)"""
+    monkeypatch.setattr(cancel, "_client", lambda: None)
 
 
 def _app() -> Celery:

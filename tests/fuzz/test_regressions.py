@@ -16,7 +16,7 @@ from obdconv.errors import BadInputError, FormatError
 from obdconv.formats import tarwrap
 from obdconv.oci import tarscan
 from obdconv.oci.tree import tree_from_tar_layers
-from tests.fuzz.targets import tar_scanner, tar_wrapper
+from tests.fuzz.targets import gzip_index, tar_scanner, tar_wrapper
 from tests.oci.helpers import END, checksum, pad, raw_header
 
 
@@ -96,3 +96,11 @@ def test_pax_mtime_beyond_any_time_is_bad_input(tmp_path: Path, mtime: str) -> N
     path.write_bytes(buf.getvalue())
     with pytest.raises(BadInputError, match="bad PAX mtime"):
         tree_from_tar_layers([path])
+
+
+def test_gzip_meta_with_a_negative_access_point_count_is_refused() -> None:
+    """Defect 5: a negative index_num passed the count check; the bounded inflate then raised
+    OverflowError (the fixed-seed run in CI found it)."""
+    seed = Path(__file__).parent / "corpus" / "gzip_index" / "regress-negative-index-num"
+    with pytest.raises(FormatError, match="access points cannot fit"):
+        gzip_index(seed.read_bytes())
