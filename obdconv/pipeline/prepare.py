@@ -27,11 +27,13 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,9 +42,10 @@ import zstandard
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
 from obdconv.formats.gzindex import GzipIndexBuilder
-from obdconv.formats.zfile import BlockCompressor
+from obdconv.formats.zfile import BlockStream
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
+from obdconv.pipeline.fanout import Fanout
 
 READ_CHUNK = 1 << 20
 SNIFF_BYTES = 512
@@ -154,26 +157,33 @@ def load_prepared(spool_dir: Path, source_digest: str, algorithm: str, block_siz
 
 
 class DataAreaBlocks:
-    """The TarScanner's data sink for native layers: compresses the data area into ZFile blocks of
-    `block_size` as it streams and appends them to `out`; remembers each block's length."""
+    """The TarScanner's data sink for native layers: the data area, compressed into ZFile blocks of
+    `block_size` as it streams (on `threads` threads, see `BlockStream`) and appended to `out`."""
 
-    def __init__(self, out: BinaryIO, algorithm: str, block_size: int) -> None:
-        self.out = out
+    def __init__(self, out: BinaryIO, algorithm: str, block_size: int, threads: int = 1) -> None:
+        self.stream = BlockStream(out, algorithm, block_size, threads)
         self.block_size = block_size
-        self.compressor = BlockCompressor(algorithm=algorithm, block_size=block_size)
-        self.lengths = array.array("I")
-        self.raw_size = 0
-        self.compressed_size = 0
         self.batch = max(COMPRESS_BATCH // block_size, 1) * block_size
-        # One batch buffer, allocated once and filled by slice assignment: most files are small,
-        # so most bytes pass through it, and growing a fresh bytearray per batch cost reallocs.
+        # Batch buffers, filled by slice assignment (most files are small, so most bytes pass
+        # through one) and recycled once their batch is compressed: a fresh bytearray per batch
+        # cost reallocs and page faults.
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.buffer = bytearray(self.batch)
         self.view = memoryview(self.buffer)
         self.fill = 0
 
+    @property
+    def lengths(self) -> list[int]:
+        return self.stream.lengths
+
+    @property
+    def compressed_size(self) -> int:
+        return self.stream.compressed_size
+
     def write(self, data: bytes | memoryview) -> None:
-        # Whole batches are compressed straight from the caller's buffer; only the bytes that do
-        # not fill a batch are copied (tar members arrive as slices of large decompressed chunks).
+        # Whole batches are compressed straight from the caller's buffer when it cannot change
+        # (tar members arrive as slices of large decompressed bytes); only the bytes that do not
+        # fill a batch are copied.
         fill = self.fill
         n = len(data)
         if fill + n < self.batch and type(data) is memoryview and data.format == "B" and data.ndim == 1:
@@ -191,33 +201,44 @@ class DataAreaBlocks:
             if fill < batch:
                 self.fill = fill
                 return
-            self._compress(self.view)
+            self._submit_buffer(batch)
             mv = mv[take:]
             n -= take
         whole = n - n % batch
-        if whole:
-            self._compress(mv[:whole])
+        if whole and isinstance(mv.obj, bytes):
+            self.stream.submit(mv[:whole])  # the view keeps the (immutable) bytes alive
+        else:
+            for o in range(0, whole, batch):  # a mutable buffer the caller may reuse: copy it
+                self.view[:] = mv[o:o + batch]
+                self._submit_buffer(batch)
         rest = n - whole
         if rest:
             self.view[:rest] = mv[whole:]
         self.fill = rest
 
-    def _compress(self, data: bytes | bytearray | memoryview) -> None:
-        # compress_packed: the blocks back to back, as blocks.bin holds them (no bytes per block).
-        packed, lengths = self.compressor.compress_packed(data)
-        self.out.write(packed)
-        self.lengths.extend(lengths)
-        self.compressed_size += len(packed)
-        self.raw_size += len(data)
+    def _submit_buffer(self, size: int) -> None:
+        """Hand the filled batch buffer to the stream and continue in another one."""
+        buffer = self.buffer
+        self.stream.submit(self.view[:size], partial(self._free.put, buffer))
+        try:
+            self.buffer = self._free.get_nowait()
+        except queue.Empty:
+            self.buffer = bytearray(self.batch)
+        self.view = memoryview(self.buffer)
+        self.fill = 0
 
     def finish(self) -> int:
-        """Pad the area to a block_size multiple (so every block is full) and flush; returns its size."""
+        """Pad the area to a block_size multiple (so every block is full), wait until every block
+        is written; returns the area's size."""
         if self.fill:
             end = self.fill + (-self.fill % self.block_size)
             self.view[self.fill:end] = bytes(end - self.fill)
-            self._compress(self.view[:end])
-            self.fill = 0
-        return self.raw_size
+            self._submit_buffer(end)
+        self.stream.close()
+        return self.stream.raw_size
+
+    def abort(self) -> None:
+        self.stream.abort()
 
     def write_lengths(self, path: Path) -> None:
         lengths = array.array("I", self.lengths)
@@ -310,12 +331,30 @@ def _raise_if_corrupt(blob: BinaryIO, error: Exception) -> None:
         raise integrity from error
 
 
+def prepare_threads() -> int:
+    """Threads one prepare uses: $OBDCONV_PREPARE_THREADS, else every core this process may run
+    on (its CPU affinity, so a worker pinned to some cores, or a container's cpuset, is honoured).
+    1 runs the whole pass in the calling thread."""
+    try:
+        return max(1, int(os.environ["OBDCONV_PREPARE_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
             block_size: int, progress: ProgressFn | None) -> PreparedLayer:
+    """The pass over one blob. With more than one thread: this thread reads and inflates; the
+    tar's sha256 and the tar scan each run in a thread of their own (`Fanout`: the inflated bytes
+    are shared, not copied) and the scan's data area is compressed on a pool (`BlockStream`)."""
     digest = desc["digest"]
     total = int(desc.get("size") or 0)
     tar_hash = hashlib.sha256()
     source_size = 0
+    threads = prepare_threads()
     with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob:
         head = blob.read(READ_CHUNK)
         kind = sniff(head[:SNIFF_BYTES]) if head else "none"
@@ -323,35 +362,43 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
             raise _turbo_zstd(digest)
         gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN, level=GZIP_INDEX_LEVEL) if turbo and kind == "gzip" else None
         feed, flush = _inflater(kind, gzip_index)
-        sink = DataAreaBlocks(blocks_out, algorithm, block_size) if native else None
+        sink = DataAreaBlocks(blocks_out, algorithm, block_size, threads) if native else None
         scanner = TarScanner(data_sink=sink)
+        fanout: Fanout[bytes] = Fanout([tar_hash.update, scanner.feed], threaded=threads > 1, name="prepare")
 
         def consume(tar_bytes: bytes) -> None:
             if tar_bytes:
-                tar_hash.update(tar_bytes)
-                scanner.feed(tar_bytes)
+                fanout.put(tar_bytes)
 
         chunk = head
         try:
-            while chunk:
-                source_size += len(chunk)
-                for piece in feed(chunk):
-                    consume(piece)
-                if progress is not None:
-                    progress(source_size, total)
-                chunk = blob.read(READ_CHUNK)
-            # EOF reached: the verifying reader has checked the digest by now.
-            consume(flush())
-            # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
-            # the truncated tar it decompresses to (the Decompressor's flush above does the same).
-            gzip_meta = gzip_index.finish(source_size) if gzip_index is not None else None
-            entries = scanner.finish()
-        except BadInputError as e:
-            if isinstance(e, IntegrityError):
+            try:
+                while chunk:
+                    source_size += len(chunk)
+                    for piece in feed(chunk):
+                        consume(piece)
+                    if progress is not None:
+                        progress(source_size, total)
+                    chunk = blob.read(READ_CHUNK)
+                # EOF reached: the verifying reader has checked the digest by now.
+                consume(flush())
+                fanout.close()
+                # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
+                # the truncated tar it decompresses to (the Decompressor's flush above does the same).
+                gzip_meta = gzip_index.finish(source_size) if gzip_index is not None else None
+                entries = scanner.finish()
+            except BadInputError as e:
+                if isinstance(e, IntegrityError):
+                    raise
+                fanout.abort()
+                _raise_if_corrupt(blob, e)
                 raise
-            _raise_if_corrupt(blob, e)
+            data_area = sink.finish() if sink is not None else 0
+        except BaseException:
+            fanout.abort()
+            if sink is not None:
+                sink.abort()
             raise
-        data_area = sink.finish() if sink is not None else 0
     if sink is not None:
         if data_area != -(-scanner.data_area_size // block_size) * block_size:
             raise BadInputError(f"layer {digest}: data area is {data_area} bytes, tar scan says "

@@ -10,7 +10,7 @@ One module per idea: `header` (the byte layout: constants, `ZFileHeader`, `zfile
 """
 
 from obdconv.formats.zfile.codec import decompress_block, default_threads
-from obdconv.formats.zfile.compress import BlockCompressor
+from obdconv.formats.zfile.compress import BlockCompressor, BlockStream
 from obdconv.formats.zfile.header import (
     ALGO_LZ4,
     ALGO_ZSTD,
@@ -47,6 +47,7 @@ __all__ = [
     "OVERWRITE_HEADER_FLAGS",
     "TRAILER_FLAGS",
     "BlockCompressor",
+    "BlockStream",
     "ZFileHeader",
     "ZFileReader",
     "ZFileWriter",

@@ -10,15 +10,18 @@ bytes the fixtures pin).
 
 from __future__ import annotations
 
+import array
 import collections
 import ctypes
 import ctypes.util
 import itertools
+import logging
 import operator
 import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import cffi
 import crc32c as _crc32c
@@ -26,7 +29,7 @@ import lz4.block
 import zstandard
 
 from obdconv.errors import FormatError
-from obdconv.formats.crc import STD_CRC_RESIDUE
+from obdconv.formats.crc import STD_CRC_RESIDUE, ZFILE_BLOCK_CRC_SEED
 from obdconv.formats.zfile.header import (
     _MASK,
     _STD_BLOCK_SEED,
@@ -36,6 +39,9 @@ from obdconv.formats.zfile.header import (
     CRC_SIZE,
     ZSTD_LEVEL,
 )
+from obdconv.native import load_extension
+
+log = logging.getLogger(__name__)
 
 _tls = threading.local()
 
@@ -81,21 +87,6 @@ class _SystemLZ4:
                       "int LZ4_compressBound(int inputSize);"
                       "int LZ4_decompress_safe(const char* src, char* dst, int srcSize, int dstCapacity);")
         self.lib = self.ffi.dlopen(ctypes.util.find_library("lz4") or "liblz4.so.1")
-
-    def compress_packed(self, data: memoryview, block_size: int, batch_bytes: int) -> tuple[bytes, list[int]]:
-        """(blocks back to back, each followed by its CRC; stored length of each block).
-
-        All of `data` goes compactly into one reused buffer, `batch_bytes` at a time (so the CRC
-        pass reads output still in cache), and is copied out once at the end.
-        """
-        n = len(data)
-        bound = self.lib.LZ4_compressBound(block_size)
-        buf = _scratch("lz4_out", -(-n // block_size) * (bound + CRC_SIZE))
-        pos = 0
-        lengths: list[int] = []
-        for o in range(0, n, batch_bytes):
-            pos = self._compress_batch(data[o : o + batch_bytes], block_size, bound, buf, pos, lengths)
-        return bytes(memoryview(buf)[:pos]), lengths
 
     def _compress_batch(self, data: memoryview, block_size: int, bound: int, buf: bytearray, pos: int,
                         lengths: list[int]) -> int:
@@ -216,6 +207,9 @@ def _decode_batch_into(codec: _SystemLZ4 | _SystemZstdDecoder, stored: bytes | m
 
 
 _lz4 = _SystemLZ4()
+_fast = load_extension("obdconv.formats._zfilefast", "OBDCONV_ZFILE_NO_FAST", log,
+                       "compressing LZ4 blocks in a Python loop (slower; the GIL is held between blocks). "
+                       "Reinstall with gcc present to build it.")
 try:
     _zstd_dec: _SystemZstdDecoder | None = _SystemZstdDecoder()
 except OSError:  # no system libzstd: ZFileReader falls back to python-zstandard per block
@@ -239,30 +233,79 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _zstd_compress_packed(data: memoryview, block_size: int) -> tuple[bytes, list[int]]:
-    """As `_SystemLZ4.compress_packed`, through python-zstandard (~25 us of codec work per 4 KiB
-    block, so one bytes object per block costs little)."""
-    zc = _zstd_compressor().compress
+def compressed_bound(algo: int, block_size: int, size: int) -> int:
+    """Room `compress_into` needs for `size` payload bytes: every block's worst case + its CRC."""
+    if algo == ALGO_LZ4:
+        bound = block_size + block_size // 255 + 16  # LZ4_COMPRESSBOUND
+    else:  # ZSTD_COMPRESSBOUND, plus slack for the frame header
+        bound = block_size + (block_size >> 8) + ((128 << 10) - block_size >> 11) + 64
+    return -(-size // block_size) * (bound + CRC_SIZE)
+
+
+def compress_into(algo: int, data: memoryview, block_size: int, out: bytearray, pos: int,
+                  lengths: list[int]) -> int:
+    """Compress `data` (whole blocks; the last may be short) into `out` from `pos`, each block
+    followed by its CRC, appending each block's stored length to `lengths`; returns the new end.
+    `out` must have `compressed_bound` room after `pos`.
+
+    LZ4 goes through the C fast path when it is built (one call per batch, the GIL released for
+    all of it), else a Python loop over the same liblz4 calls. zstd compresses with
+    python-zstandard's `multi_compress_to_buffer` (one call per batch; the same frames as
+    `compress` per block, which the fixtures pin)."""
+    n = len(data)
+    if not n:
+        return pos
+    if algo == ALGO_LZ4:
+        if _fast is not None:
+            return _fast_lz4_into(data, block_size, out, pos, lengths)
+        bound = _lz4.lib.LZ4_compressBound(block_size)
+        for o in range(0, n, FALLBACK_BATCH):
+            pos = _lz4._compress_batch(data[o:o + FALLBACK_BATCH], block_size, bound, out, pos, lengths)
+        return pos
+    return _zstd_into(data, block_size, out, pos, lengths)
+
+
+FALLBACK_BATCH = 1 << 20  # payload bytes per `map` pass of the Python LZ4 loop (its CRC pass reads cached output)
+
+
+def _fast_lz4_into(data: memoryview, block_size: int, out: bytearray, pos: int, lengths: list[int]) -> int:
+    ffi, lib = _fast.ffi, _fast.lib  # type: ignore[union-attr]
+    count = -(-len(data) // block_size)
+    found = array.array("I", bytes(4 * count))
+    end = lib.obd_lz4_blocks(ffi.from_buffer(data), len(data), block_size, ZFILE_BLOCK_CRC_SEED,
+                             ffi.from_buffer(out) + pos, len(out) - pos, ffi.from_buffer("uint32_t[]", found))
+    if end < 0:
+        raise FormatError("LZ4 compression failed (output buffer too small)" if end == lib.OBD_ERR_ROOM
+                          else "LZ4 compression failed")
+    lengths.extend(found)
+    return pos + end
+
+
+def _zstd_into(data: memoryview, block_size: int, out: bytearray, pos: int, lengths: list[int]) -> int:
+    zc = _zstd_compressor()
+    pieces = [data[o:o + block_size] for o in range(0, len(data), block_size)]
+    multi = getattr(zc, "multi_compress_to_buffer", None)
+    frames: Iterable[Any] = multi(pieces, threads=1) if multi is not None else map(zc.compress, pieces)
+    mv = memoryview(out)
     crc = _crc32c.crc32c
     seed = _STD_BLOCK_SEED
-    pack = _U32.pack
-    parts: list[bytes] = []
-    add = parts.append
+    pack_into = _U32.pack_into
+    for frame in frames:
+        n = len(frame)
+        mv[pos:pos + n] = frame
+        pack_into(out, pos + n, crc(frame, seed) ^ _MASK)
+        pos += n + CRC_SIZE
+        lengths.append(n + CRC_SIZE)
+    return pos
+
+
+def _compress_packed(algo: int, data: memoryview, block_size: int) -> tuple[bytes, list[int]]:
+    """(the stored blocks of `data` back to back, their stored lengths), through a per-thread
+    scratch buffer copied out once."""
+    buf = _scratch("packed_out", compressed_bound(algo, block_size, len(data)))
     lengths: list[int] = []
-    length = lengths.append
-    for off in range(0, len(data), block_size):
-        c = zc(data[off : off + block_size])
-        add(c)
-        add(pack(crc(c, seed) ^ _MASK))
-        length(len(c) + CRC_SIZE)
-    return b"".join(parts), lengths
-
-
-def _compress_packed(algo: int, data: memoryview, block_size: int, batch_bytes: int) -> tuple[bytes, list[int]]:
-    if algo == ALGO_LZ4:
-        return _lz4.compress_packed(data, block_size, batch_bytes)
-    return _zstd_compress_packed(data, block_size)
-
+    end = compress_into(algo, data, block_size, buf, 0, lengths)
+    return bytes(memoryview(buf)[:end]), lengths
 
 
 _pool_lock = threading.Lock()
