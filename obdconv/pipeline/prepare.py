@@ -45,11 +45,13 @@ from obdconv.formats.gzindex import GzipIndexBuilder
 from obdconv.formats.zfile import BlockStream
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
+from obdconv.pipeline.entrystream import EntryRows, EntryStreamWriter, decode_rows
 from obdconv.pipeline.fanout import Fanout
 
 READ_CHUNK = 1 << 20
 SNIFF_BYTES = 512
 COMPRESS_BATCH = 1 << 20  # data-area bytes handed to the block compressor at once
+STREAM_PART = 2048  # entries per part of the entry list encoded (and streamed) while scanning
 GZIP_INDEX_SPAN = 1 << 20  # the access-point spacing turboOCI-apply uses (spec §5)
 # zlib level of the 32 KiB windows in gzip.meta: level 1 compresses them ~2.7x faster than the
 # reference's 6 for ~6% bigger windows (the header records the level; readers only inflate).
@@ -125,16 +127,8 @@ class PreparedLayer:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def save_entries(path: Path, entries: list[LayerEntry]) -> None:
-    raw = json.dumps([e.to_list() for e in entries], separators=(",", ":"), ensure_ascii=False,
-                     # tar names that are not UTF-8 arrive as surrogate escapes; keep them lossless
-                     ).encode("utf-8", "surrogateescape")
-    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
-
-
 def load_entries(path: Path) -> list[LayerEntry]:
-    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
-    return [LayerEntry.from_list(row) for row in json.loads(raw.decode("utf-8", "surrogateescape"))]
+    return decode_rows(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
 
 
 def spool_key(source_digest: str, algorithm: str, block_size: int) -> str:
@@ -274,9 +268,12 @@ def prepare_layer(
     algorithm: str = "lz4",
     block_size: int = 4096,
     progress: ProgressFn | None = None,
+    entry_stream: str | os.PathLike[str] | None = None,
 ) -> PreparedLayer:
     """Prepare one layer (or reuse its spool). Raises IntegrityError on a digest mismatch (nothing
-    is left in the spool), UnsupportedError for a zstd layer asked for turbo."""
+    is left in the spool), UnsupportedError for a zstd layer asked for turbo. With `entry_stream`
+    the entries also go to that file as the scan finds them (see entrystream.py; nothing is
+    written there when the spool is reused)."""
     digest = layer_descriptor["digest"]
     spool_dir = Path(spool_dir)
     existing = load_prepared(spool_dir, digest, algorithm, block_size)
@@ -291,7 +288,7 @@ def prepare_layer(
     tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=spool_dir))
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
-                           block_size=block_size, progress=progress)
+                           block_size=block_size, progress=progress, entry_stream=entry_stream)
         (tmp / "prepared.json").write_text(json.dumps(prepared.to_dict()))
         _install(tmp, final)
     except BaseException:
@@ -346,10 +343,29 @@ def prepare_threads() -> int:
 
 
 def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
-            block_size: int, progress: ProgressFn | None) -> PreparedLayer:
+            block_size: int, progress: ProgressFn | None,
+            entry_stream: str | os.PathLike[str] | None = None) -> PreparedLayer:
     """The pass over one blob. With more than one thread: this thread reads and inflates; the
     tar's sha256 and the tar scan each run in a thread of their own (`Fanout`: the inflated bytes
-    are shared, not copied) and the scan's data area is compressed on a pool (`BlockStream`)."""
+    are shared, not copied) and the scan's data area is compressed on a pool (`BlockStream`).
+    The scan encodes the entry rows part by part as it finds entries (and streams them)."""
+    stream = EntryStreamWriter(entry_stream) if entry_stream else None
+    try:
+        prepared, rows = _pass(repo, desc, tmp, native=native, turbo=turbo, algorithm=algorithm,
+                               block_size=block_size, progress=progress, stream=stream)
+    except BaseException:
+        if stream is not None:
+            stream.discard()
+        raise
+    rows.save(tmp / "entries.json.zst")
+    if stream is not None:
+        stream.end()
+    return prepared
+
+
+def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
+          block_size: int, progress: ProgressFn | None,
+          stream: EntryStreamWriter | None) -> tuple[PreparedLayer, EntryRows]:
     digest = desc["digest"]
     total = int(desc.get("size") or 0)
     tar_hash = hashlib.sha256()
@@ -364,7 +380,24 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         feed, flush = _inflater(kind, gzip_index)
         sink = DataAreaBlocks(blocks_out, algorithm, block_size, threads) if native else None
         scanner = TarScanner(data_sink=sink)
-        fanout: Fanout[bytes] = Fanout([tar_hash.update, scanner.feed], threaded=threads > 1, name="prepare")
+        rows = EntryRows()
+        next_part = STREAM_PART
+
+        def take_entries() -> None:
+            new = scanner.pop_entries()
+            if new:
+                raw = rows.add(new)
+                if stream is not None:
+                    stream.write(raw)
+
+        def scan(piece: bytes) -> None:
+            nonlocal next_part
+            scanner.feed(piece)
+            if len(scanner.entries) >= next_part:
+                take_entries()
+                next_part = len(scanner.entries) + STREAM_PART
+
+        fanout: Fanout[bytes] = Fanout([tar_hash.update, scan], threaded=threads > 1, name="prepare")
 
         def consume(tar_bytes: bytes) -> None:
             if tar_bytes:
@@ -387,6 +420,8 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
                 # the truncated tar it decompresses to (the Decompressor's flush above does the same).
                 gzip_meta = gzip_index.finish(source_size) if gzip_index is not None else None
                 entries = scanner.finish()
+                if len(entries) > rows.count:
+                    take_entries()
             except BadInputError as e:
                 if isinstance(e, IntegrityError):
                     raise
@@ -408,7 +443,6 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         (tmp / "lengths.u32").write_bytes(b"")
     if gzip_meta is not None:
         (tmp / "gzip.meta").write_bytes(gzip_meta)
-    save_entries(tmp / "entries.json.zst", entries)
     return PreparedLayer(
         source_digest=digest,
         source_size=source_size,
@@ -424,4 +458,4 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         data_area_size=data_area,
         block_count=len(sink.lengths) if sink is not None else 0,
         compressed_size=sink.compressed_size if sink is not None else 0,
-    )
+    ), rows

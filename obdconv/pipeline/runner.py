@@ -32,6 +32,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from functools import partial
@@ -39,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from obdconv.dedup.store import open_store
+from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, ObdconvError
 from obdconv.pipeline.assemble import ConvertedLayer
+from obdconv.pipeline.entrystream import streamed_entries
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
@@ -64,6 +67,8 @@ from obdconv.registry import PendingBlob, RegistryOptions, open_repository
 from obdconv.request import ConversionProfile, ConversionRequest
 
 log = logging.getLogger(__name__)
+
+STREAMS_DIR = ".entry-streams"  # under the work directory: the prepares' entry streams (entrystream.py)
 
 
 
@@ -89,6 +94,7 @@ class _Run:
         self.timing_lock = threading.Lock()
         self.push_lock = threading.Lock()
         self.prepare_futures: dict[str, Future[tuple[dict[str, Any], float]]] = {}
+        self.entry_streams: dict[str, str] = {}  # digest -> file its prepare streams entries to ("" none)
         self.prepared: dict[str, PreparedLayer] = {}
         self.created_spools: list[Path] = []
         self.metadata_workdirs: list[Path] = []
@@ -126,9 +132,18 @@ class _Run:
                 if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
                     self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
                 self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
+                # A pool worker streams the entries to the metadata pass as it scans them (inline
+                # tasks are done before the pass starts: they need not).
+                stream = "" if isinstance(pool, InlineExecutor) else str(self.workdir / STREAMS_DIR / f"{i}.entries")
+                self.entry_streams[digest] = stream
                 self.prepare_futures[digest] = pool.submit(
                     task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
-                    self.native, self.turbo, r.algorithm, r.block_size, i)
+                    self.native, self.turbo, r.algorithm, r.block_size, i, stream)
+
+    def entry_parts(self, digest: str) -> Iterator[list[LayerEntry]]:
+        """The layer's entries in parts, as its prepare finds them (see entrystream.py)."""
+        return streamed_entries(self.entry_streams.get(digest) or None, self.prepare_futures[digest].done,
+                                partial(self.wait_prepared, digest))
 
     def wait_prepared(self, digest: str) -> PreparedLayer:
         result, seconds = self.prepare_futures[digest].result()
@@ -312,13 +327,16 @@ class _Run:
                                  keep_image=self.request.reserve) as metadata_pass:
                 self.add_time("metadata", time.monotonic() - t)
                 for i in range(start, n):
+                    # Applied while the layer is still being prepared (its entries stream in).
+                    busy = metadata_pass.busy_seconds
+                    applied = metadata_pass.apply_parts(self.entry_parts(m.layers[i]["digest"]))
                     prepared = self.wait_prepared(m.layers[i]["digest"])
                     if prepared.diff_id != m.diff_ids[i]:
                         raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
                                             f"{prepared.diff_id}, config says {m.diff_ids[i]}")
                     t = time.monotonic()
-                    encoded = encode_metadata(metadata_pass.apply(prepared))
-                    self.add_time("metadata", time.monotonic() - t)
+                    encoded = encode_metadata(applied)
+                    self.add_time("metadata", metadata_pass.busy_seconds - busy + time.monotonic() - t)
                     self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
                     for profile in group:
                         result: Future[tuple[dict[str, Any], float]] = Future()
@@ -450,6 +468,7 @@ class _Run:
                 if not request.reserve:
                     for path in self.metadata_workdirs:
                         shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(self.workdir / STREAMS_DIR, ignore_errors=True)
 
             run_all(stop_executors, stop_progress, release, remove_files)
         self.timings["total"] = time.monotonic() - started
