@@ -1,5 +1,7 @@
-"""`Fanout`: one producer's pieces handed, in order, to several consumers that each run in their own
-thread, so that (for example) a layer's inflate, its sha256 and its tar scan use different cores.
+"""Moving a stream's pieces between threads, so that (for example) a layer's download and digest
+check, its inflate, its tar sha256 and its tar scan use different cores: `Fanout` hands one
+producer's pieces, in order, to several consumers that each run in their own thread; `ReadAhead`
+reads a file object in a thread of its own.
 
 The pieces are shared, not copied: consumers must treat them as read-only (the prepare stage hands
 on `bytes`). Each consumer has a bounded queue, so a slow consumer holds the producer back and the
@@ -15,7 +17,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 T = TypeVar("T")
 _END = object()
@@ -90,3 +92,62 @@ class Fanout(Generic[T]):
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class ReadAhead:
+    """`read(size)` of `source` in a thread of its own, up to `depth` chunks ahead: whatever the
+    source does per read (e.g. a verifying blob reader's sha256) runs beside the caller's work on
+    the previous chunk. Chunks come back in order; an error of the source is raised by the `read`
+    that reaches it. `close` stops the thread (it does not close `source`)."""
+
+    def __init__(self, source: BinaryIO, size: int, depth: int = 4) -> None:
+        self.source = source
+        self.size = size
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self.source.read(self.size)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self) -> bytes:
+        """The next chunk; b"" at the end (again on every later call)."""
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        if not item:
+            self._eof = True
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

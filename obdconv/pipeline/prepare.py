@@ -46,7 +46,7 @@ from obdconv.formats.zfile import BlockStream
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
 from obdconv.pipeline.entrystream import EntryRows, EntryStreamWriter, decode_rows
-from obdconv.pipeline.fanout import Fanout
+from obdconv.pipeline.fanout import Fanout, ReadAhead
 
 READ_CHUNK = 1 << 20
 SNIFF_BYTES = 512
@@ -318,11 +318,11 @@ def _install(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _raise_if_corrupt(blob: BinaryIO, error: Exception) -> None:
+def _raise_if_corrupt(read: Callable[[], bytes], error: Exception) -> None:
     """A blob that does not decompress or parse may simply be corrupt: read it to the end so the
     digest check runs, and report the IntegrityError (the real cause) instead."""
     try:
-        while blob.read(READ_CHUNK):
+        while read():
             pass
     except IntegrityError as integrity:
         raise integrity from error
@@ -371,8 +371,12 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
     tar_hash = hashlib.sha256()
     source_size = 0
     threads = prepare_threads()
-    with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob:
+    with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob, \
+            contextlib.ExitStack() as stack:
         head = blob.read(READ_CHUNK)
+        # The blob's reads (and the digest check they include) run beside the inflate.
+        read = stack.enter_context(ReadAhead(blob, READ_CHUNK)).read if threads > 1 \
+            else partial(blob.read, READ_CHUNK)
         kind = sniff(head[:SNIFF_BYTES]) if head else "none"
         if turbo and kind == "zstd":
             raise _turbo_zstd(digest)
@@ -412,7 +416,7 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
                         consume(piece)
                     if progress is not None:
                         progress(source_size, total)
-                    chunk = blob.read(READ_CHUNK)
+                    chunk = read()
                 # EOF reached: the verifying reader has checked the digest by now.
                 consume(flush())
                 fanout.close()
@@ -426,7 +430,7 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
                 if isinstance(e, IntegrityError):
                     raise
                 fanout.abort()
-                _raise_if_corrupt(blob, e)
+                _raise_if_corrupt(read, e)
                 raise
             data_area = sink.finish() if sink is not None else 0
         except BaseException:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from obdconv.errors import FormatError
-from obdconv.pipeline.fanout import Fanout
+from obdconv.errors import FormatError, IntegrityError
+from obdconv.pipeline.fanout import Fanout, ReadAhead
 
 
 @pytest.mark.parametrize("threaded", [True, False])
@@ -73,3 +73,45 @@ def test_context_manager_aborts_on_error() -> None:
         fan.put(1)
         raise KeyError("producer failed")
     assert fan._error is not None
+
+
+class _Source:
+    def __init__(self, data: bytes, fail_at_end: bool = False) -> None:
+        self.data, self.pos, self.fail_at_end = data, 0, fail_at_end
+        self.thread = ""
+
+    def read(self, n: int) -> bytes:
+        self.thread = threading.current_thread().name
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += len(chunk)
+        if not chunk and self.fail_at_end:
+            raise IntegrityError("digest mismatch at EOF")
+        return chunk
+
+
+def test_read_ahead_returns_the_chunks_in_order_from_its_thread() -> None:
+    data = bytes(range(256)) * 100
+    source = _Source(data)
+    with ReadAhead(source, 1000, depth=2) as reader:  # type: ignore[arg-type]
+        chunks = []
+        while chunk := reader.read():
+            chunks.append(chunk)
+        assert reader.read() == b""
+    assert b"".join(chunks) == data and all(len(c) == 1000 for c in chunks[:-1])
+    assert source.thread == "read-ahead"
+
+
+def test_read_ahead_raises_the_source_error_where_it_happens() -> None:
+    with ReadAhead(_Source(b"x" * 2500, fail_at_end=True), 1000) as reader:  # type: ignore[arg-type]
+        assert [reader.read() for _ in range(3)] == [b"x" * 1000, b"x" * 1000, b"x" * 500]
+        with pytest.raises(IntegrityError, match="mismatch"):
+            reader.read()
+        assert reader.read() == b""
+
+
+def test_read_ahead_closes_while_its_queue_is_full() -> None:
+    reader = ReadAhead(_Source(bytes(10_000_000)), 1000, depth=2)  # type: ignore[arg-type]
+    assert reader.read() == bytes(1000)
+    t = time.monotonic()
+    reader.close()
+    assert time.monotonic() - t < 2
