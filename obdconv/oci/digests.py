@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Sequence
 
 from obdconv.errors import BadInputError
 
@@ -16,6 +18,21 @@ _HEX_RE = re.compile(r"^[0-9a-f]+$")
 def sha256_digest(data: bytes | bytearray | memoryview) -> str:
     """`sha256:<hex>` of `data`."""
     return SHA256_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> tuple[str, int]:
+    """(`sha256:<hex>`, size) of the files `paths` one after the other, read into one reused
+    buffer (the GIL is released while hashing)."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    size = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                size += n
+    return SHA256_PREFIX + h.hexdigest(), size
 
 
 def parse_digest(digest: str) -> tuple[str, str]:

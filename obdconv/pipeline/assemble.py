@@ -42,7 +42,7 @@ from obdconv.formats.lsmt import commit_header, commit_tail
 from obdconv.formats.tarwrap import wrap_prefix, wrap_suffix
 from obdconv.formats.zfile import BlockCompressor, compress_zfile, zfile_parts
 from obdconv.oci import mediatypes
-from obdconv.oci.digests import chain_id_to_uuid
+from obdconv.oci.digests import chain_id_to_uuid, files_sha256
 from obdconv.pipeline.annotations import descriptor, layer_annotations, layer_media_type
 from obdconv.pipeline.layout import (
     FS_BLOCK,
@@ -173,10 +173,13 @@ class BuiltLayer:
     source_size: int
     target_media_type: str  # turbo annotation; "" for native
 
+    def paths(self) -> list[str]:
+        """The files whose bytes, one after the other, are the blob."""
+        return [path for path in (self.head_path, self.body_path, self.tail_path) if path]
+
     def chunks(self) -> Iterator[bytes]:
-        for path in (self.head_path, self.body_path, self.tail_path):
-            if path:
-                yield from _file_chunks(path)
+        for path in self.paths():
+            yield from _file_chunks(path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -398,8 +401,10 @@ def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> Pend
     """The heavy half of an upload: a built layer's bytes sent (or, with `upload` False, only
     hashed), not yet a blob in `target_repo` until `commit_built`."""
     if upload:
-        return target_repo.begin_upload(built.chunks(), size=built.size)  # type: ignore[no-any-return]
-    digest, size = _store(target_repo, built.chunks(), False, built.size)
+        return target_repo.begin_upload_files(built.paths(), built.size)  # type: ignore[no-any-return]
+    digest, size = files_sha256(built.paths())
+    if size != built.size:
+        raise BadInputError(f"blob {digest}: {size} bytes, planned {built.size}")
     return PendingBlob(digest, size, lambda: None, lambda: None)
 
 

@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
-from obdconv.oci.digests import sha256_digest
+from obdconv.oci.digests import files_sha256, sha256_digest
 from obdconv.registry.reference import check_digest, is_digest
 from obdconv.registry.repository import (
     MANIFEST_MEDIA_TYPES,
@@ -217,6 +218,28 @@ class OCILayoutRepository(Repository):
 
         return PendingBlob(digest, written, commit, cancel)
 
+    def begin_upload_files(self, paths: Sequence[str | os.PathLike[str]], size: int) -> PendingBlob:
+        """The files are copied into the temp file by the kernel (copy_file_range: no bytes through
+        Python, about half the CPU of reading and writing them) while a thread hashes them."""
+        self._ensure_layout()
+        directory = self.root / "blobs" / "sha256"
+        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=directory)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
+                hashed = hasher.submit(files_sha256, paths)
+                with os.fdopen(fd, "wb", buffering=0) as out:
+                    written = sum(_copy_into(out, path) for path in paths)
+                    os.fsync(out.fileno())
+                digest, hashed_size = hashed.result()
+            if written != size or hashed_size != size:
+                raise IntegrityError(f"blob for {self.name}: {written} bytes, expected {size}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        return PendingBlob(digest, size, lambda: self._install(tmp_name, digest),
+                           lambda: _unlink_quietly(tmp_name))
+
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
         if self.head_blob(digest) is not None:
             return
@@ -276,6 +299,30 @@ class OCILayoutRepository(Repository):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+
+
+def _copy_into(out: BinaryIO, path: str | os.PathLike[str]) -> int:
+    """Append file `path` to `out` (an unbuffered file); returns the bytes copied."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        left = size
+        try:
+            while left:
+                n = os.copy_file_range(f.fileno(), out.fileno(), left)
+                if n == 0:
+                    break  # the file shrank: the size check reports it
+                left -= n
+        except OSError:  # no copy_file_range between these files (old kernel, other filesystem)
+            f.seek(size - left)
+            for chunk in iter_file_chunks(f):  # type: ignore[arg-type]
+                out.write(chunk)
+                left -= len(chunk)
+    return size - left
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _dump_index(index: dict[str, Any]) -> bytes:

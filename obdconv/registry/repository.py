@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -113,6 +114,12 @@ def iter_file_chunks(f: BinaryIO, chunk_size: int = READ_CHUNK) -> Iterator[byte
         yield chunk
 
 
+def iter_files_chunks(paths: Sequence[str | os.PathLike[str]], chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    for path in paths:
+        with open(path, "rb") as f:
+            yield from iter_file_chunks(f, chunk_size)
+
+
 class PendingBlob:
     """Bytes sent to a repository but not yet a blob (`Repository.begin_upload`): `commit()` makes
     them blob `digest`, `cancel()` drops them; each at most once, and one of them always should be
@@ -170,6 +177,12 @@ class Repository(ABC):
         """Send a blob's bytes (hashing, `size` checked as in `upload_blob`) without making it a blob
         yet: nothing is visible in the repository until `commit()`. Lets a caller do the heavy part
         of an upload before it knows whether the blob should exist at all."""
+
+    def begin_upload_files(self, paths: Sequence[str | os.PathLike[str]], size: int) -> PendingBlob:
+        """`begin_upload` of the files `paths` one after the other (`size` bytes together): a
+        registry sends their chunks; an OCI layout copies them in the kernel (no bytes through
+        Python) and hashes them beside the copy."""
+        return self.begin_upload(iter_files_chunks(paths), size=size)
 
     @abstractmethod
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
