@@ -19,13 +19,11 @@ call raises) until `mkfs()` or `load_parents()` starts it again.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import uuid
 import weakref
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, chain
 from operator import add, itemgetter
 from pathlib import Path
@@ -41,6 +39,7 @@ from obdconv.ext4.layer import _TYPE_OF, LayerApply
 from obdconv.ext4.mkfs import FAKE_TIME, data_blocks, mkfs
 from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
 from obdconv.ext4.validate import validate_entries
+from obdconv.gcpause import gc_paused
 
 
 class BlockDevice(Protocol):
@@ -348,21 +347,6 @@ class LayerSession:
         else:
             self._done = True
             self._release()
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic GC paused while inside (re-enabled at the end if it was on). A metadata pass
-    allocates a few small objects per entry (dict items, extent lists) that live until its end and
-    make no cycles: the GC would rescan them over and over (~20 % of the pass, more with bigger
-    heaps) and find nothing."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 EXT2_FLAG_FLUSH_NO_SYNC = 1  # ext2fs.h: ext2fs_close2/ext2fs_flush2 skip the final io_channel_flush

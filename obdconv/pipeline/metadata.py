@@ -34,7 +34,7 @@ import zstandard
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, FormatError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
-from obdconv.ext4.builder import gc_paused
+from obdconv.gcpause import gc_paused
 from obdconv.oci.digests import chain_id_to_uuid
 from obdconv.pipeline.layout import FS_BLOCK
 from obdconv.pipeline.prepare import PreparedLayer

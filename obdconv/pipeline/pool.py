@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from obdconv.gcpause import gc_paused
 from obdconv.pipeline.assemble import BuiltLayer, build_layer, commit_built, send_built
 from obdconv.pipeline.metadata import decode_metadata
 from obdconv.pipeline.prepare import PreparedLayer, prepare_layer
@@ -70,8 +71,9 @@ def task_build(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any
                parent_chain_id: str, out_dir: str) -> tuple[dict[str, Any], float]:
     """The CPU part of assemble (no registry access): may run before every digest is verified."""
     start = time.monotonic()
-    built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata), ConversionProfile(**profile),
-                        chain_id, parent_chain_id, out_dir)
+    with gc_paused():  # a layer's placements and extents: many objects, no cycles (gcpause.py)
+        built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata),
+                            ConversionProfile(**profile), chain_id, parent_chain_id, out_dir)
     return built.to_dict(), time.monotonic() - start
 
 

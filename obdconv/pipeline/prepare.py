@@ -43,6 +43,7 @@ from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
 from obdconv.formats.gzindex import GzipIndexBuilder
 from obdconv.formats.zfile import BlockStream
+from obdconv.gcpause import gc_paused
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
 from obdconv.pipeline.entrystream import EntryRows, EntryStreamWriter, decode_rows
@@ -351,8 +352,9 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
     The scan encodes the entry rows part by part as it finds entries (and streams them)."""
     stream = EntryStreamWriter(entry_stream) if entry_stream else None
     try:
-        prepared, rows = _pass(repo, desc, tmp, native=native, turbo=turbo, algorithm=algorithm,
-                               block_size=block_size, progress=progress, stream=stream)
+        with gc_paused():  # the entries: many objects, no cycles (gcpause.py)
+            prepared, rows = _pass(repo, desc, tmp, native=native, turbo=turbo, algorithm=algorithm,
+                                   block_size=block_size, progress=progress, stream=stream)
     except BaseException:
         if stream is not None:
             stream.discard()

@@ -42,6 +42,7 @@ from typing import Any
 from obdconv.dedup.store import open_store
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, ObdconvError
+from obdconv.gcpause import gc_paused
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.entrystream import streamed_entries
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
@@ -327,15 +328,18 @@ class _Run:
                                  keep_image=self.request.reserve) as metadata_pass:
                 self.add_time("metadata", time.monotonic() - t)
                 for i in range(start, n):
-                    # Applied while the layer is still being prepared (its entries stream in).
+                    # Applied while the layer is still being prepared (its entries stream in); the
+                    # layer's objects are dropped before the collector may walk them (gcpause.py).
                     busy = metadata_pass.busy_seconds
-                    applied = metadata_pass.apply_parts(self.entry_parts(m.layers[i]["digest"]))
-                    prepared = self.wait_prepared(m.layers[i]["digest"])
-                    if prepared.diff_id != m.diff_ids[i]:
-                        raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
-                                            f"{prepared.diff_id}, config says {m.diff_ids[i]}")
-                    t = time.monotonic()
-                    encoded = encode_metadata(applied)
+                    with gc_paused():
+                        applied = metadata_pass.apply_parts(self.entry_parts(m.layers[i]["digest"]))
+                        prepared = self.wait_prepared(m.layers[i]["digest"])
+                        if prepared.diff_id != m.diff_ids[i]:
+                            raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
+                                                f"{prepared.diff_id}, config says {m.diff_ids[i]}")
+                        t = time.monotonic()
+                        encoded = encode_metadata(applied)
+                        del applied
                     self.add_time("metadata", metadata_pass.busy_seconds - busy + time.monotonic() - t)
                     self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
                     for profile in group:

@@ -14,6 +14,7 @@ import array
 import collections
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import logging
 import operator
@@ -206,14 +207,25 @@ def _decode_batch_into(codec: _SystemLZ4 | _SystemZstdDecoder, stored: bytes | m
     return first + good
 
 
-_lz4 = _SystemLZ4()
+# The ABI-mode bindings are made on first use: cffi parses their declarations with pycparser,
+# whose import and parse cost every process (the CLI, each worker) ~0.2 s, and a conversion that
+# compresses through the C fast path never needs them.
+@functools.cache
+def system_lz4() -> _SystemLZ4:
+    return _SystemLZ4()
+
+
+@functools.cache
+def system_zstd_decoder() -> _SystemZstdDecoder | None:
+    try:
+        return _SystemZstdDecoder()
+    except OSError:  # no system libzstd: ZFileReader falls back to python-zstandard per block
+        return None
+
+
 _fast = load_extension("obdconv.formats._zfilefast", "OBDCONV_ZFILE_NO_FAST", log,
                        "compressing LZ4 blocks in a Python loop (slower; the GIL is held between blocks). "
                        "Reinstall with gcc present to build it.")
-try:
-    _zstd_dec: _SystemZstdDecoder | None = _SystemZstdDecoder()
-except OSError:  # no system libzstd: ZFileReader falls back to python-zstandard per block
-    _zstd_dec = None
 
 
 def _zstd_compressor() -> zstandard.ZstdCompressor:
@@ -258,9 +270,10 @@ def compress_into(algo: int, data: memoryview, block_size: int, out: bytearray, 
     if algo == ALGO_LZ4:
         if _fast is not None:
             return _fast_lz4_into(data, block_size, out, pos, lengths)
-        bound = _lz4.lib.LZ4_compressBound(block_size)
+        lz4_lib = system_lz4()
+        bound = lz4_lib.lib.LZ4_compressBound(block_size)
         for o in range(0, n, FALLBACK_BATCH):
-            pos = _lz4._compress_batch(data[o:o + FALLBACK_BATCH], block_size, bound, out, pos, lengths)
+            pos = lz4_lib._compress_batch(data[o:o + FALLBACK_BATCH], block_size, bound, out, pos, lengths)
         return pos
     return _zstd_into(data, block_size, out, pos, lengths)
 

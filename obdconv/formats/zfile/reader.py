@@ -16,15 +16,15 @@ from obdconv.formats.crc import raw_crc32c
 from obdconv.formats.source import RandomAccess, as_source, source_size
 from obdconv.formats.zfile.codec import (
     _decode_batch_into,
-    _lz4,
     _shared_pool,
     _SystemLZ4,
     _SystemZstdDecoder,
     _uninitialised_bytes,
-    _zstd_dec,
     _zstd_decompressor,
     decompress_block,
     default_threads,
+    system_lz4,
+    system_zstd_decoder,
 )
 from obdconv.formats.zfile.header import (
     _MASK,
@@ -174,7 +174,7 @@ class ZFileReader:
         raise FormatError(f"ZFile block {i}: cannot decode")  # unreachable unless the codec is flaky
 
     def _decoder(self) -> _SystemLZ4 | _SystemZstdDecoder | None:
-        return _lz4 if self.algo == ALGO_LZ4 else _zstd_dec
+        return system_lz4() if self.algo == ALGO_LZ4 else system_zstd_decoder()
 
     def _decode_into(self, first: int, last: int, out: bytes | bytearray | memoryview) -> None:
         """Decode blocks [first, last) into `out`, which is exactly their raw size: one read for the
