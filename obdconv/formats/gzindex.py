@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import logging
 import os
 import struct
 import zlib
@@ -35,6 +36,7 @@ from typing import Any, BinaryIO
 from obdconv.errors import FormatError
 from obdconv.formats.crc import raw_crc32c
 from obdconv.formats.source import RandomAccess, as_source
+from obdconv.native import load_extension
 
 MAGIC = b"ddgzidx\x00"
 MAJOR_VERSION = 1
@@ -158,6 +160,13 @@ def _default_library() -> InflateLibrary:
 
 
 INFLATE_LIBRARY = _default_library()
+
+# The builder's inflate loop in C (formats/_fast_impl.c): None without the built extension (or with
+# OBDCONV_FORMATS_NO_FAST set), and then the Python loop below does the same calls.
+_FAST = load_extension("obdconv.formats._formatsfast", "OBDCONV_FORMATS_NO_FAST", logging.getLogger(__name__),
+                       "building gzip indexes with a Python loop per deflate block (slower)")
+_MAX_BOUNDS = 4096  # deflate block boundaries one C call may report
+_NEVER = (1 << 64) - 1  # "no boundary reported yet" in the C state
 
 
 class _Inflater:
@@ -319,6 +328,18 @@ class GzipIndexBuilder:
         self._entries: list[tuple[int, int, int, int]] = []  # (de_pos, en_pos, bits, window index)
         self._last_reported = -1
         self._recorder = _Recorder(span, self._add_entry)
+        self._fast = _FAST
+        if self._fast is not None:
+            ffi = self._fast.ffi
+            stream = type(self._z.s)
+            self._fields = ffi.new("struct obd_zfields *", {
+                name: getattr(stream, name).offset for name in ("next_in", "avail_in", "next_out", "avail_out",
+                                                                  "data_type")})
+            self._state = ffi.new("struct obd_inflate_state *")
+            self._bounds = ffi.new("uint64_t[]", 4 * _MAX_BOUNDS)
+            self._inflate_fn = ffi.cast("void *", ctypes.cast(self._z.lib.inflate, ctypes.c_void_p).value)
+            self._strm = ffi.cast("void *", ctypes.addressof(self._z.s))
+            self._out = ffi.cast("uint8_t *", self._buf_addr)
 
     def _add_entry(self, bits: int, en_pos: int, de_pos: int, window: bytes) -> None:
         self._entries.append((de_pos, en_pos, bits, len(self._windows)))
@@ -338,6 +359,8 @@ class GzipIndexBuilder:
             return self._tail.feed(data)
         z = self._z
         z.set_input(data)
+        if self._fast is not None:
+            return self._feed_fast(data)
         out: list[bytes] = []
         s = z.s
         addr = self._buf_addr
@@ -376,6 +399,49 @@ class GzipIndexBuilder:
                     self.total_out != self._last_reported:
                 self._last_reported = self.total_out
                 self._recorder.record(dt & 7, self.total_in, self.total_out, partial(self._window_at, pos))
+        self._pos = pos
+        if pos > emitted:
+            out.append(ctypes.string_at(addr + emitted, pos - emitted))
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _feed_fast(self, data: bytes) -> bytes:
+        """`feed`'s loop with the inflate calls and their bookkeeping in C (`obd_inflate_blocks`:
+        a buffer of output per call, not a call and a Python step per deflate block, and the GIL
+        released meanwhile); the boundaries it found go to the same recorder afterwards."""
+        fast = self._fast
+        assert fast is not None
+        lib, st, bounds = fast.lib, self._state, self._bounds
+        z = self._z
+        s = z.s
+        addr = self._buf_addr
+        end = WINSIZE + OUTPUT_ROOM
+        out: list[bytes] = []
+        pos = emitted = self._pos
+        while s.avail_in:
+            if pos == end:
+                out.append(ctypes.string_at(addr + emitted, pos - emitted))
+                self._recorder.freeze()
+                ctypes.memmove(addr, addr + pos - WINSIZE, WINSIZE)
+                pos = emitted = WINSIZE
+            st.pos, st.total_in, st.total_out = pos, self.total_in, self.total_out
+            st.last_reported = self._last_reported if self._last_reported >= 0 else _NEVER
+            n = lib.obd_inflate_blocks(self._inflate_fn, self._strm, self._fields, self._out, end, st, bounds,
+                                       _MAX_BOUNDS)
+            pos, self.total_in, self.total_out = st.pos, st.total_in, st.total_out
+            if st.last_reported != _NEVER:
+                self._last_reported = st.last_reported
+            for k in range(0, 4 * n, 4):  # all inside the buffer as it is: no wrap within a call
+                self._recorder.record(bounds[k], bounds[k + 1], bounds[k + 2], partial(self._window_at, bounds[k + 3]))
+            rc = st.rc
+            if rc == Z_STREAM_END:
+                self._pos = pos
+                out.append(ctypes.string_at(addr + emitted, pos - emitted))
+                self.first_member_size = self.total_out
+                self._tail = _MemberChain(data[len(data) - s.avail_in:], trailer_left=0)
+                out.append(self._tail.feed(b""))
+                return b"".join(out)
+            if rc not in (Z_OK, Z_BUF_ERROR):
+                raise FormatError(f"gzip blob is corrupt at input byte {self.total_in}: {z.error(rc)}")
         self._pos = pos
         if pos > emitted:
             out.append(ctypes.string_at(addr + emitted, pos - emitted))

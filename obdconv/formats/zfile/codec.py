@@ -223,7 +223,7 @@ def system_zstd_decoder() -> _SystemZstdDecoder | None:
         return None
 
 
-_fast = load_extension("obdconv.formats._zfilefast", "OBDCONV_ZFILE_NO_FAST", log,
+_fast = load_extension("obdconv.formats._formatsfast", "OBDCONV_FORMATS_NO_FAST", log,
                        "compressing LZ4 blocks in a Python loop (slower; the GIL is held between blocks). "
                        "Reinstall with gcc present to build it.")
 

@@ -1,11 +1,14 @@
-/* The C fast path of ZFile compression (obdconv.formats._zfilefast; see _build_zfilefast.py).
+/* The C fast paths of the byte formats (obdconv.formats._formatsfast; see _build_fast.py).
  *
- * One call compresses a whole batch of blocks with LZ4_compress_default (the system liblz4, the
- * same library and call as the Python path, so the same bytes) and writes each block's raw
- * CRC-32C (spec §0: reflected Castagnoli, register initialised to the seed, no inversion) after
- * it: the per-block work of the Python path without a Python step per block, and with the GIL
- * released for the whole batch (cffi releases it around every call), so a pool of threads can
- * compress batches side by side.
+ * ZFile compression: one call compresses a whole batch of blocks with LZ4_compress_default (the
+ * system liblz4, the same library and call as the Python path, so the same bytes) and writes each
+ * block's raw CRC-32C (spec §0: reflected Castagnoli, register initialised to the seed, no
+ * inversion) after it: the per-block work of the Python path without a Python step per block, and
+ * with the GIL released for the whole batch (cffi releases it around every call), so a pool of
+ * threads can compress batches side by side.
+ *
+ * gzip index: the builder's inflate loop (gzindex.GzipIndexBuilder.feed) over a whole output
+ * buffer per call, through the inflate function of the caller's library (zlib or zlib-ng).
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -123,4 +126,57 @@ int64_t obd_lz4_blocks(const uint8_t *src, uint64_t n, uint32_t block_size, uint
         pos += (uint64_t)c + 4;
     }
     return (int64_t)pos;
+}
+
+/* ---- the gzip index builder's inflate loop ---------------------------------------------- */
+
+#define OBD_Z_OK 0
+#define OBD_Z_BUF_ERROR (-5)
+#define OBD_Z_BLOCK 5
+
+typedef int (*obd_inflate_t)(void *strm, int flush);
+
+/* Byte offsets of the z_stream fields used here (z_stream and zng_stream differ in their types). */
+struct obd_zfields { int64_t next_in, avail_in, next_out, avail_out, data_type; };
+struct obd_inflate_state { uint64_t pos, total_in, total_out, last_reported; int32_t rc; };
+
+#define FIELD(type, strm, off) (*(type *)((uint8_t *)(strm) + (off)))
+
+/* gzindex.GzipIndexBuilder.feed's loop: inflate(Z_BLOCK) into out[pos..end) while there is input
+ * and room, each call stopping at a deflate block boundary. After each call the counters advance;
+ * a boundary that is not the last block's, at an output offset not reported yet, is recorded as
+ * (bits, total_in, total_out, pos) in `bounds`. Stops, returning the boundaries recorded, when the
+ * input is used up, the output reaches `end`, `max_bounds` were recorded, or inflate returned
+ * anything but Z_OK / Z_BUF_ERROR (then st->rc says what). */
+int64_t obd_inflate_blocks(void *inflate_fn, void *strm, const struct obd_zfields *f, uint8_t *out, uint64_t end,
+                           struct obd_inflate_state *st, uint64_t *bounds, int64_t max_bounds) {
+    obd_inflate_t inflate = (obd_inflate_t)inflate_fn;
+    int64_t n = 0;
+    uint32_t avail_in = FIELD(uint32_t, strm, f->avail_in);
+    st->rc = OBD_Z_OK;
+    while (avail_in && st->pos < end && n < max_bounds) {
+        uint32_t room = (uint32_t)(end - st->pos);
+        FIELD(uint8_t *, strm, f->next_out) = out + st->pos;
+        FIELD(uint32_t, strm, f->avail_out) = room;
+        int rc = inflate(strm, OBD_Z_BLOCK);
+        uint32_t left = FIELD(uint32_t, strm, f->avail_in);
+        st->total_in += avail_in - left;
+        avail_in = left;
+        uint64_t produced = room - FIELD(uint32_t, strm, f->avail_out);
+        st->pos += produced;
+        st->total_out += produced;
+        st->rc = rc;
+        if (rc != OBD_Z_OK && rc != OBD_Z_BUF_ERROR)
+            return n; /* Z_STREAM_END or an error: the caller handles it */
+        int dt = FIELD(int, strm, f->data_type);
+        if ((dt & 0x80) && !(dt & 0x40) && st->total_out != st->last_reported) {
+            st->last_reported = st->total_out;
+            bounds[4 * n] = (uint64_t)(dt & 7);
+            bounds[4 * n + 1] = st->total_in;
+            bounds[4 * n + 2] = st->total_out;
+            bounds[4 * n + 3] = st->pos;
+            n++;
+        }
+    }
+    return n;
 }
