@@ -40,7 +40,7 @@ class Manifest:
 
 
 class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
+    def read(self, n: int = -1, /) -> bytes: ...  # a `readinto` is used instead when the source has one
 
 
 class VerifyingReader(io.RawIOBase):
@@ -70,16 +70,21 @@ class VerifyingReader(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if self._verified:
             return 0
-        data = self._source.read(len(buffer))
-        if not data:
+        source_readinto = getattr(self._source, "readinto", None)
+        if source_readinto is not None:  # a file: straight into the caller's buffer, one copy
+            n = source_readinto(buffer) or 0
+            data: bytes | memoryview = memoryview(buffer)[:n]
+        else:
+            data = self._source.read(len(buffer))
+            n = len(data)
+            memoryview(buffer)[:n] = data
+        if not n:
             self._verify()
             return 0
-        n = len(data)
         self._size += n
         if self._expected_size is not None and self._size > self._expected_size:
             raise IntegrityError(f"{self._what}: more than the expected {self._expected_size} bytes")
         self._hash.update(data)
-        memoryview(buffer)[:n] = data
         return n
 
     def _verify(self) -> None:
