@@ -249,12 +249,12 @@ def mv_is_bytes(mv: memoryview) -> bool:
 
 
 def _inflater(kind: str, gzip_index: GzipIndexBuilder | None
-              ) -> tuple[Callable[[bytes], Iterable[bytes]], Callable[[], bytes]]:
+              ) -> tuple[Callable[[bytes], Iterable[bytes | memoryview]], Callable[[], bytes]]:
     """(feed, finish) of the decompressor for `kind`: the gzip index builder when it is making
-    gzip.meta (it inflates as it indexes), otherwise the oci module's streaming Decompressor
+    gzip.meta (it inflates as it indexes; its pieces are views of its buffers), otherwise the oci module's streaming Decompressor
     (`feed_iter` yields bounded pieces, so a highly compressible chunk cannot blow up memory)."""
     if gzip_index is not None:
-        return (lambda chunk: (gzip_index.feed(chunk),)), (lambda: b"")
+        return gzip_index.feed_pieces, (lambda: b"")
     dec = Decompressor(kind)
     return dec.feed_iter, dec.finish
 
@@ -396,16 +396,16 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
                 if stream is not None:
                     stream.write(raw)
 
-        def scan(piece: bytes) -> None:
+        def scan(piece: bytes | memoryview) -> None:
             nonlocal next_part
             scanner.feed(piece)
             if len(scanner.entries) >= next_part:
                 take_entries()
                 next_part = len(scanner.entries) + STREAM_PART
 
-        fanout: Fanout[bytes] = Fanout([tar_hash.update, scan], threaded=threads > 1, name="prepare")
+        fanout: Fanout[bytes | memoryview] = Fanout([tar_hash.update, scan], threaded=threads > 1, name="prepare")
 
-        def consume(tar_bytes: bytes) -> None:
+        def consume(tar_bytes: bytes | memoryview) -> None:
             if tar_bytes:
                 fanout.put(tar_bytes)
 

@@ -57,20 +57,6 @@ def _scratch(name: str, size: int) -> bytearray:
     return buf
 
 
-# PyBytes_FromStringAndSize(NULL, n) gives a bytes object with *uninitialised* contents that its
-# creator must fill before anyone else sees it: the C-API idiom every codec uses to return bytes
-# without an extra copy. Readers decode straight into such an object (through cffi) instead of into
-# a bytearray that `bytes()` would then copy once more; at 4 KiB LZ4 blocks that copy alone cost
-# ~15 % of the read time.
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-
-
-def _uninitialised_bytes(n: int) -> bytes:
-    return _new_bytes(None, n) if n > 1 else bytes(n)  # 0/1-byte bytes may be shared singletons
-
-
 class _SystemLZ4:
     """LZ4_compress_default / LZ4_decompress_safe from the system liblz4, through cffi (ABI mode:
     no compiler needed, ~0.2 us per call, the GIL released inside).

@@ -13,13 +13,13 @@ import zstandard
 
 from obdconv.errors import FormatError
 from obdconv.formats.crc import raw_crc32c
+from obdconv.formats.rawbytes import uninitialised_bytes
 from obdconv.formats.source import RandomAccess, as_source, source_size
 from obdconv.formats.zfile.codec import (
     _decode_batch_into,
     _shared_pool,
     _SystemLZ4,
     _SystemZstdDecoder,
-    _uninitialised_bytes,
     _zstd_decompressor,
     decompress_block,
     default_threads,
@@ -226,7 +226,7 @@ class ZFileReader:
             if len(stored) != self.offsets[last] - base:
                 raise FormatError("ZFile truncated inside the block area")
             return b"".join(self._decode_range(first, memoryview(stored), base, last))
-        out = _uninitialised_bytes(self._raw_span(first, last))
+        out = uninitialised_bytes(self._raw_span(first, last))
         self._decode_into(first, last, out)  # fills every byte, or raises and `out` is dropped
         return out
 
