@@ -45,6 +45,7 @@ from obdconv.errors import BadInputError, ObdconvError
 from obdconv.gcpause import gc_paused
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.entrystream import streamed_entries
+from obdconv.pipeline.forkserver import PRELOAD
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
@@ -415,7 +416,7 @@ class _Run:
             # instead of each worker importing it (~0.2 s of CPU each) before its first task.
             # "__main__" is multiprocessing's default preload, kept. (No effect once the server
             # runs, e.g. on a second convert in the same process.)
-            ctx.set_forkserver_preload(["__main__", __name__])
+            ctx.set_forkserver_preload(PRELOAD)
             progress_queue = ctx.Queue()
             pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                                                  initargs=(progress_queue,))
