@@ -5,7 +5,15 @@
     -> native: data area compressed into ZFile blocks as it streams
 
 For turbo + gzip the `GzipIndexBuilder` is the decompressor, so `gzip.meta` is built in the same
-pass. Memory is bounded by one read chunk plus one compression batch; no layer is held whole.
+pass. Memory is bounded by the read-ahead, the queues between the threads and the compression
+window; no layer is held whole.
+
+The pass uses every core its process may run on (`prepare_threads()`): the blob is read and
+hashed in one thread, inflated in this one, the tar hashed and scanned in two more (`Fanout`: the
+inflated pieces are shared), the data area compressed on a pool and written in order
+(`BlockStream`). The entry rows are encoded part by part as the scan finds them, and with
+`entry_stream` also appended to that file, so a metadata pass can follow the layer (entrystream.py).
+Output bytes do not depend on the number of threads.
 
 Output goes to a spool directory keyed by the source digest, algorithm and block size, written
 under a temporary name and renamed into place only after the blob's digest verified (a corrupt
