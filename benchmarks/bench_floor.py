@@ -136,6 +136,7 @@ def bare_layer(path: Path, turbo: bool) -> dict[str, dict[str, float]]:
         with steps["sha256_blob"]:
             h.update(chunk)
     tar_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    out_bytes = 0
     carry = b""
     compress = lz4.block.compress
     for piece in _inflated(path, lambda: isal_zlib.decompressobj(31)):
@@ -152,11 +153,30 @@ def bare_layer(path: Path, turbo: bool) -> dict[str, dict[str, float]]:
             crc32c.crc32c(packed)
         with steps["sha256_out"]:
             out_hash.update(packed)
+        out_bytes += len(packed)
     if turbo:
         steps["read_inflate_zlib"] = Clock()
         for _ in _inflated(path, lambda: zlib_ng.decompressobj(31), steps["read_inflate_zlib"]):
             pass
-    return {k: {"wall": c.wall, "cpu": c.cpu} for k, c in steps.items()}
+    result = {k: {"wall": c.wall, "cpu": c.cpu} for k, c in steps.items()}
+    result["lz4_out"] = {"bytes": out_bytes}
+    return result
+
+
+def disk_write(directory: Path, size: int) -> float:
+    """Seconds to write `size` bytes to a new file in `directory` and fsync it: what storing a
+    native output blob durably costs on this disk (not part of the CPU floor)."""
+    block = bytes(4 << 20)
+    path = directory / "disk-probe"
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = size
+        while left > 0:
+            left -= f.write(block[:min(left, len(block))])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
 
 
 NATIVE_STEPS = ("read_inflate_isal", "sha256_blob", "sha256_tar", "lz4_4k", "crc32c", "sha256_out")
@@ -180,9 +200,16 @@ def floors(layers: list[dict[str, dict[str, float]]], n_cores: int) -> dict[str,
 # ---------------------------------------------------------------------------------------------- obdconv
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
 def layout_copy(layout: Path, dest: Path) -> Path:
     """The layout with hard-linked blobs (conversions add blobs and rewrite index.json only)."""
-    shutil.copytree(layout, dest, copy_function=os.link)
+    shutil.copytree(layout, dest, copy_function=_link_or_copy)
     index = dest / "index.json"
     data = index.read_bytes()
     index.unlink()
@@ -207,6 +234,7 @@ class ProcessTree:
         self.peak = 0
         self.cpu: dict[int, float] = {}
         self.role: dict[int, str] = {}
+        self.peak_by_role: dict[str, int] = {}  # the largest single process of each role
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -259,7 +287,10 @@ class ProcessTree:
         for p in self._tree(self.pid):
             try:
                 with open(f"/proc/{p}/statm") as f:
-                    total += int(f.read().split()[1]) * self.PAGE
+                    rss = int(f.read().split()[1]) * self.PAGE
+                total += rss
+                role = self.role.get(p, "other")
+                self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
                 with open(f"/proc/{p}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 self.cpu[p] = (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
@@ -306,6 +337,7 @@ def convert(layout: Path, tag: str, fmt: str, workdir: Path) -> dict[str, Any]:
     result = json.loads(out)
     output = next(o for o in result["outputs"] if o["format"] == fmt)
     return {"format": fmt, "wall": wall, "cpu": tree.cpu_s, "peak_rss": tree.peak, "cpu_by_process": tree.cpu_by_role(),
+            "peak_rss_by_process": tree.peak_by_role,
             "stages": {k: v for k, v in result["timings"].items() if k != "total"}, "digest": output["root_digest"]}
 
 
@@ -354,7 +386,7 @@ def image_summary(name: str) -> dict[str, Any]:
 
 
 def fmt_steps(layers: list[dict[str, dict[str, float]]]) -> str:
-    names = list(dict.fromkeys(k for layer in layers for k in layer))
+    names = [k for k in dict.fromkeys(k for layer in layers for k in layer) if k != "lz4_out"]
     return ", ".join(f"{k} {sum(layer.get(k, {}).get('cpu', 0.0) for layer in layers):.2f}" for k in names)
 
 
@@ -390,6 +422,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--stages", action="store_true", help="also the CPU of each stage, run in this process")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--workdir", default=None,
+                    help="where the layout copies and work directories go (default: the system temp dir; on "
+                         "another filesystem than benchmarks/.cache the source blobs are copied, not linked)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -405,11 +440,15 @@ def main() -> int:
               f"{max(x['uncompressed_size'] for x in summary['layers']) / 2**30:.2f} GiB")
         runs: list[dict[str, Any]] = []
         floor_runs: list[dict[str, dict[str, float]]] = []
-        with tempfile.TemporaryDirectory(prefix="obdconv-floor-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="obdconv-floor-", dir=args.workdir) as tmp:
             for k in range(max(1, args.repeat)):
                 bare = [bare_layer(b, "turbo" in formats) for b in blobs]
                 floor = floors(bare, n_cores)
                 floor_runs.append(floor)
+                out_bytes = sum(layer["lz4_out"]["bytes"] for layer in bare)
+                disk = disk_write(Path(tmp), out_bytes)
+                print(f"  disk: writing + fsync of {out_bytes / 2**20:.0f} MiB (about the native output) takes "
+                      f"{disk:.2f} s here, outside the CPU floor; an OCI layout fsyncs every blob it stores")
                 print(f"  bare steps, CPU s over all layers: {fmt_steps(bare)}; floors: "
                       + ", ".join(f"{f} {v['wall']:.2f} s (sequential {v['sequential']:.2f}, parallel "
                                   f"{v['parallel']:.2f})" for f, v in floor.items()))
