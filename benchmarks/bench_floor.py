@@ -318,16 +318,19 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def convert(layout: Path, tag: str, fmt: str, workdir: Path) -> dict[str, Any]:
+def convert(layout: Path, tag: str, fmt: str, workdir: Path, python: str | None = None) -> dict[str, Any]:
     """`obdconv convert` in a child process, as a user runs it: wall time, CPU seconds of it and of
-    every process it started, peak RSS of them together (see `ProcessTree`)."""
-    cmd = [sys.executable, "-m", "obdconv", "convert", "-r", f"oci:{layout}", "-i", tag, "--oci", "--json",
+    every process it started, peak RSS of them together (see `ProcessTree`). `python` runs another
+    obdconv install (e.g. a checkout of an older version) for a before/after comparison."""
+    cmd = [python or sys.executable, "-m", "obdconv", "convert", "-r", f"oci:{layout}", "-i", tag, "--oci", "--json",
            "-d", str(workdir), "--overlaybd" if fmt == "native" else "--turboOCI", f"{tag}-{fmt}"]
     # As an installed obdconv runs: with its bytecode cached (a session may have turned that off).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    # Another install is run with the environment as it is (its tree is not ours to write to).
+    env = dict(os.environ) if python else {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=None if python else ROOT,
+                            env=env)
     with ProcessTree(proc.pid) as tree:
         out, _ = proc.communicate()
     wall = time.perf_counter() - t0
@@ -422,6 +425,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--stages", action="store_true", help="also the CPU of each stage, run in this process")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--python", default=None,
+                    help="the Python of another obdconv install to measure instead of this checkout's")
     ap.add_argument("--workdir", default=None,
                     help="where the layout copies and work directories go (default: the system temp dir; on "
                          "another filesystem than benchmarks/.cache the source blobs are copied, not linked)")
@@ -454,9 +459,9 @@ def main() -> int:
                                   f"{v['parallel']:.2f})" for f, v in floor.items()))
                 for fmt in formats:
                     work = Path(tmp) / f"{fmt}-{k}"
-                    conv = convert(layout_copy(layout, work / "image"), summary["tag"], fmt, work / "work")
+                    conv = convert(layout_copy(layout, work / "image"), summary["tag"], fmt, work / "work", args.python)
                     conv["floor"] = floor[fmt]
-                    if args.stages and k == 0:
+                    if args.stages and k == 0 and not args.python:  # stages run this checkout's code
                         conv["stage_cpu"] = stage_cpu(work / "image", summary["tag"], fmt, work / "stages")
                     shutil.rmtree(work, ignore_errors=True)
                     runs.append(conv)
