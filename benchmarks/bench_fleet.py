@@ -5,12 +5,13 @@
   ten         one image of 10 equal layers on one worker and on two, each worker pinned to its own
               CPU (`sched_setaffinity` on the worker's processes and threads, as if each were a
               one-core machine): the speed-up of adding a worker (issue #14's target: >= 1.7x).
-  big         one image dominated by one big layer on one worker that may use every CPU: the
-              cores its prepare keeps busy (the worker's CPU seconds over the prepare's wall time;
-              a worker prepares one layer on all its cores, issue #14).
+  big         the 3 GB benchmark image (build_big_image.py, scaled by --big-scale), dominated by one
+              layer, on one worker that may use every CPU: the cores it keeps busy (the worker's CPU
+              seconds over the conversion's wall time; a worker prepares one layer on all its
+              cores, issue #14).
 
     .venv/bin/python benchmarks/bench_fleet.py [--sections throughput,ten,big] [--images 6] [--layers 3]
-                                               [--many-layers 12] [--mib 4] [--ten-mib 32] [--big-mib 400]
+                                               [--many-layers 12] [--mib 4] [--ten-mib 32] [--big-scale 0.25]
 
 Each configuration gets a fresh fleet (Redis, SQLite, its own spool), so nothing is reused
 between runs; images are `oci:` layouts (no registry in the way, no dedup). The load average is
@@ -20,6 +21,7 @@ printed with each section: on a shared machine the other work takes CPU the work
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from config.settings import load_settings
 from obdconv.client import submit, wait
@@ -169,23 +172,43 @@ def section_ten(args: argparse.Namespace, scratch: Path) -> None:
 
 
 def section_big(args: argparse.Namespace, scratch: Path) -> None:
-    source = scratch / "big-source"
-    build_sample_image(source, "big", layers=1, file_bytes=args.big_mib << 20, seed=12)
-    build_sample_image(source, "warmup", layers=1, file_bytes=1 << 20, seed=13)
+    """The 3 GB-class benchmark image (build_big_image.py) scaled by --big-scale: one dominant
+    layer with realistic content, so its prepare is most of the conversion."""
+    import build_big_image
+
+    summary = build_big_image.build(scale=args.big_scale)
     directory = scratch / "big"
     layout = directory / "images"
-    shutil.copytree(source, layout)
+    shutil.copytree(summary["layout"], layout)
+    source = scratch / "big-warmup"
+    build_sample_image(source, "warmup", layers=1, file_bytes=1 << 20, seed=13)
+    shutil.copytree(source / "blobs", layout / "blobs", dirs_exist_ok=True)
+    tag_index = json.loads((source / "index.json").read_text())["manifests"]
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text())
+    index["manifests"] += tag_index
+    index_path.write_text(json.dumps(index))
     n_cpus = len(os.sched_getaffinity(0))
-    print(f"big: one layer of {args.big_mib} MiB random + {args.big_mib} MiB text on one worker with {n_cpus} CPUs; "
-          f"load {load_average()}")
-    with LocalFleet(directory, workers=1, concurrency=1, flower=False) as fleet:
-        app = create_app(load_settings(env=fleet.env()))
-        convert(app, layout, "warmup")
-        cpu0 = cpu_seconds(worker_pids(fleet))
-        seconds = convert(app, layout, "big")
-        cpu = cpu_seconds(worker_pids(fleet)) - cpu0
-    print(f"  {seconds:6.2f} s, the worker's CPU {cpu:6.2f} s: {cpu / seconds:.2f} of {n_cpus} cores busy on average "
-          f"(the whole conversion, prepare and the one-thread metadata/push); load {load_average()}")
+    largest = max(x["uncompressed_size"] for x in summary["layers"])
+    print(f"big: the benchmark image at scale {args.big_scale} (largest layer {largest / 2**20:.0f} MiB of "
+          f"{summary['uncompressed_bytes'] / 2**20:.0f} MiB) on one worker with {n_cpus} CPUs; load {load_average()}")
+    # The same with one prepare thread (OBDCONV_PREPARE_THREADS=1, the workers inherit it): the
+    # baseline of the same run.
+    for threads in ("", "1"):
+        if threads:
+            os.environ["OBDCONV_PREPARE_THREADS"] = threads
+        try:
+            with LocalFleet(directory / f"fleet{threads or 'all'}", workers=1, concurrency=1, flower=False) as fleet:
+                app = create_app(load_settings(env=fleet.env()))
+                convert(app, layout, "warmup")
+                cpu0 = cpu_seconds(worker_pids(fleet))
+                seconds = convert(app, layout, summary["tag"])
+                cpu = cpu_seconds(worker_pids(fleet)) - cpu0
+        finally:
+            os.environ.pop("OBDCONV_PREPARE_THREADS", None)
+        what = "one prepare thread" if threads else "prepare threads on every CPU"
+        print(f"  {what:28s}: {seconds:6.2f} s, the worker's CPU {cpu:6.2f} s: {cpu / seconds:.2f} of {n_cpus} "
+              f"cores busy on average (the whole conversion); load {load_average()}")
 
 
 def main() -> None:
@@ -196,7 +219,8 @@ def main() -> None:
     parser.add_argument("--many-layers", type=int, default=12)
     parser.add_argument("--mib", type=int, default=4, help="random MiB per layer (plus ~as much text)")
     parser.add_argument("--ten-mib", type=int, default=32, help="random MiB per layer of the 10-layer image")
-    parser.add_argument("--big-mib", type=int, default=400, help="random MiB of the big layer")
+    parser.add_argument("--big-scale", type=float, default=0.25,
+                        help="scale of the 3 GB benchmark image for the big section (1 = the whole image)")
     args = parser.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     scratch = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
