@@ -1,21 +1,23 @@
-"""Fleet throughput and scaling, on this machine. Three sections (`--sections`, default all):
+"""Fleet throughput and scaling, on this machine. Three sections (`--sections`, default throughput):
 
-  throughput  images/minute and one many-layer image with one and with two workers (each a
-              separate process with one pool slot); the one-worker fleet is the baseline.
+  throughput  images/minute and the time of one many-layer image with one and with two workers
+              (each a separate process with one pool slot); the first fleet size is the baseline.
   ten         one image of 10 equal layers on one worker and on two, each worker pinned to its own
               CPU (`sched_setaffinity` on the worker's processes and threads, as if each were a
               one-core machine): the speed-up of adding a worker (issue #14's target: >= 1.7x).
   big         the 3 GB benchmark image (build_big_image.py, scaled by --big-scale), dominated by one
               layer, on one worker that may use every CPU: the cores it keeps busy (the worker's CPU
               seconds over the conversion's wall time; a worker prepares one layer on all its
-              cores, issue #14).
+              cores, issue #14), with one prepare thread as the same run's baseline.
 
-    .venv/bin/python benchmarks/bench_fleet.py [--sections throughput,ten,big] [--images 6] [--layers 3]
-                                               [--many-layers 12] [--mib 4] [--ten-mib 32] [--big-scale 0.25]
+    .venv/bin/python benchmarks/bench_fleet.py [--images 6] [--layers 3] [--many-layers 12] [--mib 4]
+    .venv/bin/python benchmarks/bench_fleet.py --workers 1,2,3 --json   # what capacity_model.py --validate takes
+    .venv/bin/python benchmarks/bench_fleet.py --sections ten,big [--ten-mib 32] [--big-scale 0.25]
 
 Each configuration gets a fresh fleet (Redis, SQLite, its own spool), so nothing is reused
-between runs; images are `oci:` layouts (no registry in the way, no dedup). The load average is
-printed with each section: on a shared machine the other work takes CPU the workers would use.
+between runs; images are `oci:` layouts (no registry in the way, no dedup). The ratios are the
+scaling (ideal 2.0 on 2 free cores). The load average is printed with each section: on a shared
+machine the other work takes CPU the workers would use.
 """
 
 from __future__ import annotations
@@ -124,13 +126,18 @@ def section_throughput(args: argparse.Namespace, scratch: Path) -> None:
     for n in range(args.images):
         build_sample_image(source, f"img{n}", layers=args.layers, file_bytes=args.mib << 20, seed=1000 + n)
     build_sample_image(source, "many", layers=args.many_layers, file_bytes=args.mib << 20, seed=999)
-    print(f"throughput: {args.images} images x {args.layers} layers; many-layer image: {args.many_layers} layers; "
-          f"{args.mib} MiB random + text per layer; load {load_average()}")
-    results = {w: throughput(w, source, args.images, scratch) for w in (1, 2)}
-    (b1, m1), (b2, m2) = results[1], results[2]
-    print(f"  1 worker : {60 * args.images / b1:7.1f} images/min ({b1:6.2f} s); many-layer image {m1:6.2f} s")
-    print(f"  2 workers: {60 * args.images / b2:7.1f} images/min ({b2:6.2f} s); many-layer image {m2:6.2f} s")
-    print(f"  scaling (2 workers / 1 worker): throughput x{b1 / b2:.2f}, many-layer image x{m1 / m2:.2f}")
+    sizes = [int(w) for w in args.workers.split(",")]
+    results = {w: throughput(w, source, args.images, scratch) for w in sizes}
+    print(f"images: {args.images} x {args.layers} layers; many-layer image: {args.many_layers} layers; "
+          f"{args.mib} MiB random + text per layer")
+    b1, m1 = results[sizes[0]]
+    for w in sizes:
+        b, m = results[w]
+        print(f"{w} worker{'s' if w > 1 else ' '}: {60 * args.images / b:7.1f} images/min ({b:6.2f} s); "
+              f"many-layer image {m:6.2f} s; scaling vs {sizes[0]}: throughput x{b1 / b:.2f}, "
+              f"many-layer image x{m1 / m:.2f}")
+    if args.json:
+        print(json.dumps({w: [round(b, 2), round(m, 2)] for w, (b, m) in results.items()}))
 
 
 # ---------------------------------------------------------------------------------------------- ten layers
@@ -213,11 +220,13 @@ def section_big(args: argparse.Namespace, scratch: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="throughput,ten,big")
+    parser.add_argument("--sections", default="throughput", help="comma list of throughput, ten, big")
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--many-layers", type=int, default=12)
     parser.add_argument("--mib", type=int, default=4, help="random MiB per layer (plus ~as much text)")
+    parser.add_argument("--workers", default="1,2", help="throughput: fleet sizes to measure, the first is the baseline")
+    parser.add_argument("--json", action="store_true", help="throughput: also print {workers: [batch s, many-layer s]}")
     parser.add_argument("--ten-mib", type=int, default=32, help="random MiB per layer of the 10-layer image")
     parser.add_argument("--big-scale", type=float, default=0.25,
                         help="scale of the 3 GB benchmark image for the big section (1 = the whole image)")

@@ -47,20 +47,29 @@ def _parse_host_map(where: str, data: object) -> HostAuth:
     return dict(data)
 
 
-def read_credentials_file(path: str | os.PathLike[str]) -> dict[str, HostAuth]:
-    """All refs in the file; {} if it does not exist. Refuses a file others can read."""
+def read_private_json(path: str | os.PathLike[str], what: str) -> object:
+    """The JSON document in the secrets file `path` (None if it does not exist). Refuses a file
+    others can read; errors name `what` and the path, never the content."""
     p = Path(path)
     try:
         st = p.stat()
     except FileNotFoundError:
-        return {}
+        return None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AuthError(f"credentials file {p} has mode {stat.S_IMODE(st.st_mode):o}; it must be 0600 "
+        raise AuthError(f"{what} {p} has mode {stat.S_IMODE(st.st_mode):o}; it must be 0600 "
                         "(readable by its owner only)")
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise AuthError(f"credentials file {p} is not readable JSON: {type(e).__name__}") from None
+        raise AuthError(f"{what} {p} is not readable JSON: {type(e).__name__}") from None
+
+
+def read_credentials_file(path: str | os.PathLike[str]) -> dict[str, HostAuth]:
+    """All refs in the file; {} if it does not exist. Refuses a file others can read."""
+    p = Path(path)
+    data = read_private_json(p, "credentials file")
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise AuthError(f"credentials file {p}: expected an object of ref -> hosts")
     return {ref: _parse_host_map(f"credentials file {p}, ref {ref!r}", v) for ref, v in data.items()}

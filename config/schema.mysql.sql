@@ -70,6 +70,30 @@ CREATE TABLE IF NOT EXISTS `obdconv_claims` (
   KEY `obdconv_claims_expires` (`expires_at`)
 ) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin;
 
+-- Durable status of fleet requests (obdconv/status.py; the workers also create it when missing).
+-- The callback_* columns came later: on a table without them, `obdconv db init` and every worker
+-- add them in place (all NULL, instant on MySQL 8 / MariaDB 10.3+). By hand, for a DBA:
+--   ALTER TABLE `obdconv_requests` ADD COLUMN `callback_state` varchar(16) NULL,
+--     ADD COLUMN `callback_error` text NULL, ADD COLUMN `callback_attempts` int NULL
+CREATE TABLE IF NOT EXISTS `obdconv_requests` (
+  `request_id` varchar(64) NOT NULL,
+  `state` varchar(16) NOT NULL,
+  `stage` varchar(64) NOT NULL,
+  `source` varchar(512) NOT NULL,
+  `request_json` text NOT NULL,
+  `submitted_at` double DEFAULT NULL,
+  `started_at` double DEFAULT NULL,
+  `finished_at` double DEFAULT NULL,
+  `updated_at` double NOT NULL,
+  `outputs_json` text NOT NULL,
+  `error_class` varchar(64) NOT NULL,
+  `error_message` text NOT NULL,
+  `callback_state` varchar(16) DEFAULT NULL COMMENT 'completion callback: PENDING/RETRYING/DELIVERED/FAILED',
+  `callback_error` text DEFAULT NULL,
+  `callback_attempts` int DEFAULT NULL,
+  PRIMARY KEY (`request_id`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
 CREATE TABLE IF NOT EXISTS `obdconv_schema` (
   `name` varchar(64) NOT NULL,
   `value` varchar(255) NOT NULL,

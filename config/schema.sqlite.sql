@@ -61,6 +61,28 @@ CREATE TABLE IF NOT EXISTS obdconv_claims (
 );
 CREATE INDEX IF NOT EXISTS obdconv_claims_expires ON obdconv_claims (expires_at);
 
+-- Durable status of fleet requests (obdconv/status.py; the workers also create it when missing).
+-- The callback_* columns came later: on a table without them, `obdconv db init` and every worker
+-- add them in place (all NULL). By hand: ALTER TABLE obdconv_requests ADD COLUMN callback_state
+-- varchar(16), then the same for callback_error text and callback_attempts integer.
+CREATE TABLE IF NOT EXISTS obdconv_requests (
+  request_id varchar(64) NOT NULL PRIMARY KEY,
+  state varchar(16) NOT NULL,
+  stage varchar(64) NOT NULL,
+  source varchar(512) NOT NULL,
+  request_json text NOT NULL,
+  submitted_at real,
+  started_at real,
+  finished_at real,
+  updated_at real NOT NULL,
+  outputs_json text NOT NULL,
+  error_class varchar(64) NOT NULL,
+  error_message text NOT NULL,
+  callback_state varchar(16),
+  callback_error text,
+  callback_attempts integer
+);
+
 CREATE TABLE IF NOT EXISTS obdconv_schema (
   name varchar(64) NOT NULL PRIMARY KEY,
   value varchar(255) NOT NULL

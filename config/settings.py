@@ -19,6 +19,23 @@ environment (`OBDCONV_*`). Workers, the client and the CLI all read them through
 | claim_ttl            | OBDCONV_CLAIM_TTL              | 300 s (a claim nobody heartbeats expires) |
 | spool_max_bytes      | OBDCONV_SPOOL_MAX_BYTES        | 64 GiB per worker spool (0 = no limit)    |
 | spool_max_age        | OBDCONV_SPOOL_MAX_AGE          | 172800 s since last use (0 = no limit)    |
+| callback_secrets_file| OBDCONV_CALLBACK_SECRETS_FILE  | /etc/obdconv/callback-secrets.json (optional) |
+| callback_retries     | OBDCONV_CALLBACK_RETRIES       | 8 retries of a failed callback POST       |
+| callback_backoff     | OBDCONV_CALLBACK_BACKOFF       | 2 s before the first retry, doubled each time |
+| callback_backoff_max | OBDCONV_CALLBACK_BACKOFF_MAX   | 600 s (longest wait between two attempts) |
+| callback_timeout     | OBDCONV_CALLBACK_TIMEOUT       | 10 s to connect, and again to answer      |
+| metrics_port         | OBDCONV_METRICS_PORT           | 0 (= no exporter) Prometheus port of a worker |
+| metrics_address      | OBDCONV_METRICS_ADDRESS        | 0.0.0.0                                   |
+| metrics_dir          | OBDCONV_METRICS_DIR            | "" (= <tmp>/obdconv-metrics/<nodename>)   |
+| api_listen           | OBDCONV_API_LISTEN             | 127.0.0.1:8080 (`obdconv api`: host:port) |
+| api_tokens_file      | OBDCONV_API_TOKENS_FILE        | /etc/obdconv/api-tokens.toml              |
+| api_rate_limit       | OBDCONV_API_RATE_LIMIT         | 120 requests per token per window (0 = no limit) |
+| api_rate_window      | OBDCONV_API_RATE_WINDOW        | 60 s                                      |
+| api_idempotency_ttl  | OBDCONV_API_IDEMPOTENCY_TTL    | 86400 s an Idempotency-Key is remembered  |
+| api_rules_file       | OBDCONV_API_RULES_FILE         | /etc/obdconv/api-rules.toml (optional)    |
+| api_event_secrets_file | OBDCONV_API_EVENT_SECRETS_FILE | /etc/obdconv/api-event-secrets.toml     |
+| api_distribution_header | OBDCONV_API_DISTRIBUTION_HEADER | Authorization                         |
+| api_event_dedup_ttl  | OBDCONV_API_EVENT_DEDUP_TTL    | 604800 s a pushed digest is one request   |
 
 Dedup claims (tasks/claims.py): a request claims each manifest and layer it converts; every task
 of the request heartbeats its claims while it runs, so `claim_ttl` must exceed the longest time a
@@ -26,10 +43,27 @@ request's next task can wait in a queue (a longer wait lets another request take
 convert the same thing in parallel: wasted work, same bytes). A request waiting for another's
 claim gives up after `claim_timeout` with ClaimTimeoutError (retried like any DatabaseError).
 
+Completion callbacks (tasks/notify.py): one POST per final state, retried `callback_retries` times
+after `callback_backoff` * 2^n seconds (jittered, at most `callback_backoff_max`); the HMAC key is
+named by the request and resolved here (config/callback_secrets.py). Metrics (workers/metrics.py):
+each worker's main process serves /metrics on `metrics_port`; its pool processes write their
+samples under `metrics_dir` (Prometheus multiprocess mode), emptied when the worker starts, so two
+workers on one machine need different ports and directories (the default directory is per node name).
+
 Spool eviction (tasks/spool.py), after each prepare on that worker: prepared layers unused for
 `spool_max_age`, then the least recently used ones until the spool is under `spool_max_bytes`.
 A prepared layer some task is using right now (prepare, assemble) is never evicted; evicting one a
 later assemble wanted only costs a re-prepare there (the assemble task falls back to it).
+
+The HTTP API (`obdconv api`, api/README.md) reads all of the above (it submits and reads status
+like the client) plus the `api_*` settings: where it listens; the bearer tokens file (TOML: per
+token a name, the token's sha256 and the repository patterns it may use); the per-token rate limit
+(shared by every replica through Redis); how long an `Idempotency-Key` maps to its request; the
+registry-event rules file (TOML, api/rules.py); the event secrets file (TOML, mode 0600:
+`distribution = "..."` compared with the header `api_distribution_header` of the registry's
+notifications, `harbor = "..."` compared with the `Authorization` header Harbor sends); and how
+long a pushed digest stays one request when its event is delivered again. No secret is a setting:
+tokens and event secrets live in their own files.
 
 The file is TOML with the same names as keys (top level or under `[obdconv]`); its path comes from
 `OBDCONV_CONFIG_FILE` or the `path` argument. Secrets do not belong here: registry credentials live
@@ -71,6 +105,23 @@ class Settings:
     claim_ttl: int = 300
     spool_max_bytes: int = 64 << 30
     spool_max_age: int = 172800
+    callback_secrets_file: str = "/etc/obdconv/callback-secrets.json"
+    callback_retries: int = 8
+    callback_backoff: int = 2
+    callback_backoff_max: int = 600
+    callback_timeout: int = 10
+    metrics_port: int = 0
+    metrics_address: str = "0.0.0.0"
+    metrics_dir: str = ""
+    api_listen: str = "127.0.0.1:8080"
+    api_tokens_file: str = "/etc/obdconv/api-tokens.toml"
+    api_rate_limit: int = 120
+    api_rate_window: int = 60
+    api_idempotency_ttl: int = 86400
+    api_rules_file: str = "/etc/obdconv/api-rules.toml"
+    api_event_secrets_file: str = "/etc/obdconv/api-event-secrets.toml"
+    api_distribution_header: str = "Authorization"
+    api_event_dedup_ttl: int = 604800
 
     @property
     def visibility_timeout(self) -> int:

@@ -4,6 +4,16 @@
     request_id = submit(ConversionRequest("registry:5000/app", input_tag="v1", overlaybd_tag="v1-obd"))
     result = wait(request_id, timeout=600)   # {"state": "SUCCESS", "outputs": {...}, ...}
 
+Final states: SUCCESS, FAILURE, CANCELLED, and PARTIAL: some requested format could not be built
+(e.g. turboOCI for an image with a zstd layer) while the others were; each missing one is in `outputs`
+as {"tag", "error": {"class", "message"}}. Ask `ConversionRequest(all_or_nothing=True)` to get FAILURE
+instead. `mkfs=False` (with `base_layer`, a path on the workers) and `flatten=True` work as in
+`obdconv convert`.
+
+To be told when it ends instead of polling: `ConversionRequest(..., callback_url="https://ci.example/hook",
+callback_secret_ref="ci-hooks")` (a signed POST from the fleet, see tasks/README.md; the key itself
+stays on the workers), or subscribe to the Redis channel `obdconv:events`.
+
 Requests go to the Celery task `obdconv.convert` by name (tasks/README.md documents the schema), so
 this module needs only the Celery app's connection settings, not the task code. Credentials are
 never sent: put a `credential_ref` in `request.access`; workers resolve it from their own config.
@@ -13,6 +23,7 @@ here at submit time when a database is configured, and read back by `status`/`wa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import uuid
@@ -26,7 +37,7 @@ from obdconv.request import ConversionRequest
 if TYPE_CHECKING:
     from celery import Celery
 
-FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+FINAL = frozenset({"SUCCESS", "FAILURE", "CANCELLED", "PARTIAL", "REVOKED"})  # obdconv.status + Celery's
 
 
 def _app(app: Celery | None) -> Celery:
@@ -56,9 +67,48 @@ def _status_db_ready(app: Celery) -> bool:
     return True
 
 
+def status_database_ready(app: Celery) -> bool:
+    """Bind the durable status table for readers other than `status` (the HTTP API's listing)."""
+    return _status_db_ready(app)
+
+
 def source_of(request: ConversionRequest) -> str:
     ref = ":" + request.input_tag if request.input_tag else "@" + request.input_digest  # the tag wins
     return request.repository + ref
+
+
+def is_loopback_host(host: str) -> bool:
+    """`host` ("name", "name:port", "[v6]:port", "v6") names the machine it is used on."""
+    name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host
+    for candidate in (name, name.rsplit(":", 1)[0]):
+        if candidate == "localhost" or candidate.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(candidate).is_loopback
+        except ValueError:
+            continue
+    return False
+
+
+def check_registry_for_fleet(request: ConversionRequest, broker_url: str) -> None:
+    """Refuse a registry named by a loopback address when the workers are on other machines: the
+    request would be read by each worker as its OWN machine's registry (nothing there, or another
+    one). A fleet whose broker is on this machine (127.0.0.1) may use one."""
+    from urllib.parse import urlparse
+
+    from obdconv.registry.reference import parse_reference
+
+    broker_host = urlparse(broker_url).hostname
+    if not broker_host or is_loopback_host(broker_host):
+        return
+    for repository in (request.repository, request.output_repository):
+        if not repository or repository.startswith("oci:"):
+            continue
+        host = parse_reference(repository).host
+        if is_loopback_host(host):
+            raise UsageError(f"{repository}: {host} would mean each worker's own machine (the fleet's broker is "
+                             f"{broker_host}, so the workers are elsewhere); name the registry by an address "
+                             "the workers reach")
 
 
 def submit(request: ConversionRequest, *, request_id: str | None = None, app: Celery | None = None) -> str:
@@ -69,6 +119,9 @@ def submit(request: ConversionRequest, *, request_id: str | None = None, app: Ce
         raise UsageError("give an input tag or digest")
     validate_request(request)  # the local runner's checks, before anything is queued
     celery_app = _app(app)
+    from workers.app import settings_of
+
+    check_registry_for_fleet(request, settings_of(celery_app).broker_url)
     request_id = request_id or str(uuid.uuid4())
     body = request.to_dict()
     if _status_db_ready(celery_app):
@@ -90,6 +143,8 @@ def _celery_state(celery_app: Celery, request_id: str) -> dict[str, Any]:
     result = meta.get("result")
     if state == "SUCCESS" and isinstance(result, dict):
         out["outputs"] = result.get("outputs", result)
+        # The task succeeded; the request may still be PARTIAL (some format impossible).
+        out["request_state"] = result.get("state", "SUCCESS")
     elif state == "FAILURE":
         if isinstance(result, BaseException):
             out["error"] = {"class": type(result).__name__, "message": str(result)}
@@ -125,9 +180,9 @@ def status(request_id: str, *, app: Celery | None = None) -> dict[str, Any]:
     out: dict[str, Any] = dict(record or {"request_id": request_id, "state": "UNKNOWN", "stage": "",
                                            "outputs": {}, "error": None})
     cstate = live.get("celery_state", "PENDING")
-    if out["state"] not in ("SUCCESS", "FAILURE"):
+    if out["state"] not in ("SUCCESS", "FAILURE", "CANCELLED", "PARTIAL"):  # obdconv.status.FINAL_STATES
         if cstate in ("SUCCESS", "FAILURE"):
-            out["state"] = cstate
+            out["state"] = live.get("request_state", cstate)
             out["outputs"] = live.get("outputs", out.get("outputs", {}))
             out["error"] = live.get("error")
         elif record is None and cstate != "PENDING":

@@ -68,3 +68,13 @@ class DatabaseError(ObdconvError):
 
     exit_code = 75
     retryable = True
+
+
+class PartialResultError(ObdconvError):
+    """A request delivered some of its output formats and not others, each missing one named with
+    its own error in the result (e.g. turboOCI refused for a zstd layer while overlaybd was built).
+    Raised by no stage: it gives `obdconv convert` (and `submit --wait`, `wait` on a PARTIAL
+    request) its exit code, so a caller checking only the code cannot take a partial result for a
+    whole one. `--all-or-nothing` turns such a request into a failure instead."""
+
+    exit_code = 79  # obdconv's own, just past the sysexits range (64-78): partial result

@@ -22,12 +22,17 @@ class ConversionProfile:
     algorithm: str = "lz4"  # ZFile block codec: "lz4" or "zstd"
     block_size: int = 4096  # ZFile raw block size
     engine_version: str = ENGINE_VERSION
+    base_layer: str = ""  # mkfs=False: digest of the base layer file the image is stacked on
+    flatten: bool = False  # native: the whole image as ONE layer
 
     def key(self) -> str:
-        """A short stable string naming this profile (for dedup rows and spool paths)."""
+        """A short stable string naming this profile (for dedup rows and spool paths). A base layer
+        is named by its digest (another file makes other bytes); flattened output is keyed apart."""
+        base = "mkfs" if self.mkfs else "base" + (f"-{self.base_layer.partition(':')[2]}" if self.base_layer else "")
         return (
-            f"{self.format}/{self.fstype}/v{self.vsize_gb}/{'mkfs' if self.mkfs else 'base'}/"
+            f"{self.format}/{self.fstype}/v{self.vsize_gb}/{base}/"
             f"{self.algorithm}-{self.block_size // 1024}k/{self.engine_version}"
+            + ("/flat" if self.flatten else "")
         )
 
 
@@ -74,6 +79,9 @@ class ConversionRequest:
     access: RegistryAccess = field(default_factory=RegistryAccess)
     # --mkfs=false: the overlaybd base layer the image stacks on ("" = the reference's default path)
     base_layer: str = ""
+    # its sha256, pinned when the conversion starts (a caller may pin it too): every machine taking
+    # part must hold exactly this file at `base_layer`, or fails naming the difference
+    base_layer_digest: str = ""
     flatten: bool = False  # native output as ONE layer holding the whole image's filesystem
     all_or_nothing: bool = False  # one impossible output format fails the whole request
     # Completion callback: POSTed a signed JSON summary on a terminal state. The HMAC key is named by
@@ -82,11 +90,14 @@ class ConversionRequest:
     callback_secret_ref: str = ""
 
     def profiles(self) -> list[ConversionProfile]:
+        base = "" if self.mkfs else self.base_layer_digest
         out = []
         if self.overlaybd_tag:
-            out.append(ConversionProfile("native", "ext4", self.vsize_gb, self.mkfs, self.algorithm, self.block_size))
+            out.append(ConversionProfile("native", "ext4", self.vsize_gb, self.mkfs, self.algorithm, self.block_size,
+                                         base_layer=base, flatten=self.flatten))
         if self.turbo_tag:
-            out.append(ConversionProfile("turbo", self.fstype, self.vsize_gb, self.mkfs, self.algorithm, self.block_size))
+            out.append(ConversionProfile("turbo", self.fstype, self.vsize_gb, self.mkfs, self.algorithm, self.block_size,
+                                         base_layer=base))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,9 @@ APT_PACKAGES=(
   e2fsprogs libext2fs2 redis-server mariadb-server docker-registry skopeo umoci
   apache2-utils openssl debootstrap chromium zstd pigz python3-venv ca-certificates util-linux
   liblz4-1 zlib1g
+  faketime iproute2 curl  # tests/multihost: a worker host with its clock off; network namespaces; readiness checks
   libext2fs-dev gcc libc6-dev  # build the ext4 C fast path (obdconv/ext4/_build_fast.py) at pip install
+  prometheus  # promtool checks deploy/prometheus/ (the server itself is not used)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

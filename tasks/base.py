@@ -5,6 +5,7 @@
   Waiting for another task (`retry_later`) is not a failure: it uses none of those retries.
 * A failure is written to the request's durable status record as (error class name, message)
   the first time it happens, so callers see the cause even when Celery wraps it in a ChordError.
+* A task of a cancelled request ends quietly before it runs (tasks/cancel.py).
 * Every task gets the request context `job` as a keyword argument:
   {"request_id": str, "request": ConversionRequest.to_dict(), ...stage specific fields}.
 """
@@ -14,13 +15,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery import Task
+from celery.states import SUCCESS
 from celery.utils.time import get_exponential_backoff_interval
 
-from obdconv.errors import DatabaseError, NetworkError
+from obdconv.errors import DatabaseError, NetworkError, ObdconvError
 from obdconv.status import record_failure
+from tasks.cancel import stop_if_cancelled
 from tasks.claims import release_claims
-from tasks.context import settings
+from tasks.context import failure_message, settings
 from workers.database import open_worker_database
 
 log = logging.getLogger(__name__)
@@ -63,16 +67,41 @@ def error_class_name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def finished_elsewhere(task: Task, task_id: str) -> bool:
+    """True when the result backend holds SUCCESS for `task_id` (a redelivered copy of the task)."""
+    try:
+        return bool(task.backend.get_task_meta(task_id).get("status") == SUCCESS)
+    except Exception:  # backend unreachable: treat the failure as the request's
+        return False
+
+
 class FleetTask(Task):
     abstract = True
     # Retried with exponential backoff by `retry` below (not Celery's `retry_backoff`, which
-    # would count waits as failures).
-    autoretry_for = (NetworkError, DatabaseError)
+    # would count waits as failures). redis.RedisError: a task's own Redis calls (locks, holders,
+    # counters) lost the broker for a moment, like a NetworkError.
+    autoretry_for = (NetworkError, DatabaseError, redis.RedisError)
     acks_late = True
     reject_on_worker_lost = True
+    # A retry's ETA was set on the fleet clock: wait for it on the fleet clock (workers/clock.py).
+    Strategy = "workers.clock:fleet_strategy"
 
     max_retries = settings().retry_max
     retry_backoff_max = settings().retry_backoff_max
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task; an obdconv error leaving it says which worker it happened on (and why a
+        path may be missing there), in the exception itself: Celery stores the exception as the
+        task's result before `on_failure` runs, and a client may read either."""
+        job = kwargs.get("job")
+        if isinstance(job, dict):
+            stop_if_cancelled(job, self.name)  # Ignore: the request was cancelled
+        try:
+            return super().__call__(*args, **kwargs)
+        except ObdconvError as exc:
+            job = kwargs.get("job") or {}
+            exc.args = (failure_message(exc, job.get("request") or {}, self.request.hostname or "?"),)
+            raise
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
               eta: Any = None, countdown: float | None = None, max_retries: int | None = None,
@@ -92,6 +121,12 @@ class FleetTask(Task):
         job = kwargs.get("job") or {}
         request_id = job.get("request_id")
         log.error("%s %s failed: %s: %s", self.name, task_id, error_class_name(exc), exc)
+        if finished_elsewhere(self, task_id):
+            # This worker was cut off longer than the lease: the task was redelivered, ran on another
+            # worker and succeeded (Celery keeps that SUCCESS). This late failure of the stale copy
+            # must not fail the request nor release the claims its live tasks hold.
+            log.warning("%s %s already succeeded on another worker: its request goes on", self.name, task_id)
+            return
         if request_id and settings().db_type:
             try:
                 open_worker_database()

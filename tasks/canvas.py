@@ -26,12 +26,21 @@ Dedup, per manifest (root or index child), in `obdconv.convert_manifest` before 
   holder's results are recorded or its lease expires; claims taken travel in `job["reuse"]`, are
   heartbeated by every task of the manifest and released after its push (tasks/claims.py).
 
+Cancel (tasks/cancel.py): every task of a cancelled request ends quietly when it starts; the tasks
+that move the request's tags take the commit gate first (the root's push_manifest, push_index, and
+the root's dedup lookup, which re-tags hits), so a cancel either wins before any tag moved or is
+refused.
+
 Flags with fleet semantics (the client cannot see a worker's disk):
 * `dump_manifest`: the converted manifest/config (and root index) JSON are returned in the outputs
   under `"dump"` instead of being written to files;
 * `reserve`: the worker running the metadata pass keeps its scratch directory (ext4 metadata image)
   in `<spool>/<node>/scratch/`, logged; spool eviction removes it after `spool_max_age`;
-* `mkfs=false` fails with UnsupportedError, as in the local runner (obdconv/pipeline/validate.py).
+* `mkfs=false`: the base layer's digest is pinned here (every later task that reads the file checks
+  its own copy against it), and pushed first in every manifest;
+* `flatten`: one `obdconv.assemble_flat` task instead of one assemble per layer (tasks/flatten.py);
+* formats the image cannot become are dropped from the request here, before any work, and reported
+  by the last task: state PARTIAL (`all_or_nothing`: the request fails instead).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +59,27 @@ from celery.canvas import Signature
 from obdconv.dedup.claims import ClaimTimeoutError
 from obdconv.pipeline import push as push_stage
 from obdconv.pipeline.assemble import ConvertedLayer
-from obdconv.pipeline.plan import IndexPlan, ManifestPlan, resolve_image
+from obdconv.pipeline.baselayer import (
+    BaseLayer,
+    base_layer_of,
+    push_base_layer,
+    resolve_base_layer,
+    with_base,
+)
+from obdconv.pipeline.feasibility import deliverable, refusals
+from obdconv.pipeline.plan import ImagePlan, IndexPlan, ManifestPlan, resolve_image
 from obdconv.pipeline.push import PushedManifest
 from obdconv.pipeline.reuse import ClaimHeld, ManifestReuse
 from obdconv.pipeline.validate import validate_request
 from obdconv.request import ConversionProfile, ConversionRequest
-from obdconv.status import record_success
+from obdconv.status import PARTIAL, record_partial, record_success
 from tasks.base import FleetTask, retry_later
+from tasks.cancel import commit_or_stop, reopen_for_cancel
 from tasks.claims import claim_owner, held_claims, release_claims
 from tasks.context import open_repository, settings
 from tasks.dedup import fleet_reuse, remember_manifest
+from tasks.flatten import assemble_flat_signature
+from tasks.progress import record_manifest_stage
 from tasks.stages import (
     _broker_client,
     assemble_layer_task,
@@ -67,7 +88,9 @@ from tasks.stages import (
     prepare_layer_task,
     request_of,
 )
+from workers import metrics
 from workers.app import app
+from workers.clock import fleet_time
 from workers.database import open_worker_database
 from workers.lease import is_worker_alive
 from workers.queues import (
@@ -120,6 +143,7 @@ def start_of(job: dict[str, Any]) -> int:
 
 def _manifest_job(job: dict[str, Any], manifest: ManifestPlan, *, is_root: bool) -> dict[str, Any]:
     return {"request_id": job["request_id"], "request": job["request"], "is_root": is_root,
+            "refused": job.get("refused") or {},
             "manifest": {"descriptor": manifest.descriptor, "data": manifest.data, "config": manifest.config,
                          "layers": manifest.layers, "diff_ids": manifest.diff_ids,
                          "chain_ids": manifest.chain_ids}}
@@ -138,7 +162,10 @@ def lanes(items: list[Any], limit: int) -> list[list[Any]]:
 def convert_task(self: Any, *, job: dict[str, Any]) -> Any:
     """The entry point: job = {"request_id", "request": ConversionRequest dict}."""
     request = request_of(job)
-    validate_request(request)  # the local runner's checks and errors (e.g. mkfs=false: UnsupportedError)
+    validate_request(request)  # the local runner's checks and errors
+    # --mkfs=false: the base layer pinned by this worker's file (every later task checks its own)
+    request, base = resolve_base_layer(request, f"worker {self.request.hostname}")
+    job = {**job, "request": request.to_dict()}
     if settings().db_type:
         from obdconv.client import source_of
         from obdconv.status import record_running
@@ -147,6 +174,7 @@ def convert_task(self: Any, *, job: dict[str, Any]) -> Any:
         record_running(job["request_id"], "plan", source=source_of(request), request=job["request"])
     source_repo = open_repository(request.repository, request.access)
     plan = resolve_image(source_repo, request.input_tag or request.input_digest, request.platforms)
+    job = _drop_refused(job, plan, source_repo, base)
     if not plan.root_is_index:
         manifest_job = _manifest_job(job, plan.manifests[plan.root["digest"]], is_root=True)
         return self.replace(convert_manifest_task.signature(args=(None,), kwargs={"job": manifest_job},
@@ -158,10 +186,26 @@ def convert_task(self: Any, *, job: dict[str, Any]) -> Any:
         steps += [convert_manifest_task.signature(kwargs={"job": j}, kwargsrepr=_mrepr(j)) for j in lane[1:]]
         header.append(chain(*steps) if len(steps) > 1 else steps[0])
     index_job = {"request_id": job["request_id"], "request": job["request"], "root": plan.root,
+                 "refused": job.get("refused") or {},
                  "indexes": [{"descriptor": i.descriptor, "data": i.data, "children": i.children}
                              for i in plan.indexes]}
     return self.replace(chord(header, push_index_task.signature(
         kwargs={"job": index_job}, kwargsrepr=compact_repr(request_id=job["request_id"], index=plan.root["digest"]))))
+
+
+def _drop_refused(job: dict[str, Any], plan: ImagePlan, source_repo: Any, base: BaseLayer | None) -> dict[str, Any]:
+    """Formats the image cannot become (obdconv/pipeline/feasibility.py) leave the request (its tag
+    cleared, so no task converts them) for `job["refused"]`, which the final result reports
+    (PARTIAL). With `all_or_nothing`, or nothing left, the request fails here, before any work."""
+    request = request_of(job)
+    refused = refusals(plan, request.profiles(), source_repo, base)
+    deliverable(request.profiles(), refused, all_or_nothing=request.all_or_nothing)
+    if not refused:
+        return job
+    kept = replace(request, overlaybd_tag="" if "native" in refused else request.overlaybd_tag,
+                   turbo_tag="" if "turbo" in refused else request.turbo_tag)
+    return {**job, "request": kept.to_dict(),
+            "refused": {fmt: {"tag": output_tag(request, fmt), "error": r.to_dict()} for fmt, r in refused.items()}}
 
 
 def _mrepr(job: dict[str, Any]) -> str:
@@ -182,18 +226,29 @@ def convert_manifest_task(self: Any, previous: list[dict[str, Any]] | None, *, j
     reuse = fleet_reuse(request, _target_repo(request), owner)
     found = ManifestReuse()
     if reuse is not None:
+        gated = bool(tags)  # the lookup re-tags a root's converted manifest: no cancel meanwhile
+        if gated:
+            commit_or_stop(job, settings().result_expires)
         try:
             found = reuse.lookup(ManifestPlan(**manifest), profiles, tags)
         except ClaimHeld as held:
-            since = job.get("claim_wait_since") or time.time()
-            if time.time() - since > settings().claim_timeout:
+            if not job.get("claim_wait_since"):
+                metrics.count_dedup("claim_wait")
+            if gated:
+                reopen_for_cancel(job)
+            since = job.get("claim_wait_since") or fleet_time()  # (the next try may run on another host)
+            if fleet_time() - since > settings().claim_timeout:
                 raise ClaimTimeoutError(f"waited {settings().claim_timeout}s for another request converting "
                                         f"{held.key}") from None
             log.info("%s: waiting for %s", job["request_id"], held)
             raise retry_later(self, CLAIM_POLL_SECONDS, args=(previous,),
                               kwargs={"job": {**job, "claim_wait_since": since}}) from None
+        if gated and not found.manifests:  # nothing re-tagged: the request may still be cancelled
+            reopen_for_cancel(job)
     todo = found.todo(profiles)
     start = _start_layer(found, todo)
+    metrics.count_dedup("manifest_hit", len(found.manifests))
+    metrics.count_dedup("layer_hit", start * len(todo))
     job["reuse"] = {
         "owner": owner, "claims": [lease.key for lease in found.leases], "start": start,
         "manifests": {fmt: {**pm.to_dict(), "dedup": True} for fmt, pm in found.manifests.items()},
@@ -226,6 +281,13 @@ def schedule_assemble_task(self: Any, metadata_result: dict[str, Any], *, job: d
     start = start_of(job)
     slim = {"request_id": job["request_id"], "request": job["request"], "reuse": job.get("reuse") or {}}
     broker = _broker_client()
+    push = push_manifest_task.signature(
+        kwargs={"job": job}, kwargsrepr=compact_repr(request_id=job["request_id"],
+                                                     manifest=manifest["descriptor"]["digest"]))
+    if request_of(job).flatten and metadata_result["layers"]:  # ONE assemble: tasks/flatten.py
+        flat = assemble_flat_signature(slim, manifest, metadata_result, broker, compact_repr(
+            request_id=job["request_id"], manifest=manifest["descriptor"]["digest"], flatten=True))
+        return self.replace(chord([flat], push))
     header = []
     for j, (info, key) in enumerate(zip(metadata_result["layers"], metadata_result["metadata_keys"], strict=True)):
         i = start + j
@@ -235,17 +297,21 @@ def schedule_assemble_task(self: Any, metadata_result: dict[str, Any], *, job: d
         header.append(assemble_layer_task.signature(
             kwargs=kwargs, queue=queue,
             kwargsrepr=compact_repr(request_id=job["request_id"], layer=manifest["layers"][i]["digest"], index=i)))
-    push = push_manifest_task.signature(
-        kwargs={"job": job}, kwargsrepr=compact_repr(request_id=job["request_id"],
-                                                     manifest=manifest["descriptor"]["digest"]))
     return self.replace(chord(header, push))
 
 
 def finish(job: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+    """Record and return the request's result: SUCCESS, or PARTIAL when a format was refused (it is
+    in `outputs` with its "tag" and "error", not converted)."""
+    refused = job.get("refused") or {}
+    outputs = {**outputs, **refused}
     if settings().db_type:
         open_worker_database()
-        record_success(job["request_id"], outputs)
-    return {"outputs": outputs}
+        if refused:
+            record_partial(job["request_id"], outputs)
+        else:
+            record_success(job["request_id"], outputs)
+    return {"outputs": outputs, "state": PARTIAL} if refused else {"outputs": outputs}
 
 
 @app.task(bind=True, base=FleetTask, name=TASK_PUSH_MANIFEST)
@@ -258,12 +324,18 @@ def push_manifest_task(self: Any, assembled: list[dict[str, Any]], *, job: dict[
     reuse = job.get("reuse") or {}
     target = _target_repo(request)
     outputs: dict[str, Any] = {}
-    with held_claims(job):
+    if job["is_root"]:
+        commit_or_stop(job, settings().result_expires)  # a cancel from here on is refused
+    with metrics.stage_timer("push"), held_claims(job):
+        base = base_layer_of(request, f"worker {self.request.hostname}")
         for profile in request.profiles():
             if profile.format in reuse.get("manifests", {}):
                 continue
             hits = [ConvertedLayer.from_dict(x) for x in reuse.get("layers", {}).get(profile.format, [])]
             layers = hits + [ConvertedLayer.from_dict(a[profile.format]) for a in assembled]
+            if base is not None:  # --mkfs=false: the base layer comes first
+                layers = with_base(push_base_layer(target, base, profile.format, oci=request.oci or request.referrer,
+                                                   upload=not request.no_upload), layers)
             tag = output_tag(request, profile.format) if job["is_root"] else ""
             with tempfile.TemporaryDirectory(prefix="dump-") as dump:
                 dump_dir = Path(dump) if request.dump_manifest else None
@@ -271,7 +343,8 @@ def push_manifest_task(self: Any, assembled: list[dict[str, Any]], *, job: dict[
                     target, source_manifest=manifest["data"].encode(), source_config=manifest["config"].encode(),
                     source_desc=manifest["descriptor"], fmt=profile.format, layers=[x.descriptor() for x in layers],
                     diff_ids=[x.diff_id for x in layers], oci=request.oci, referrer=request.referrer, ref=tag,
-                    upload=not request.no_upload, dump_dir=dump_dir)
+                    upload=not request.no_upload, dump_dir=dump_dir,
+                    flattened=len(manifest["layers"]) if profile.flatten and manifest["layers"] else 0)
                 outputs[profile.format] = {**pushed.to_dict(), "tag": tag}
                 if dump_dir is not None:
                     outputs[profile.format]["dump"] = {f.name: f.read_text() for f in sorted(dump_dir.iterdir())}
@@ -286,6 +359,7 @@ def _manifest_done(job: dict[str, Any], outputs: dict[str, Any]) -> Any:
     """Merge this manifest's converted `outputs` with its dedup hits; finish a root, or hand the
     lane's accumulated results on."""
     request = request_of(job)
+    record_manifest_stage(job, "done")
     for fmt, hit in (job.get("reuse") or {}).get("manifests", {}).items():
         outputs[fmt] = {**hit, "tag": output_tag(request, fmt) if job["is_root"] else ""}
         if request.dump_manifest:  # a hit is dumped too: read back what the target holds
@@ -318,6 +392,8 @@ def push_index_task(self: Any, lane_results: list[list[dict[str, Any]]], *, job:
     """Rebuild every index (children first) per format; tag the root; finish the request."""
     request = request_of(job)
     mark_stage(job, "push")
+    started = time.monotonic()
+    commit_or_stop(job, settings().result_expires)  # a cancel from here on is refused
     target = _target_repo(request)
     by_source = {r["source_digest"]: r["outputs"] for lane in lane_results for r in lane}
     root_digest = job["root"]["digest"]
@@ -349,4 +425,5 @@ def push_index_task(self: Any, lane_results: list[list[dict[str, Any]]], *, job:
             outputs[profile.format]["dump"] = {
                 "index.json": index_dump,
                 "manifests": {d: outs[profile.format].get("dump", {}) for d, outs in by_source.items()}}
+    metrics.observe_stage("push", time.monotonic() - started)
     return finish(job, outputs)

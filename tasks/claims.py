@@ -29,9 +29,14 @@ from workers.database import dedup_store
 log = logging.getLogger(__name__)
 
 
+def request_owner_prefix(request_id: str) -> str:
+    """What every claim owner of one request starts with (a cancel releases them all by it)."""
+    return f"fleet:{request_id}:"
+
+
 def claim_owner(request_id: str, manifest_digest: str) -> str:
     """Readable in the claims table; the same for every task (and retry) of this manifest."""
-    return f"fleet:{request_id}:{manifest_digest.partition(':')[2][:16]}"
+    return request_owner_prefix(request_id) + manifest_digest.partition(":")[2][:16]
 
 
 def claims_of(job: dict[str, Any]) -> tuple[str, list[str]]:
@@ -43,14 +48,16 @@ def _beat(owner: str, keys: list[str], ttl: float, stop: threading.Event) -> Non
     store = dedup_store()
     try:
         while True:
-            for key in keys:
-                try:
-                    if not store.heartbeat(key, owner, ttl):
-                        # Taken over: another request converts it too. Our output is the same bytes
-                        # (deterministic) and rows are upserts, so we carry on rather than fail.
-                        log.warning("claim %s was taken over from %s", key, owner)
-                except DatabaseError as e:
-                    log.warning("claim heartbeat of %s failed: %s", key, e)
+            try:  # one statement for all of them: every task of a request beats all its claims
+                held = store.heartbeat_many(keys, owner, ttl)
+                if held < len(keys):
+                    # Taken over (another request converts it too) or released (the request is
+                    # done). Our output is the same bytes (deterministic) and rows are upserts, so
+                    # we carry on rather than fail.
+                    log.warning("%d of the %d claims of %s were taken over or released", len(keys) - held,
+                                len(keys), owner)
+            except DatabaseError as e:
+                log.warning("claim heartbeat of %s failed: %s", owner, e)
             if stop.wait(ttl / 3):
                 return
     finally:

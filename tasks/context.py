@@ -9,6 +9,7 @@ from typing import Any
 
 from config.credentials import credentials_resolver_for
 from config.settings import Settings
+from obdconv.errors import NotFoundError
 from obdconv.registry import open_repository as open_registry_repository
 from obdconv.registry.options import RegistryOptions
 from obdconv.request import RegistryAccess
@@ -31,8 +32,21 @@ def registry_host(repository: str) -> str:
     return repository.split("/", 1)[0]
 
 
-def open_repository(repository: str, access: RegistryAccess) -> Any:
-    """A Repository for `repository`, logged in with the worker's credentials for `access.credential_ref`."""
-    resolver = credentials_resolver_for(registry_host(repository), settings().credentials_file)
+def open_repository(repository: str, access: RegistryAccess, credentials_file: str | None = None) -> Any:
+    """A Repository for `repository`, logged in with the worker's credentials for `access.credential_ref`
+    (from `credentials_file`, default the settings': the HTTP API passes its own)."""
+    resolver = credentials_resolver_for(registry_host(repository),
+                                        settings().credentials_file if credentials_file is None else credentials_file)
     options = RegistryOptions.from_access(access, resolver)
     return open_registry_repository(repository, options)
+
+
+def failure_message(exc: BaseException, request: dict[str, Any], node: str) -> str:
+    """The message a failure is recorded with: which worker it happened on (a fleet spans machines),
+    and why a path may be missing there."""
+    message = f"{exc} (on worker {node})"
+    paths = [r for r in (request.get("repository", ""), request.get("output_repository", "")) if r.startswith("oci:")]
+    if isinstance(exc, NotFoundError) and paths:
+        message += (f"; {' and '.join(paths)} is read or written by whichever worker runs each task: an oci: "
+                    "layout must be on storage every worker mounts at the same path (or use a registry)")
+    return message

@@ -15,6 +15,7 @@ from obdconv.dedup.lookup import record_layer, record_manifest
 from obdconv.pipeline.reuse import Reuse
 from obdconv.request import ConversionProfile, ConversionRequest
 from tasks.context import open_repository, settings
+from workers import metrics
 from workers.database import dedup_store
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,25 @@ def fleet_reuse(request: ConversionRequest, target: Any, owner: str) -> Reuse | 
         return open_repository(f"{target.host}/{name}", request.access)
 
     s = settings()
-    return Reuse(store, target, open_sibling, oci=request.oci or request.referrer, referrer=request.referrer,
+    return Reuse(store, MountCounting(target), open_sibling, oci=request.oci or request.referrer, referrer=request.referrer,
                  enabled=True, claim_timeout=float(s.claim_timeout), wait=False, ttl=float(s.claim_ttl), owner=owner)
+
+
+class MountCounting:
+    """The target repository as the dedup lookups see it, counting each blob mounted from another
+    repository (a 201) in the metrics (`cross_repo_mount`); everything else passes through."""
+
+    def __init__(self, repository: Any) -> None:
+        self._repository = repository
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._repository, name)
+
+    def mount_blob(self, digest: str, from_repo: str) -> bool:
+        mounted = bool(self._repository.mount_blob(digest, from_repo))
+        if mounted:
+            metrics.count_dedup("cross_repo_mount")
+        return mounted
 
 
 def remember_layer(target: Any, chain_id: str, profile: ConversionProfile, digest: str, size: int) -> None:

@@ -1,6 +1,8 @@
 """Progress of a running conversion: per task in Celery task state (Flower shows it) and per
 request in a small Redis hash `obdconv:progress:<request_id>` in the result backend, which
-`obdconv status` reads (fields `<stage>:<layer>` -> {"done", "total", "host"}).
+`obdconv status` reads (fields `<stage>:<layer>` -> {"done", "total", "host"}); and per manifest in
+`obdconv:manifests:<request_id>` (field: manifest digest -> {"stage", "platform", "layers": [digests]}),
+which the HTTP API uses to group layer progress by manifest.
 """
 
 from __future__ import annotations
@@ -12,35 +14,74 @@ from typing import Any
 
 import redis
 from celery import Task
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from tasks.context import settings
 from workers.ledger import is_redis_url
 
 PROGRESS_KEY_PREFIX = "obdconv:progress:"
+MANIFESTS_KEY_PREFIX = "obdconv:manifests:"
 MIN_INTERVAL = 0.5  # seconds between two updates of the same task (bounded broker/backend load)
+RESTART_RETRIES = 20  # backoff 0.1 s doubling up to 1 s: Redis may be gone ~15 s
 
 
 def progress_key(request_id: str) -> str:
     return PROGRESS_KEY_PREFIX + request_id
 
 
-@lru_cache(maxsize=4)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+@lru_cache(maxsize=8)
+def redis_client(url: str, outlast_restarts: bool = False) -> redis.Redis:
+    """A (cached) Redis client. `outlast_restarts` (workers): a command that cannot reach Redis is
+    tried again for ~15 s, as Celery's own result backend does, so a task in flight outlives a
+    Redis restart (deploy/ runs it with an append-only file) instead of failing its request."""
+    retry: dict[str, Any] = {}
+    if outlast_restarts:
+        retry = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), RESTART_RETRIES),
+                 "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, **retry)
 
 
 def client_for(url: str) -> redis.Redis | None:
     """A (cached) Redis client for a result backend URL; None when the backend is not Redis."""
-    return _client(url) if is_redis_url(url) else None
+    return redis_client(url) if is_redis_url(url) else None
 
 
 def backend_client() -> redis.Redis | None:
-    return client_for(settings().result_backend)
+    """The worker's client of the result backend (outlives a Redis restart)."""
+    url = settings().result_backend
+    return redis_client(url, outlast_restarts=True) if is_redis_url(url) else None
+
+
+def manifests_key(request_id: str) -> str:
+    return MANIFESTS_KEY_PREFIX + request_id
 
 
 def read_progress(client: redis.Redis, request_id: str) -> dict[str, dict[str, Any]]:
     raw = client.hgetall(progress_key(request_id))
     return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def read_manifest_stages(client: redis.Redis, request_id: str) -> dict[str, dict[str, Any]]:
+    raw = client.hgetall(manifests_key(request_id))
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def record_manifest_stage(job: dict[str, Any], stage: str) -> None:
+    """The stage a manifest of the request is at, with its layers (advisory: never raises)."""
+    manifest = job.get("manifest")
+    client = backend_client()
+    if not manifest or client is None or not job.get("request_id"):
+        return
+    descriptor = manifest.get("descriptor") or {}
+    value = {"stage": stage, "platform": descriptor.get("platform"),
+             "layers": [layer.get("digest") for layer in manifest.get("layers", [])]}
+    try:
+        key = manifests_key(job["request_id"])
+        client.hset(key, descriptor.get("digest", ""), json.dumps(value))
+        client.expire(key, settings().result_expires)
+    except (redis.RedisError, OSError):
+        pass
 
 
 class ProgressReporter:

@@ -10,20 +10,33 @@ Configured from config.settings (environment / optional TOML file). Reliability 
   long it takes (the effective timeout is above the longest task), and a dead worker's messages
   are restored by the surviving workers' periodic sweep within lease + sweep interval (< 1 min).
 * Events on (`worker_send_task_events`, `task_send_sent_event`) so Flower sees every task.
+* The broker transport is kombu's Redis transport with a fix that lets a worker outlive a Redis
+  restart while it holds messages (workers/transport.py).
 * Every task message the app sends is kept in a ledger (workers/ledger.py) until its task ran, and
   re-sent if the broker lost it (kombu's Redis transport can, when a worker dies mid-delivery).
+* Times that cross machines are on the broker's clock (workers/clock.py): lease stamps (the
+  transport in workers/transport.py), ETAs of delayed retries (`FleetCelery.now` when sending,
+  `FleetTask.Strategy` when receiving), the ledger. Hosts whose clocks disagree by minutes neither
+  take each other's running tasks nor wait minutes for a 1 s retry.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any
 
 from celery import Celery
+from celery.loaders.app import AppLoader
 
 from config.settings import Settings, load_settings
 from obdconv.errors import UsageError
-from workers.ledger import LedgerAMQP
+from workers.clock import clock_for
+from workers.ledger import LedgerAMQP, is_redis_url
 from workers.queues import CONTROL, TASK_ROUTES, shared_queues
+from workers.transport import TRANSPORT
 
 # How often surviving workers scan for expired leases (seconds); with throttle 1 every tick scans.
 UNACKED_RESTORE_INTERVAL = 5
@@ -53,6 +66,19 @@ def min_lease_seconds() -> int:
     return math.ceil(1.5 * chord_dispatch_claim_seconds()) + 1
 
 
+class InstalledModulesLoader(AppLoader):
+    """Celery's loader imports the task modules (`imports`, `--include`, config modules) with the
+    working directory put first on sys.path (celery.utils.imports.cwd_in_path), so a `peewee.py`
+    there would run in the worker. This one imports them like any other module: installed code
+    only (see obdconv/interpreter.py)."""
+
+    def import_from_cwd(self, module: str, imp: Any = None, package: str | None = None) -> ModuleType:
+        return (imp or self.import_module)(module, package=package)  # type: ignore[no-any-return]
+
+    def find_module(self, module: str) -> ModuleType:
+        return importlib.import_module(module)
+
+
 def celery_config(settings: Settings) -> dict[str, object]:
     if settings.lease_seconds < min_lease_seconds():
         raise UsageError(f"lease_seconds {settings.lease_seconds} is too short: a chord whose dispatching worker "
@@ -69,7 +95,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
     }
-    return {
+    config: dict[str, object] = {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
         "broker_transport_options": transport_options,
@@ -99,15 +125,30 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport with its leases on the broker's clock, fixed so a worker survives
+        # a Redis restart (workers/transport.py)
+        config["broker_transport"] = TRANSPORT
+    return config
+
+
+class FleetCelery(Celery):
+    def now(self) -> datetime:
+        """Celery's "now" (a retry countdown becomes ETA = now + countdown) on the fleet clock."""
+        settings: Settings | None = getattr(self, "obdconv_settings", None)
+        if settings is None or not is_redis_url(settings.broker_url):
+            return super().now()
+        stamp = clock_for(settings.broker_url).now()
+        return datetime.fromtimestamp(stamp, UTC).astimezone(self.timezone)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
-    celery_app = Celery("obdconv", set_as_current=True, amqp=LedgerAMQP)
+    celery_app = FleetCelery("obdconv", set_as_current=True, amqp=LedgerAMQP, loader=InstalledModulesLoader)
     celery_app.config_from_object(celery_config(settings))
     celery_app.obdconv_settings = settings  # type: ignore[attr-defined]
     # Registers the tasks (tasks/) and the worker start-up hooks (workers/startup.py).
-    celery_app.conf.imports = ("tasks.stages", "tasks.canvas", "workers.startup")
+    celery_app.conf.imports = ("tasks.stages", "tasks.canvas", "tasks.notify", "workers.startup")
     return celery_app
 
 

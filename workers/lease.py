@@ -24,12 +24,18 @@ from collections.abc import Callable, Iterable
 
 import redis
 
+from workers.clock import FleetClock
 from workers.queues import ASSEMBLE, WORKER_QUEUE_PREFIX, owner_of_worker_queue
 
 log = logging.getLogger(__name__)
 
 ALIVE_KEY_PREFIX = "obdconv:alive:"
 UNACKED_INDEX_KEY = "unacked_index"  # kombu's default name (no global_keyprefix configured)
+# One worker per lease period scans for orphaned private queues (whoever sets this first): the scan
+# visits the broker's whole keyspace, which grows with the fleet, so N workers scanning it every
+# period cost Redis O(N^2) (docs/CAPACITY.md).
+RESCUE_LOCK_KEY = "obdconv:rescue"
+SCAN_COUNT = 1000
 
 
 def alive_key(nodename: str) -> str:
@@ -41,7 +47,8 @@ def is_worker_alive(client: redis.Redis, nodename: str) -> bool:
 
 
 def renew_leases(client: redis.Redis, delivery_tags: Iterable[str], now: float | None = None) -> int:
-    """Push the delivery time of held messages to `now` (only those still unacked: ZADD XX)."""
+    """Push the delivery time of held messages to `now` (only those still unacked: ZADD XX).
+    `now` must be on the clock kombu stamps deliveries with: the fleet clock (workers/transport.py)."""
     tags = list(delivery_tags)
     if not tags:
         return 0
@@ -52,7 +59,7 @@ def renew_leases(client: redis.Redis, delivery_tags: Iterable[str], now: float |
 def rescue_orphaned_queues(client: redis.Redis, target_queue: str = ASSEMBLE) -> int:
     """Move messages out of private queues whose owner is not alive. Returns how many moved."""
     moved = 0
-    for raw_key in client.scan_iter(match=WORKER_QUEUE_PREFIX + "*", _type="list"):
+    for raw_key in client.scan_iter(match=WORKER_QUEUE_PREFIX + "*", count=SCAN_COUNT, _type="list"):
         queue = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
         owner = owner_of_worker_queue(queue)
         if owner is None or is_worker_alive(client, owner):
@@ -73,6 +80,7 @@ class LeaseKeeper:
                  held_delivery_tags: Callable[[], list[str]],
                  sweep_ledger: Callable[[], object] | None = None) -> None:
         self.client = redis.Redis.from_url(broker_url, socket_timeout=10, socket_connect_timeout=5)
+        self.clock = FleetClock(self.client)
         self.nodename = nodename
         self.lease_seconds = max(3, lease_seconds)
         self.held_delivery_tags = held_delivery_tags
@@ -81,9 +89,12 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="obdconv-lease", daemon=True)
 
     def tick(self) -> None:
-        self.client.set(alive_key(self.nodename), str(time.time()), ex=self.lease_seconds)
-        renew_leases(self.client, self.held_delivery_tags())
-        rescue_orphaned_queues(self.client)
+        now = self.clock.now()
+        self.client.set(alive_key(self.nodename), str(now), ex=self.lease_seconds)
+        renew_leases(self.client, self.held_delivery_tags(), now)
+        period_ms = max(int(self.lease_seconds / 3 * 1000), 1)
+        if self.client.set(RESCUE_LOCK_KEY, self.nodename, nx=True, px=period_ms):
+            rescue_orphaned_queues(self.client)
         if self.sweep_ledger is not None:
             self.sweep_ledger()
 

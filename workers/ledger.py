@@ -29,7 +29,6 @@ import contextvars
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -137,10 +136,15 @@ def is_task_queue(name: str) -> bool:
 
 
 class MessageLedger:
-    """The ledger's Redis operations (the broker's Redis, so it shares the messages' fate)."""
+    """The ledger's Redis operations (the broker's Redis, so it shares the messages' fate). Its
+    times are on the broker's clock: the sweeping worker compares them with times other workers
+    wrote (workers/clock.py)."""
 
     def __init__(self, client: redis.Redis) -> None:
+        from workers.clock import FleetClock  # (workers.clock imports this module)
+
         self.client = client
+        self.clock = FleetClock(client)
 
     @classmethod
     def from_url(cls, url: str) -> MessageLedger:
@@ -154,7 +158,7 @@ class MessageLedger:
 
     def mark_published(self, task_id: str, now: float | None = None) -> None:
         """After the broker took the message: from now on the sweep may look for it."""
-        self.client.zadd(PUBLISHED_KEY, {task_id: time.time() if now is None else now})
+        self.client.zadd(PUBLISHED_KEY, {task_id: self.clock.now() if now is None else now})
 
     def forget(self, task_id: str, task_name: str | None = None) -> bool:
         """The task ran (or was revoked): nothing to re-send. With `task_name`, only if the ledger's
@@ -199,7 +203,7 @@ class MessageLedger:
               now: float | None = None) -> list[str]:
         """Re-send lost messages; returns the task ids re-sent. Only one sweeper at a time runs
         (a lock that expires after `grace`), the others return [] at once."""
-        now = time.time() if now is None else now
+        now = self.clock.now() if now is None else now
         if not self.client.set(SWEEP_LOCK_KEY, owner, nx=True, px=max(1, int(grace * 1000))):
             return []
         try:

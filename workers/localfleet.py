@@ -10,12 +10,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from obdconv.errors import NetworkError, UsageError
+from obdconv.interpreter import python_command
 
 
 def free_port() -> int:
@@ -93,19 +93,26 @@ class LocalFleet:
         if self.workers < 1:
             raise UsageError("a fleet needs at least one worker")
         self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_children()
+        except BaseException:  # e.g. a worker that exits at start, or SIGTERM: stop what did start
+            self.stop()
+            raise
+        return self
+
+    def _start_children(self) -> None:
         self._spawn("redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no", "--dir", str(self.directory)],
                     ready_port=self.redis_port)
         for i in range(1, self.workers + 1):
-            self._spawn(f"worker{i}", [sys.executable, "-m", "obdconv", "worker", "--hostname", f"w{i}@%h",
-                                       "--concurrency", str(self.concurrency)])
+            self._spawn(f"worker{i}", python_command("-m", "obdconv", "worker", "--hostname", f"w{i}@%h",
+                                                     "--concurrency", str(self.concurrency)))
         if self.flower:
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers", "flower",
-                                   "--address=127.0.0.1", f"--port={self.flower_port}",
-                                   f"--basic-auth={self.flower_user}:{self.flower_password}"],
+            self._spawn("flower", python_command("-m", "obdconv", "flower", "--address=127.0.0.1",
+                                                 f"--port={self.flower_port}",
+                                                 f"--basic-auth={self.flower_user}:{self.flower_password}"),
                         ready_port=self.flower_port)
         self.wait_for_workers()
-        return self
 
     def wait_for_workers(self, timeout: float = 60) -> None:
         import redis

@@ -4,11 +4,12 @@ Queues are split by weight so large layers never block small jobs:
 
 | queue               | tasks                                                        | prefetch |
 |---------------------|--------------------------------------------------------------|----------|
-| `control`           | convert, convert_manifest, schedule_assemble, push_*         | 1        |
+| `control`           | convert, convert_manifest, schedule_assemble, push_*, notify | 1        |
 | `prepare`           | prepare_layer (heavy: download, decompress, compress)        | 1        |
 | `metadata`          | build_metadata (one pass per image, in layer order)          | 1        |
 | `assemble`          | assemble_layer whose preparing worker is gone (re-prepares)  | 1        |
-| `worker.<nodename>` | assemble_layer routed to the worker holding the prepared data| 1        |
+| `worker.<nodename>` | assemble_layer (assemble_flat) routed to the worker holding  | 1        |
+|                     | the prepared data (the most of it)                           |          |
 
 Every worker also consumes its own `worker.<nodename>` queue (added at start-up, see
 workers/startup.py). Task names are stable: services in any language enqueue by name
@@ -33,9 +34,11 @@ TASK_PREPARE_LAYER = "obdconv.prepare_layer"
 TASK_BUILD_METADATA = "obdconv.build_metadata"
 TASK_SCHEDULE_ASSEMBLE = "obdconv.schedule_assemble"
 TASK_ASSEMBLE_LAYER = "obdconv.assemble_layer"
+TASK_ASSEMBLE_FLAT = "obdconv.assemble_flat"
 TASK_PUSH_MANIFEST = "obdconv.push_manifest"
 TASK_PUSH_INDEX = "obdconv.push_index"
 TASK_FINISH = "obdconv.finish"
+TASK_NOTIFY = "obdconv.notify"  # completion callback POST (tasks/notify.py)
 
 TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_CONVERT: {"queue": CONTROL},
@@ -44,9 +47,11 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     TASK_BUILD_METADATA: {"queue": METADATA},
     TASK_SCHEDULE_ASSEMBLE: {"queue": CONTROL},
     TASK_ASSEMBLE_LAYER: {"queue": ASSEMBLE},  # overridden per call with the holder's own queue
+    TASK_ASSEMBLE_FLAT: {"queue": ASSEMBLE},  # likewise
     TASK_PUSH_MANIFEST: {"queue": CONTROL},
     TASK_PUSH_INDEX: {"queue": CONTROL},
     TASK_FINISH: {"queue": CONTROL},
+    TASK_NOTIFY: {"queue": CONTROL},
 }
 
 

@@ -4,7 +4,11 @@
 * in the main process, once ready: the lease keeper (workers/lease.py), which also sweeps the
   message ledger (workers/ledger.py);
 * in every pool process: the database (status records and dedup tables), opened after the fork
-  because database connections must not be shared across processes.
+  because database connections must not be shared across processes;
+* in the main process, before the pool forks: the final-state listener of tasks/notify.py (events,
+  metrics, completion callbacks);
+* with `metrics_port` set: in the main process, before the pool forks, Prometheus multiprocess mode
+  and the /metrics exporter (workers/metrics.py); a pool process that exits is marked dead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from celery import signals
 
+from workers import metrics
 from workers.app import settings_of
 from workers.database import open_worker_database
 from workers.lease import LeaseKeeper
@@ -64,6 +69,34 @@ def _start_lease_keeper(sender: Any, **_: Any) -> None:
 def _stop_lease_keeper(**_: Any) -> None:
     if _keeper is not None:
         _keeper.stop()
+
+
+@signals.worker_init.connect
+def _announce_final_states(**_: Any) -> None:
+    from tasks import notify  # tasks import this module: not at the top
+
+    notify.install()  # in the main process, before the pool forks: every pool process has it
+
+
+@signals.worker_init.connect
+def _start_metrics(sender: Any, **_: Any) -> None:
+    settings = settings_of(sender.app)
+    if settings.metrics_port <= 0:
+        return
+    directory = metrics.metrics_dir_for(settings, sender.hostname)
+    metrics.enable_multiprocess(directory)
+    try:
+        metrics.start_exporter(settings, directory)
+    except OSError as e:  # e.g. the port is taken: the worker still converts, without /metrics
+        log.error("metrics exporter on %s:%d did not start: %s", settings.metrics_address, settings.metrics_port, e)
+        return
+    log.info("metrics of %s on http://%s:%d/metrics (samples in %s)", sender.hostname, settings.metrics_address,
+             settings.metrics_port, directory)
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_exits(pid: int, **_: Any) -> None:
+    metrics.mark_process_dead(pid)
 
 
 @signals.worker_process_init.connect

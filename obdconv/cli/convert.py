@@ -3,16 +3,26 @@
 Same names, meanings and defaults as the reference; bool flags also take `--flag=false`. Extras:
 `-r oci:PATH` (an OCI image layout), `--output-repository`, `--platform` (repeatable),
 `--json` (the result on stdout), `--algorithm`/`--bs` (ZFile codec and block size in KiB, like
-`overlaybd-commit --bs`), `--db-required`, `--workers`.
+`overlaybd-commit --bs`), `--db-required`, `--workers`, `--base-layer PATH` (the base layer
+`--mkfs=false` stacks on; default /opt/overlaybd/baselayers/ext4_64), `--flatten` (the overlaybd
+output as ONE layer holding the final filesystem), `--all-or-nothing`.
+
+Partial results: when the image cannot become one of the requested formats (turboOCI with a
+zstd-compressed layer), the others are still converted and pushed, the result names the missing
+one and why, and the exit code is 79 (`PartialResultError`); `--all-or-nothing` fails the whole
+request instead (exit 69), nothing converted or pushed.
 
 Differences on purpose: an error exits non-zero with the class's exit code (the reference exits 0
-on flag errors); `--fstype erofs` and `--mkfs=false` fail with a clear "not supported";
+on flag errors); `--fstype erofs` fails with a clear "not supported"; `--vsize` is ignored with
+`--mkfs=false` (the base layer's size applies, as in the reference);
 `--no-upload` pushes nothing at all (the reference still pushes turbo layers and indexes);
 `--disable-sparse` is accepted and has no effect (no sparse RW files are involved); `--db-type`
 also takes `sqlite` (`--db-str PATH`); dedup also covers turboOCI.
 
 Temporary data under `--dir`: `spool/` (prepared layers; removed at the end unless `--reserve`)
-and one metadata work directory per manifest. `--dump-manifest` writes
+and one metadata work directory per manifest; `--dir` and `spool/` themselves are removed when the
+run made them and leaves them empty. Ctrl-C, SIGTERM and SIGHUP remove it all too (exit 130, 143,
+129); after a SIGKILL the next run in the same `--dir` removes what the killed one left. `--dump-manifest` writes
 `<dir>/<format>/<os_arch>-<manifest hex>/{config,manifest}.json` and `<dir>/<format>/index.json`
 (per format, so `--overlaybd` and `--turboOCI` together do not overwrite each other), and keeps them.
 """
@@ -26,7 +36,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from obdconv.errors import UsageError
+from obdconv.errors import PartialResultError, UsageError
 from obdconv.pipeline.validate import validate_request
 from obdconv.registry.options import RegistryOptions
 from obdconv.request import ConversionRequest, RegistryAccess
@@ -71,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--dir", default="tmp_conv", help="directory for temporary data (default tmp_conv)")
     _bool_flag(p, "--oci", False, "emit OCI media types (else Docker schema 2)")
     p.add_argument("--fstype", default="ext4", help="filesystem of turboOCI layers (only ext4 is supported)")
-    _bool_flag(p, "--mkfs", True, "create the filesystem in layer 0 (true; false is not supported)")
+    _bool_flag(p, "--mkfs", True, "create the filesystem in layer 0 (false: stack the image on --base-layer)")
     p.add_argument("--vsize", type=int, default=64, help="virtual block device size in GB (default 64)")
     p.add_argument("--fastoci", default="", help="deprecated alias of --turboOCI")
     p.add_argument("--turboOCI", dest="turbo_oci", default="", help="output tag for overlaybd-turboOCI")
@@ -98,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bs", type=int, default=4, help="ZFile block size in KiB, 4..32, power of two (default 4)")
     _bool_flag(p, "--db-required", False, "fail instead of converting without dedup when the database is down")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: cpu count; 1 = none)")
+    p.add_argument("--base-layer", default="",
+                   help="with --mkfs=false: the overlaybd base layer file (default /opt/overlaybd/baselayers/ext4_64)")
+    _bool_flag(p, "--flatten", False, "overlaybd output as ONE layer holding the whole filesystem (not turboOCI)")
+    _bool_flag(p, "--all-or-nothing", False,
+               "fail as a whole when one requested format cannot be built (default: deliver the others)")
 
 
 def build_request(args: argparse.Namespace) -> ConversionRequest:
@@ -139,6 +154,9 @@ def build_request(args: argparse.Namespace) -> ConversionRequest:
         db_type=db_type,
         db_str_ref="cli" if db_type else "",
         db_required=args.db_required,
+        base_layer=args.base_layer,
+        flatten=args.flatten,
+        all_or_nothing=args.all_or_nothing,
         access=RegistryAccess(plain=args.plain, insecure=args.insecure, root_ca=list(args.root_ca),
                               cert_dir=list(args.cert_dir), client_cert=list(args.client_cert)),
     )
@@ -207,9 +225,16 @@ class ProgressPrinter:
         self.lines_drawn = len(out)
 
 
+FORMAT_NAMES = {"native": "overlaybd", "turbo": "turboOCI"}
+
+
 def print_result(result: ConversionResult, request: ConversionRequest, stream: TextIO) -> None:
     for out in result.outputs:
         target = out.repository
+        if out.error:
+            print(f'{FORMAT_NAMES.get(out.format, out.format)} output "{target}:{out.tag}" not built: '
+                  f'{out.error["class"]}: {out.error["message"]}', file=stream)
+            continue
         print(f'converted to "{target}:{out.tag}", digest: "{out.root_digest}"'
               + ("" if result.uploaded else " (not uploaded: --no-upload)"), file=stream)
 
@@ -235,4 +260,4 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print_result(result, request, sys.stdout)
-    return 0
+    return PartialResultError.exit_code if result.partial else 0

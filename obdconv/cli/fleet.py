@@ -1,13 +1,17 @@
 """`obdconv submit | status | wait | worker | fleet`: the fleet's command line.
 
 * submit: the `convert` flags (the shared definitions obdconv.cli.convert.add_arguments /
-  build_request; a fallback set below when that module is absent) plus `--credential-ref`.
+  build_request; a fallback set below when that module is absent) plus `--credential-ref` and
+  `--callback-url URL --callback-secret-ref REF` (a signed POST when the request ends, tasks/README.md).
   `-u user:password` is refused: secrets stay on the workers. `--db-*` are ignored: workers use
   their own database settings;
   prints the request id; `--wait` follows progress until the end.
 * status ID / wait ID: the durable status merged with live progress; `--json` for machines.
-  wait exits 0 on success, the error class's exit code on failure, 75 on timeout.
+  wait exits 0 on success, the error class's exit code on failure, 79 on a PARTIAL result (some
+  format could not be built, the others were: see `PartialResultError`), 75 on timeout.
 * worker: a Celery worker of the fleet (= `celery -A workers worker` with the fleet's queues).
+* flower: Flower for the fleet's app (= `celery -A workers flower`, without importing from the
+  working directory).
 * fleet: Redis + database + N workers + Flower on this machine, converts a sample image (built
   on the fly into an OCI layout), prints the result and the Flower URL.
 """
@@ -63,6 +67,13 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace) -> ConversionRequest:
+    request = _request_from_args(args)
+    request.callback_url = getattr(args, "callback_url", "") or ""
+    request.callback_secret_ref = getattr(args, "callback_secret_ref", "") or ""
+    return request
+
+
+def _request_from_args(args: argparse.Namespace) -> ConversionRequest:
     if getattr(args, "username", ""):
         raise errors.UsageError("submit does not send passwords; configure them on the workers and "
                                 "pass --credential-ref")
@@ -90,16 +101,26 @@ def format_status(s: dict[str, Any]) -> str:
         pct = f"{100 * p['done'] / total:.0f}%" if total else "-"
         lines.append(f"  {key:<80} {pct:>5} on {p.get('host', '?')}")
     for fmt, out in sorted((s.get("outputs") or {}).items()):
+        if out.get("error"):  # a PARTIAL request's format that could not be built
+            lines.append(f"  {fmt}: {out.get('tag') or '(by digest)'} not built: {out['error'].get('class')}: "
+                         f"{out['error'].get('message')}")
+            continue
         lines.append(f"  {fmt}: {out.get('tag') or '(by digest)'} {out.get('digest')}")
     if s.get("error"):
         lines.append(f"  error: {s['error']['class']}: {s['error']['message']}")
+    callback = s.get("callback")
+    if callback:
+        lines.append(f"  callback: {callback['state']} after {callback['attempts']} attempt(s)"
+                     + (f": {callback['error']}" if callback.get("error") else ""))
     return "\n".join(lines)
 
 
 def _exit_code(s: dict[str, Any]) -> int:
     if s["state"] == "SUCCESS":
         return 0
-    if s["state"] not in ("FAILURE", "REVOKED"):
+    if s["state"] == "PARTIAL":
+        return errors.PartialResultError.exit_code
+    if s["state"] not in ("FAILURE", "REVOKED", "CANCELLED"):
         return EXIT_TIMEOUT
     cls = getattr(errors, (s.get("error") or {}).get("class", ""), None)
     return cls.exit_code if isinstance(cls, type) and issubclass(cls, errors.ObdconvError) else 70
@@ -160,6 +181,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def flower_argv(address: str, port: int, basic_auth: str = "") -> list[str]:
+    """`celery flower` arguments; `--conf` names no file, or Flower would execute the working
+    directory's `flowerconfig.py` (see obdconv/interpreter.py)."""
+    import os
+
+    argv = ["flower", f"--address={address}", f"--port={port}", f"--conf={os.devnull}"]
+    return argv + ([f"--basic-auth={basic_auth}"] if basic_auth else [])
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from workers.app import app
+
+    # The app object itself, not `celery -A workers`: Celery imports an -A app with the working
+    # directory first on sys.path.
+    return int(app.start(flower_argv(args.address, args.port, args.basic_auth)) or 0)
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
     import os
     import tempfile
@@ -198,8 +236,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         if code == 0:  # read the result back and compare its filesystem with the source image
             import subprocess
 
-            code = subprocess.run([sys.executable, "-m", "obdconv", "verify", f"oci:{layout}:sample-obd",
-                                   "--source", f"oci:{layout}:sample"]).returncode
+            from obdconv.interpreter import python_command
+
+            code = subprocess.run(python_command("-m", "obdconv", "verify", f"oci:{layout}:sample-obd",
+                                                 "--source", f"oci:{layout}:sample")).returncode
         if args.keep_running and code == 0:
             print("fleet running; Ctrl-C stops it", flush=True)
             while True:
@@ -219,6 +259,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     else:
         add_request_arguments(p)
     existing = {opt for a in p._actions for opt in a.option_strings}
+    p.add_argument("--callback-url", default="",
+                   help="http(s) URL the fleet POSTs a signed JSON summary to when the request ends")
+    p.add_argument("--callback-secret-ref", default="",
+                   help="name of the HMAC key configured on the workers (never the key itself)")
     p.add_argument("--wait", action="store_true", help="follow progress until the conversion ends")
     p.add_argument("--timeout", type=float, default=None)
     if "--json" not in existing:  # the convert flags may already define it (same meaning)
@@ -244,6 +288,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--pool", default="prefork")
     p.set_defaults(func=cmd_worker)
+
+    p = subparsers.add_parser("flower", help="run Flower for the fleet (= celery -A workers flower, safely)")
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--basic-auth", default="", help="user:password (or FLOWER_BASIC_AUTH in the environment)")
+    p.set_defaults(func=cmd_flower)
 
     p = subparsers.add_parser("fleet", help="run a local fleet (Redis, workers, Flower) and convert a sample image")
     p.add_argument("--workers", type=int, default=2)

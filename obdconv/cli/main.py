@@ -1,7 +1,8 @@
 """`obdconv` command line: one sub-command module per area, each exposing `register(subparsers)`.
 
 Every module's `register` adds its parser and sets `func` (args -> exit code). Errors derived from
-`ObdconvError` are printed as one clear line and mapped to their class's exit code.
+`ObdconvError` are printed as one clear line and mapped to their class's exit code. Ctrl-C exits
+130, SIGTERM 143 and SIGHUP 129, each after the command's cleanup (obdconv/termination.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import sys
 
 from obdconv.errors import ObdconvError
+from obdconv.termination import Terminated, exit_code_of, terminate_as_interrupt
 
 # Sub-command modules, in help order.
 COMMAND_MODULES = [
@@ -20,6 +22,7 @@ COMMAND_MODULES = [
     "obdconv.cli.inspect",  # inspect FILE
     "obdconv.cli.db",  # db init
     "obdconv.cli.fleet",  # submit, status, wait, worker, fleet
+    "obdconv.cli.api",  # api (the HTTP service; imports FastAPI only when run)
 ]
 
 
@@ -44,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with terminate_as_interrupt():  # SIGTERM/SIGHUP: the same cleanup as Ctrl-C
+            return int(args.func(args) or 0)
     except ObdconvError as e:
         print(f"obdconv: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("obdconv: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"obdconv: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        return exit_code_of(e)
 
 
 if __name__ == "__main__":

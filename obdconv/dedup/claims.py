@@ -117,10 +117,32 @@ def heartbeat(db: peewee.Database, key: str, owner: str, ttl: float) -> bool:
     return cursor.rowcount == 1
 
 
+def heartbeat_many(db: peewee.Database, keys: list[str], owner: str, ttl: float) -> int:
+    """`heartbeat` of several of our leases in one statement (a task holding all of a request's
+    claims: one query, not one per claim). Returns how many are still ours."""
+    if not keys:
+        return 0
+    d = dialect(db)
+    marks = ", ".join(["{p}"] * len(keys))
+    cursor = db.execute_sql(_sql(db, f"UPDATE obdconv_claims SET expires_at = {_now_plus(d, ttl)}, "
+                                     f"heartbeat_at = {_now(d)} WHERE {{k}} IN ({marks}) AND owner = {{p}}"),
+                            (*keys, owner))
+    return int(cursor.rowcount)
+
+
 def release(db: peewee.Database, key: str, owner: str) -> bool:
     """Drop our lease. False when it was not ours any more."""
     cursor = db.execute_sql(_sql(db, "DELETE FROM obdconv_claims WHERE {k} = {p} AND owner = {p}"), (key, owner))
     return cursor.rowcount == 1
+
+
+def release_owners(db: peewee.Database, owner_prefix: str) -> int:
+    """Drop every lease whose owner starts with `owner_prefix` (a cancelled fleet request's claims,
+    held under one owner per manifest). Returns how many were dropped."""
+    # '!' escapes LIKE's wildcards: a backslash would need different quoting in MySQL and SQLite.
+    pattern = owner_prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+    cursor = db.execute_sql(_sql(db, "DELETE FROM obdconv_claims WHERE owner LIKE {p} ESCAPE '!'"), (pattern,))
+    return int(cursor.rowcount)
 
 
 @dataclass(frozen=True)
@@ -139,6 +161,12 @@ def holder(db: peewee.Database, key: str) -> ClaimHolder | None:
                'FROM obdconv_claims WHERE "key" = ?')
     row = db.execute_sql(sql, (key,)).fetchone()
     return ClaimHolder(row[0], float(row[1])) if row is not None else None
+
+
+def count_live(db: peewee.Database) -> int:
+    """How many claims are held right now (not expired by the database clock): for monitoring."""
+    row = db.execute_sql(f"SELECT COUNT(*) FROM obdconv_claims WHERE expires_at >= {_now(dialect(db))}").fetchone()
+    return int(row[0])
 
 
 # --- leases held by this process -----------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee
@@ -199,6 +200,17 @@ def _with_params(cfg: DatabaseConfig, params: dict[str, str]) -> DatabaseConfig:
 class ReconnectingMySQLDatabase(ReconnectMixin, peewee.MySQLDatabase):  # type: ignore[misc]
     """peewee's reconnect mixin: a connection dropped by the server (idle timeout, restart) is
     re-opened once instead of failing every later query of a long-lived worker."""
+
+    def _reconnect(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        # The mixin's close() + connect() reset peewee's stack of open `connection_context()`s, and
+        # the enclosing context's exit then fails with IndexError (pop from empty list), hiding the
+        # database error (a server restarted or killed mid-run): keep the stack across it.
+        contexts = list(self._state.ctx)
+        try:
+            return super()._reconnect(func, *args, **kwargs)
+        finally:
+            if contexts and not self._state.ctx:
+                self._state.ctx = contexts
 
 
 def connect_database(cfg: DatabaseConfig) -> peewee.Database:

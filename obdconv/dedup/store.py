@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import peewee
@@ -69,9 +69,8 @@ def is_transient(error: BaseException) -> bool:
 
 
 def uses_reference_tables(profile: ConversionProfile) -> bool:
-    r = REFERENCE_PROFILE
-    return (profile.format, profile.fstype, profile.vsize_gb, profile.mkfs, profile.algorithm,
-            profile.block_size) == (r.format, r.fstype, r.vsize_gb, r.mkfs, r.algorithm, r.block_size)
+    """Every field but the engine version as the reference's (so no base layer, no flattening)."""
+    return replace(profile, engine_version=REFERENCE_PROFILE.engine_version) == REFERENCE_PROFILE
 
 
 def manifest_profile_key(profile: ConversionProfile, referrer: bool) -> str:
@@ -396,6 +395,10 @@ class DedupStore:
 
     def heartbeat(self, key: str, owner: str, ttl: float = claims.DEFAULT_TTL) -> bool:
         return self._run("claim heartbeat", lambda: claims.heartbeat(database, key, owner, ttl), True)
+
+    def heartbeat_many(self, keys: list[str], owner: str, ttl: float = claims.DEFAULT_TTL) -> int:
+        """How many of `keys` are still ours after extending them (one statement)."""
+        return self._run("claim heartbeat", lambda: claims.heartbeat_many(database, keys, owner, ttl), len(keys))
 
     def release(self, key: str, owner: str) -> None:
         self._run("claim release", lambda: claims.release(database, key, owner), False)

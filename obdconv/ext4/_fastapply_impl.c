@@ -26,6 +26,7 @@
 #define OBD_EXT_INIT_MAX_LEN (1 << 15) /* ee_len above this: uninitialised extent */
 #define OBD_CSUM_TAIL_TYPE 0xDE        /* file_type of a dir block's checksum tail */
 #define OBD_NS 1000000000LL
+/* ext4's time range: the same as MIN_SECONDS/MAX_SECONDS in obdconv/faithful.py */
 #define OBD_MIN_SECONDS (-(1LL << 31))
 #define OBD_MAX_SECONDS ((1LL << 34) - (1LL << 31) - 1)
 

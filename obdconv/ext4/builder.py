@@ -225,10 +225,13 @@ class LayerSession:
                 else:
                     capture.channel_opened_before(L.filsys(self.fs).blocksize)
                 self._step(step)
-            finally:
+            except BaseException as exc:
                 if self._capture is not capture:  # the ctypes path's stays installed until _release
-                    capture.__exit__(None, None, None)
-                    self.captured |= capture.blocks
+                    capture.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            if self._capture is not capture:
+                capture.__exit__(None, None, None)
+                self.captured |= capture.blocks
         except BaseException as exc:
             self._fail(exc)
             raise

@@ -91,10 +91,12 @@ class WriteCapture:
             raise ObdconvError("ext4 write capture: the ctypes path captures only channels opened inside it")
         self._fast.lib.obd_capture_set_blksize(block_size)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
             if self._fast is not None:
-                self._take_fast()
+                self._fast.lib.obd_capture_stop()
+                if exc_type is None:  # a failed apply's blocks are never read; its error is what counts
+                    self._take_fast()
                 return
             for name, _ in self._callbacks:
                 c_void_p.in_dll(L.lib, name).value = None
@@ -103,9 +105,11 @@ class WriteCapture:
 
     def _take_fast(self) -> None:
         ffi, lib = self._fast.ffi, self._fast.lib  # type: ignore[union-attr]
-        lib.obd_capture_stop()
         out = ffi.new("uint64_t **")
         n = lib.obd_capture_take(out)
         if n < 0:
             raise ObdconvError("ext4 write capture: out of memory")
-        self.blocks.update(ffi.unpack(out[0], n))
+        # Nothing recorded (a layer that changes nothing): the C buffer may never have been
+        # allocated in this process, and cffi refuses to unpack a NULL pointer even for 0 items.
+        if n:
+            self.blocks.update(ffi.unpack(out[0], n))

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from obdconv.ext4.libext2fs import Ext2InodeLarge
+from obdconv.faithful import MAX_SECONDS, MIN_SECONDS, NS  # ext4's time range: a documented difference
 
-NS = 1_000_000_000
-# ext4 seconds range: signed 32-bit low word plus 2 epoch bits (1901-12-13 .. 2446-05-10).
-MIN_SECONDS = -(1 << 31)
-MAX_SECONDS = (1 << 34) - (1 << 31) - 1
 EXTRA_TIME_MIN_ISIZE = 0x8C - 0x80  # i_extra_isize that covers i_mtime_extra
 
 

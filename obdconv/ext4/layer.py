@@ -22,7 +22,8 @@ from obdconv.ext4 import libext2fs as L
 from obdconv.ext4.dirs import DirIndex
 from obdconv.ext4.mkfs import FAKE_TIME
 from obdconv.ext4.segment import BLOCK_SIZE, Extent
-from obdconv.ext4.validate import encode_name, entry_label, xattr_supported
+from obdconv.ext4.validate import encode_name, entry_label
+from obdconv.faithful import LOST_FOUND, xattr_dropped_by
 
 ROOT = L.EXT2_ROOT_INO
 NO_GOAL = (1 << 64) - 1  # ~0ULL: let libext2fs pick the goal (ext2fs_find_inode_goal)
@@ -260,31 +261,31 @@ class LayerApply:
 
     # --- lookups ---
     def resolve_dir(self, comps: list[str], *, create: bool) -> int:
-        """Inode of the directory at `comps` (creating missing ones 0755 0:0 time 0 if `create`)."""
+        """Inode of the directory at `comps` (creating missing ones 0755 0:0 time 0 if `create`).
+
+        A miss walks down from the root by name, one lookup of a short name per component: looking
+        up every prefix path would hash d prefixes of up to d components, O(d^2) for a deep tree.
+        """
         path = "/".join(comps)
         ino = self.dir_cache.get(path)
         if ino is not None:
             return ino
         ino = ROOT
         for depth, comp in enumerate(comps):
-            sub = "/".join(comps[: depth + 1])
-            cached = self.dir_cache.get(sub)
-            if cached is not None:
-                ino = cached
-                continue
             hit = self.dirs.names(ino).get(encode_name(comp))
             if hit is None:
                 if not create:
-                    raise BadInputError(f"{self.where}: {sub!r} does not exist")
+                    raise BadInputError(f"{self.where}: {'/'.join(comps[: depth + 1])!r} does not exist")
                 ino = self.mkdir(ino, encode_name(comp), 0o755, 0, 0, 0)
-                self.mark_touched(sub)
+                self.mark_touched("/".join(comps[: depth + 1]))
             elif hit[1] == L.EXT2_FT_SYMLINK:
-                raise UnsafePathError(f"{self.where}: parent {sub!r} is a symlink; not following it")
+                raise UnsafePathError(f"{self.where}: parent {'/'.join(comps[: depth + 1])!r} is a symlink; "
+                                      "not following it")
             elif hit[1] != L.EXT2_FT_DIR:
-                raise BadInputError(f"{self.where}: parent {sub!r} is not a directory")
+                raise BadInputError(f"{self.where}: parent {'/'.join(comps[: depth + 1])!r} is not a directory")
             else:
                 ino = hit[0]
-            self.dir_cache[sub] = ino
+        self.dir_cache[path] = ino
         return ino
 
     # --- inode helpers ---
@@ -458,13 +459,14 @@ class LayerApply:
         self.set_xattrs(ino, e, replace=replace_xattrs)
 
     def set_xattrs(self, ino: int, e: LayerEntry, *, replace: bool) -> None:
-        """Set the entry's xattrs (supported namespaces; `user.` only on files and dirs, as the kernel)."""
+        """Set the entry's xattrs, those `faithful.xattr_dropped_by` lets through (supported
+        namespaces; `user.` only on files and dirs, as the kernel)."""
         if not e.xattrs and not replace:
             return  # nothing to set or remove (every directory made comes here)
         special = e.type not in (EntryType.FILE, EntryType.DIR)
         if e.type is EntryType.HARDLINK:
             special = (self.read_inode(ino).i_mode & L.LINUX_S_IFMT) != L.LINUX_S_IFREG
-        wanted = [(k, v) for k, v in e.xattrs if xattr_supported(k) and not (special and k.startswith("user."))]
+        wanted = [(k, v) for k, v in e.xattrs if xattr_dropped_by(k, not special) is None]
         if not wanted and not replace:
             return
         self.blocks_freed()  # changing xattrs may free or replace the inode's EA block
@@ -495,18 +497,31 @@ class LayerApply:
             self.write_inode(parent, inode)
 
     def drop(self, ino: int, ftype: int) -> None:
-        """One name of `ino` is gone (already unlinked): free it when it was the last."""
-        self.blocks_freed()
-        if ftype == L.EXT2_FT_DIR:
-            # The directory's blocks are freed whole, so its children need no unlinking one by one.
-            for child, cftype in list(self.dirs.names(ino).values()):
-                self.drop(child, cftype)
-            self.dirs.forget(ino)
-            # Emptied in place, not replaced: run_fast holds this dict in a local (a new dict left
-            # it resolving paths under the deleted directory to its freed inode).
-            self.dir_cache.clear()
-            self.dir_cache[""] = ROOT
-            self.dir_entries.pop(ino, None)
+        """One name of `ino` is gone (already unlinked): free it when it was the last; a directory's
+        children are dropped first. Iterative (a tar can nest directories thousands deep), in the
+        order a recursive walk would take: children in directory order, then the directory."""
+        stack: list[tuple[int, int, bool]] = [(ino, ftype, False)]
+        while stack:
+            ino, ftype, children_done = stack.pop()
+            if ftype == L.EXT2_FT_DIR and not children_done:
+                self.blocks_freed()
+                # The directory's blocks are freed whole, so its children need no unlinking one by one.
+                stack.append((ino, ftype, True))
+                stack.extend((child, cftype, False) for child, cftype in reversed(self.dirs.names(ino).values()))
+                continue
+            if ftype == L.EXT2_FT_DIR:
+                self.dirs.forget(ino)
+                # Emptied in place, not replaced: run_fast holds this dict in a local (a new dict left
+                # it resolving paths under the deleted directory to its freed inode).
+                self.dir_cache.clear()
+                self.dir_cache[""] = ROOT
+                self.dir_entries.pop(ino, None)
+            else:
+                self.blocks_freed()
+            self.free_name(ino, ftype)
+
+    def free_name(self, ino: int, ftype: int) -> None:
+        """The last step of `drop` for one inode: one link less, or the inode freed."""
         inode = self.read_inode(ino)
         if ftype != L.EXT2_FT_DIR and inode.i_links_count > 1:
             inode.i_links_count -= 1
@@ -526,17 +541,30 @@ class LayerApply:
         self.known_extents.pop(ino, None)
 
     def opaque(self, dir_ino: int, path: str) -> None:
-        """Hide lower children of `path`: keep what this layer put there (and the way to it)."""
-        for name, (ino, ftype) in list(self.dirs.names(dir_ino).items()):
+        """Hide lower children of `path`: keep what this layer put there (and the way to it).
+
+        A kept directory's own lower children are hidden too, as overlayfs shows an opaque
+        directory: only the upper layer's content below it. Iterative (directories can nest
+        thousands deep), visiting in the order a recursive walk would."""
+        stack = [(path, iter(list(self.dirs.names(dir_ino).items())), dir_ino)]
+        while stack:
+            path, children, dir_ino = stack[-1]
+            item = next(children, None)
+            if item is None:
+                stack.pop()
+                continue
+            name, (ino, ftype) = item
             base = name.decode("utf-8", "surrogateescape")
-            if not path and base == "lost+found":
-                continue  # mkfs's, not a lower layer's: e2fsck expects it
             child = f"{path}/{base}" if path else base
-            if child in self.touched or child in self.touched_parents:
-                # Kept (this layer's), but a kept directory's own lower children are hidden too,
-                # as overlayfs shows an opaque directory: only the upper layer's content below it.
+            if not path and base == LOST_FOUND:
+                # mkfs's directory stays (e2fsck expects it; faithful.LOST_FOUND_ADDED), but what
+                # lower layers put in it is hidden like everything else.
                 if ftype == L.EXT2_FT_DIR:
-                    self.opaque(ino, child)
+                    stack.append((child, iter(list(self.dirs.names(ino).items())), ino))
+                continue
+            if child in self.touched or child in self.touched_parents:
+                if ftype == L.EXT2_FT_DIR:
+                    stack.append((child, iter(list(self.dirs.names(ino).items())), ino))
                 continue
             self.remove(dir_ino, name, ino, ftype)
 

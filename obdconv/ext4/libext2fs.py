@@ -206,13 +206,16 @@ SB_INODES_PER_GROUP = 0x28
 SB_MAGIC = 0x38
 SB_FIRST_INO = 0x54
 SB_INODE_SIZE = 0x58
+SB_FEATURE_COMPAT = 0x5C
 SB_FEATURE_INCOMPAT = 0x60
 SB_FEATURE_RO_COMPAT = 0x64
+SB_JOURNAL_INUM = 0xE0
 SB_DESC_SIZE = 0xFE
 SB_BLOCKS_COUNT_HI = 0x150
 SB_KBYTES_WRITTEN = 0x178  # __u64 s_kbytes_written; 0 = "not tracked"
 EXT2_SUPER_MAGIC = 0xEF53
 EXT4_FEATURE_INCOMPAT_META_BG = 0x0010
+EXT3_FEATURE_COMPAT_HAS_JOURNAL = 0x0004
 EXT4_FEATURE_INCOMPAT_64BIT = 0x0080
 EXT4_FEATURE_RO_COMPAT_GDT_CSUM = 0x0010
 EXT4_FEATURE_RO_COMPAT_METADATA_CSUM = 0x0400
@@ -284,6 +287,9 @@ _fn("ext2fs_flush2", [P, c_int])
 _fn("ext2fs_write_bitmaps", [P])
 _fn("io_channel_set_options", [P, c_char_p])
 _fn("ext2fs_read_bitmaps", [P])
+_fn("ext2fs_read_block_bitmap", [P])
+_fn("ext2fs_find_first_set_block_bitmap2", [P, blk64_t, blk64_t, POINTER(blk64_t)])
+_fn("ext2fs_find_first_zero_block_bitmap2", [P, blk64_t, blk64_t, POINTER(blk64_t)])
 _fn("ext2fs_new_inode", [P, ext2_ino_t, c_int, P, POINTER(ext2_ino_t)])
 _fn("ext2fs_inode_alloc_stats2", [P, ext2_ino_t, c_int, c_int], None)
 _fn("ext2fs_read_inode_full", [P, ext2_ino_t, POINTER(Ext2InodeLarge), c_int])

@@ -20,6 +20,7 @@ Choices (see /work/shared/spec/libext2fs-notes.md §1):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -92,7 +93,10 @@ def mkfs(image_path: Path, vsize_bytes: int, fs_uuid: uuid.UUID) -> None:
         }
         proc = subprocess.run(mkfs_command(image_path, fs_uuid), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ObdconvError(f"mke2fs failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        detail = proc.stderr.strip() or proc.stdout.strip()
+        if "short write" in detail:  # how mke2fs reports a full disk: say so, and where
+            raise OSError(errno.ENOSPC, f"No space left on device (mke2fs: {detail})", str(image_path.parent))
+        raise ObdconvError(f"mke2fs failed ({proc.returncode}): {detail}")
 
 
 def data_blocks(image_path: Path, block_size: int = BLOCK_SIZE) -> list[int]:

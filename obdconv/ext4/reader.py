@@ -27,22 +27,24 @@ _ACL_TAGS_WITHOUT_ID = (0x01, 0x04, 0x10, 0x20)  # USER_OBJ, GROUP_OBJ, MASK, OT
 _ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
-def tree_from_ext4(image_path: Path | str) -> Tree:
+def tree_from_ext4(image_path: Path | str, *, skip_lost_found: bool = True) -> Tree:
     """The tree of the filesystem in a raw image (paths relative, no leading "/").
 
     Like `obdconv.oci.tree.tree_from_directory`: no entry for the root, root-level `lost+found`
-    skipped, `link_group` = smallest path sharing the inode (own path for directories).
+    skipped unless `skip_lost_found` is False, `link_group` = smallest path sharing the inode (own
+    path for directories). Iterative: any depth.
     """
     fs = L.open_fs(str(image_path), rw=False)
     try:
-        return _Walker(fs).walk()
+        return _Walker(fs, skip_lost_found).walk()
     finally:
         L.check(L.lib.ext2fs_close2(fs, 0), "ext2fs_close2")
 
 
 class _Walker:
-    def __init__(self, fs: int) -> None:
+    def __init__(self, fs: int, skip_lost_found: bool) -> None:
         self.fs = fs
+        self.skip_lost_found = skip_lost_found
         self.inode = L.Ext2InodeLarge()
         self.buf = ctypes.create_string_buffer(_CHUNK)
         self.got = ctypes.c_uint()
@@ -55,7 +57,7 @@ class _Walker:
         while stack:
             dir_ino, dir_path = stack.pop()
             for name, ino, _ftype in L.iterate_dir(self.fs, dir_ino):
-                if not dir_path and name == b"lost+found":
+                if self.skip_lost_found and not dir_path and name == b"lost+found":
                     continue  # mkfs's, not the image's (as tree_from_directory skips it)
                 path = dir_path + name.decode("utf-8", "surrogateescape")
                 entry = self.entry(path, ino)

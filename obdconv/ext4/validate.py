@@ -7,12 +7,10 @@ from collections.abc import Sequence
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import BadInputError, UnsafePathError
 from obdconv.ext4.segment import BLOCK_SIZE
+from obdconv.faithful import xattr_supported  # which xattrs are written: one definition (faithful.py)
 
 MAX_NAME = 255
 MAX_SYMLINK = BLOCK_SIZE - 1
-# xattr namespaces the kernel's ext4 accepts from tar (as the reference: others are skipped).
-XATTR_PREFIXES = ("user.", "trusted.", "security.")
-XATTR_SYSTEM_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 # Room in one external EA block: 32-byte header, 4-byte end marker; per entry 16 bytes + padded name/value.
 XATTR_BLOCK_ROOM = BLOCK_SIZE - 32 - 4
 _BAD_COMPONENTS = frozenset(("", ".", ".."))
@@ -27,10 +25,6 @@ def entry_label(index: int, path: str, limit: int = 200) -> str:
 
 def encode_name(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
-
-
-def xattr_supported(name: str) -> bool:
-    return name.startswith(XATTR_PREFIXES) or name in XATTR_SYSTEM_NAMES
 
 
 def validate_entries(entries: Sequence[LayerEntry], start: int = 0) -> None:

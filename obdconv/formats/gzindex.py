@@ -7,11 +7,17 @@ package does either, so the few calls are made directly: on zlib-ng's native API
 package when it is installed (twice as fast, see `bundled_zlib_ng`), else on the system zlib
 (`OBDCONV_GZINDEX_SYSTEM_ZLIB=1` forces it). `INFLATE_LIBRARY` says which.
 
-Only the first gzip member is indexed (as the reference tool does: `uncompress_file_size` is the
-first member's size). Beyond it: `GzipIndexBuilder.feed` keeps inflating later members (its output is
-the whole layer, so it can be the caller's only decompressor) and `GzipRandomReader.pread` continues
-across member boundaries from the last access point of the first member (correct, but slower the
-further past it you read).
+One gzip member only: a blob whose later members hold data (concatenated gzip streams, valid per
+RFC 1952 and written by some parallel compressors) makes `GzipIndexBuilder` raise `MultiMemberGzip`.
+Why refuse instead of indexing every member (docs/ARCHITECTURE.md, Decisions): the overlaybd
+runtime's reader (`GzFile::extract`, gzfile.cpp) inflates raw deflate (`inflateInit2(-15)`) from an
+access point and stops at the member's end (`Z_STREAM_END`) with a short read, which the LSMT warp
+file treats as an I/O error, and its `fstat` size is `uncompress_file_size`, which the reference
+index builder (`create_gz_index`, `inflateInit2(47)`) sets to the first member's size. Access points
+inside later members would serve reads that stay within one member, but any read crossing a member
+boundary (a file's data, or a gzip cache page) would still fail on the runtime. Later members that
+inflate to nothing (empty members) and zero padding after the last member are accepted.
+`GzipRandomReader.pread` still continues across members (for reading indexes made elsewhere).
 
 Difference from the reference tool, on purpose: a block boundary reported twice by zlib (when an
 input chunk ends exactly on it) is recorded once, so the index does not depend on how the input was
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, BinaryIO
 
-from obdconv.errors import FormatError
+from obdconv.errors import FormatError, UnsupportedError
 from obdconv.formats.crc import raw_crc32c
 from obdconv.formats.rawbytes import uninitialised_bytes
 from obdconv.formats.source import RandomAccess, as_source
@@ -168,6 +174,18 @@ _FAST = load_extension("obdconv.formats._formatsfast", "OBDCONV_FORMATS_NO_FAST"
                        "building gzip indexes with a Python loop per deflate block (slower)")
 _MAX_BOUNDS = 4096  # deflate block boundaries one C call may report
 _NEVER = (1 << 64) - 1  # "no boundary reported yet" in the C state
+
+
+class MultiMemberGzip(UnsupportedError):
+    """The gzip blob has data after its first member: `gzip.meta` cannot cover it (module doc)."""
+
+    def __init__(self, first_member_size: int) -> None:
+        super().__init__(
+            f"the gzip blob has more than one member with data (concatenated gzip streams, as some parallel "
+            f"compressors write): the overlaybd runtime's gzip index reader stops at the end of the first member "
+            f"(uncompressed byte {first_member_size}), so turboOCI could not read the files after it; convert "
+            "this layer to overlaybd (native) instead, or recompress it as one gzip member")
+        self.first_member_size = first_member_size
 
 
 class _Inflater:
@@ -379,7 +397,7 @@ class GzipIndexBuilder:
         stay valid and unchanged for as long as they are held) and bytes of later members."""
         data = bytes(compressed)
         if self._tail is not None:
-            return [self._tail.feed(data)]
+            return [self._after_first_member(data)]
         self._z.set_input(data)
         if self._fast is not None:
             return self._feed_fast(data)
@@ -412,7 +430,7 @@ class GzipIndexBuilder:
         out.append(self._view[emitted:pos])
         self.first_member_size = self.total_out
         self._tail = _MemberChain(data[len(data) - left_in:], trailer_left=0)
-        out.append(self._tail.feed(b""))
+        out.append(self._after_first_member(b""))
         return out
 
     def _feed_python(self, data: bytes) -> list[bytes | memoryview]:
@@ -486,6 +504,13 @@ class GzipIndexBuilder:
         if pos > emitted:
             out.append(self._view[emitted:pos])
         return out
+
+    def _after_first_member(self, data: bytes) -> bytes:
+        """Later members are inflated only to find out they hold nothing (see MultiMemberGzip)."""
+        assert self._tail is not None and self.first_member_size is not None
+        if self._tail.feed(data):
+            raise MultiMemberGzip(self.first_member_size)
+        return b""
 
     @property
     def entries(self) -> list[tuple[int, int, int]]:

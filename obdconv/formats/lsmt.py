@@ -785,15 +785,28 @@ class LSMTStack:
                 if e.mapping.zeroed:
                     continue
                 if buf and (buf_start + len(buf) != e.offset or len(buf) >= max_write):
-                    out.seek(buf_start)
-                    out.write(buf)
+                    _write_sparse(out, buf_start, buf)
                     buf = bytearray()
                 if not buf:
                     buf_start = e.offset
                 buf += self.layers[e.layer].read_mapping(e.mapping, 0, e.length)
             if buf:
-                out.seek(buf_start)
-                out.write(buf)
+                _write_sparse(out, buf_start, buf)
+
+
+_SPARSE_PIECE = 1 << 20
+
+
+def _write_sparse(out: BinaryIO, start: int, buf: bytearray) -> None:
+    """Write `buf` at `start`, leaving 1 MiB pieces that are all zeros as holes (the file was
+    truncated to size, so they read as zeros anyway): a layer may map gigabytes of zeros, e.g. the
+    512 MiB journal of overlaybd's base layer."""
+    view = memoryview(buf)
+    for pos in range(0, len(buf), _SPARSE_PIECE):
+        piece = view[pos:pos + _SPARSE_PIECE]
+        if buf.count(0, pos, pos + len(piece)) != len(piece):
+            out.seek(start + pos)
+            out.write(piece)
 
 
 def _union(a_s: list[int], a_e: list[int], b_s: list[int], b_e: list[int]) -> tuple[list[int], list[int]]:

@@ -4,6 +4,9 @@ Layout: PAX header 'x' (`overlaybd.pax`) | PAX record "<len> size=<n>\\n" | usta
 (`overlaybd.commit`, size field 0) | payload | zero padding to 512 | two zero blocks.
 Numeric fields are written the way the tool's libtar writes them: right-aligned octal padded with
 spaces, then a space (and a NUL in 8-byte fields); unused numeric fields of the PAX header are NUL.
+
+`go_wrap_prefix` is the other form readers accept: the one ustar header Go's `archive/tar` writes,
+which the reference convertor wraps the `--mkfs=false` base layer in (spec reference-convertor.md §3.9).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ PREFIX_SIZE = 3 * BLOCK
 _NAME, _MODE, _UID, _GID, _SIZE, _MTIME, _CHKSUM, _TYPE = (0, 100), (100, 8), (108, 8), (116, 8), \
     (124, 12), (136, 12), (148, 8), (156, 1)
 _MAGIC, _VERSION, _UNAME, _GNAME = (257, 6), (263, 2), (265, 32), (297, 32)
+_DEVMAJOR, _DEVMINOR = (329, 8), (337, 8)
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -92,6 +96,36 @@ def wrap_prefix(payload_size: int, mode: int = DEFAULT_MODE) -> bytes:
     return _finish(pax) + record.ljust(BLOCK, b"\x00") + _finish(entry)
 
 
+def _go_octal(value: int, width: int) -> bytes:
+    """Go archive/tar's formatOctal: zero-padded octal filling the field but its last byte, a NUL."""
+    text = f"{value:o}".rjust(width - 1, "0").encode("ascii")
+    if len(text) > width - 1:
+        raise FormatError(f"value {value} does not fit a {width}-byte tar field")
+    return text + b"\x00"
+
+
+def go_wrap_prefix(payload_size: int, mode: int = 0o444) -> bytes:
+    """The 512-byte header Go's `archive/tar` writes for `Header{Name: "overlaybd.commit", Mode:
+    mode, Size: payload_size, Typeflag: TypeReg}` (USTAR, zero times and ids, empty names; the
+    checksum is six octal digits, a NUL and a space). With `wrap_suffix` after the payload this is
+    the reference convertor's `ext4_64.tar` byte for byte."""
+    entry = bytearray(BLOCK)
+    _put(entry, _NAME, ENTRY_NAME)
+    _put(entry, _MODE, _go_octal(mode, 8))
+    _put(entry, _UID, _go_octal(0, 8))
+    _put(entry, _GID, _go_octal(0, 8))
+    _put(entry, _SIZE, _go_octal(payload_size, 12))
+    _put(entry, _MTIME, _go_octal(0, 12))
+    _put(entry, _TYPE, b"0")
+    _put(entry, _MAGIC, USTAR_MAGIC)
+    _put(entry, _VERSION, USTAR_VERSION)
+    _put(entry, _DEVMAJOR, _go_octal(0, 8))
+    _put(entry, _DEVMINOR, _go_octal(0, 8))
+    unsigned, _ = _checksum(entry)
+    _put(entry, _CHKSUM, _go_octal(unsigned, 7) + b" ")
+    return bytes(entry)
+
+
 def wrap_suffix(payload_size: int) -> bytes:
     """Padding of the payload to 512 plus the two zero blocks that end the archive."""
     return bytes(-payload_size % BLOCK + 2 * BLOCK)
@@ -102,10 +136,11 @@ def _parse_number(field: bytes) -> int:
         value = int.from_bytes(field, "big") & ~(0x80 << 8 * (len(field) - 1))
         return value
     text = field.split(b"\x00", 1)[0].strip(b" ")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise FormatError(f"bad octal number in tar header: {field!r}") from None
+    # Octal digits only: int() would also take a sign, "_" or inner spaces (a negative size, found
+    # by tests/fuzz).
+    if text.strip(b"01234567"):
+        raise FormatError(f"bad octal number in tar header: {field!r}")
+    return int(text, 8) if text else 0
 
 
 def is_tar_header(block: bytes) -> bool:
@@ -155,17 +190,15 @@ def _pax_size(data: bytes) -> int | None:
         sp = data.find(b" ", pos)
         if sp < 0:
             raise FormatError("tar wrapper: malformed PAX record")
-        try:
-            n = int(data[pos:sp])
-        except ValueError:
-            raise FormatError("tar wrapper: malformed PAX record length") from None
+        if not data[pos:sp].isdigit():
+            raise FormatError("tar wrapper: malformed PAX record length")
+        n = int(data[pos:sp])
         if n <= 0 or pos + n > len(data):
             raise FormatError("tar wrapper: PAX record length out of range")
         key, _, value = data[sp + 1 : pos + n - 1].partition(b"=")
         if key == b"size":
-            try:
-                size = int(value)
-            except ValueError:
-                raise FormatError(f"tar wrapper: bad PAX size {value!r}") from None
+            if not value.isdigit():  # int() would take "-70" (a negative size, found by tests/fuzz)
+                raise FormatError(f"tar wrapper: bad PAX size {value!r}")
+            size = int(value)
         pos += n
     return size

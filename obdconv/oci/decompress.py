@@ -19,21 +19,28 @@ from typing import Literal
 import zstandard
 from isal import isal_zlib
 
-from obdconv.errors import FormatError
+from obdconv.errors import FormatError, UnsupportedError
 
 Kind = Literal["gzip", "zstd", "none"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+UNSUPPORTED_MAGIC = {"bzip2": b"BZh", "xz": b"\xfd7zXZ\x00"}
 # Skippable zstd frames (0x184D2A50..5F, little-endian) may lead a zstd stream.
 _ZSTD_SKIPPABLE_LOW = 0x184D2A50
 _GZIP_WBITS = 31  # 16 + MAX_WBITS: gzip wrapper
-SNIFF_SIZE = 4
+SNIFF_SIZE = 6
 DEFAULT_MAX_OUT = 4 << 20
 
 
 def sniff(head: bytes) -> Kind:
-    """Compression kind from the first bytes of a blob (>= 4 bytes for a sure answer)."""
+    """Compression kind from the first bytes of a blob (>= 6 bytes for a sure answer). bzip2 and xz
+    (which containerd and Docker also accept) are recognised by their magic and refused by name:
+    read as an uncompressed tar they would only fail later as a "truncated tar"."""
+    unsupported = next((name for name, magic in UNSUPPORTED_MAGIC.items() if head.startswith(magic)), None)
+    if unsupported and (unsupported != "bzip2" or head[3:4].isdigit()):  # "BZh" + block size 1-9
+        raise UnsupportedError(f"{unsupported} compressed layer: bzip2/xz compressed layers are not supported "
+                               "(recompress it with gzip or zstd)")
     if head[:2] == GZIP_MAGIC:
         return "gzip"
     if head[:4] == ZSTD_MAGIC:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from obdconv.errors import BadInputError
 
@@ -20,18 +20,22 @@ def sha256_digest(data: bytes | bytearray | memoryview) -> str:
     return SHA256_PREFIX + hashlib.sha256(data).hexdigest()
 
 
-def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> tuple[str, int]:
-    """(`sha256:<hex>`, size) of the files `paths` one after the other, read into one reused
-    buffer (the GIL is released while hashing)."""
+def ranges_sha256(ranges: Iterable[Sequence[Any]]) -> tuple[str, int]:
+    """(`sha256:<hex>`, size) of the `[path, offset, length]` ranges of files one after the other,
+    read into one reused buffer (the GIL is released while hashing); a range past its file's end
+    counts only the bytes there are."""
     h = hashlib.sha256()
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     size = 0
-    for path in paths:
+    for path, offset, length in ranges:
         with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
+            f.seek(offset)
+            left = length
+            while left > 0 and (n := f.readinto(view[:min(left, len(buf))])):
                 h.update(view[:n])
                 size += n
+                left -= n
     return SHA256_PREFIX + h.hexdigest(), size
 
 

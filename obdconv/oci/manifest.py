@@ -37,6 +37,8 @@ def parse_json(data: bytes | str, what: str = "JSON document") -> dict[str, Any]
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:  # the C decoder recurses per nesting level
+        raise BadInputError(f"{what} is nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadInputError(f"{what} is not a JSON object")
     return obj
@@ -234,7 +236,7 @@ def _go_float(f: float) -> str:
     return re.sub(r"e-0(\d)$", r"e-\1", text)
 
 
-def _encode(obj: Any, out: list[str]) -> None:
+def _encode_scalar(obj: Any, out: list[str]) -> None:
     if isinstance(obj, str):
         out.append(_go_string(obj))
     elif obj is None:
@@ -247,26 +249,45 @@ def _encode(obj: Any, out: list[str]) -> None:
         out.append(str(obj))
     elif isinstance(obj, float):
         out.append(_go_float(obj))
-    elif isinstance(obj, Mapping):
-        out.append("{")
-        first = True
-        for key, value in obj.items():
-            if not first:
-                out.append(",")
-            first = False
-            out.append(_go_string(str(key)))
-            out.append(":")
-            _encode(value, out)
-        out.append("}")
-    elif isinstance(obj, (list, tuple)):
-        out.append("[")
-        for i, value in enumerate(obj):
-            if i:
-                out.append(",")
-            _encode(value, out)
-        out.append("]")
     else:
         raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def _encode(obj: Any, out: list[str]) -> None:
+    """Iterative (a config keeps every field of the source's, nested as deep as its author liked):
+    a stack of open containers, each with an iterator over its (key, value) or values."""
+    stack: list[tuple[Any, str]] = []  # (iterator over the container's items, its closing bracket)
+    value: Any = obj
+    while True:
+        if isinstance(value, Mapping):
+            out.append("{")
+            stack.append((iter(value.items()), "}"))
+        elif isinstance(value, (list, tuple)):
+            out.append("[")
+            stack.append((iter(value), "]"))
+        else:
+            _encode_scalar(value, out)
+        while stack:
+            items, close = stack[-1]
+            item = next(items, _END)
+            if item is _END:
+                stack.pop()
+                out.append(close)
+                continue
+            if out[-1] not in ("{", "["):
+                out.append(",")
+            if close == "}":
+                key, value = item
+                out.append(_go_string(str(key)))
+                out.append(":")
+            else:
+                value = item
+            break
+        else:
+            return
+
+
+_END = object()
 
 
 def go_json(obj: Any) -> bytes:

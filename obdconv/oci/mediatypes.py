@@ -94,3 +94,7 @@ ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_DOCKER_REFERENCE_TYPE = "vnd.docker.reference.type"
 ANNOTATION_DOCKER_REFERENCE_DIGEST = "vnd.docker.reference.digest"
 ATTESTATION_MANIFEST = "attestation-manifest"
+
+# `created_by` of the history entry `obdconv convert --flatten` appends to a flattened image's
+# config (push writes it, verify recognises a flattened image by it).
+FLATTEN_CREATED_BY = "obdconv convert --flatten"

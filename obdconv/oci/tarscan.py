@@ -53,7 +53,6 @@ given (it is a pure function of the tar), so `data_offset` and `data_area_size` 
 from __future__ import annotations
 
 import logging
-import stat
 import struct
 from collections.abc import Iterator
 from types import ModuleType
@@ -62,6 +61,7 @@ from zlib import adler32
 
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import FormatError, UnsafePathError, UnsupportedError
+from obdconv.faithful import is_socket
 from obdconv.native import load_extension
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ BLOCK_SIZE = 512
 DATA_ALIGNMENT = 4096
 # PAX headers and GNU long names are held in memory; anything bigger is not a real header.
 MAX_META_SIZE = 64 << 20
+MAX_TIME_DIGITS = 30  # digits of seconds a PAX time may have
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -208,8 +209,10 @@ def parse_pax_time(value: bytes, entry: str) -> int:
     if negative:
         text = text[1:]
     whole, _, frac = text.partition(b".")
-    if not whole.isdigit() or (frac and not frac.isdigit()):
-        raise FormatError(f"tar entry {entry!r}: bad PAX mtime {value!r}")
+    # At most MAX_TIME_DIGITS of seconds: far past any real time, and far below the 4300 digits
+    # int() refuses with ValueError (found while writing tests/fuzz).
+    if not whole.isdigit() or (frac and not frac.isdigit()) or len(whole) > MAX_TIME_DIGITS:
+        raise FormatError(f"tar entry {entry!r}: bad PAX mtime {value[:64]!r}")
     ns = int(whole) * 1_000_000_000 + int((frac[:9] or b"0").ljust(9, b"0"))
     return -ns if negative else ns
 
@@ -350,14 +353,11 @@ class TarScanner:
         pos = 0
         n = len(mv)
         fast = self._fast if mv.c_contiguous else None  # the C code needs a plain pointer
-        c_chunk = None
         while pos < n:
             state = self._state
             if (state == _HEADER and fast is not None and n - pos >= BLOCK_SIZE and not self._header_buf
                     and self._pending is None and not self._zero_blocks):
-                if c_chunk is None:
-                    c_chunk = fast.ffi.from_buffer("unsigned char[]", mv)
-                pos = self._fast_scan(mv, c_chunk, pos, n)
+                pos = self._fast_scan(mv, pos, n)
                 if pos >= n:
                     break
                 # The C code stopped at a group it leaves to the code below (or inside file data).
@@ -405,25 +405,30 @@ class TarScanner:
                 self._offset += n - pos
                 pos = n
 
-    def _fast_scan(self, mv: memoryview, c_chunk: Any, pos: int, n: int) -> int:
+    def _fast_scan(self, mv: memoryview, pos: int, n: int) -> int:
         """Let the C fast path parse member groups from `pos`; returns where the Python code goes on."""
         fast = self._fast
         assert fast is not None
         cursor = self._fast_cursor
         base = self._offset - pos  # tar offset of mv[0]
-        while True:
-            cursor.pos = pos
-            cursor.base = base
-            cursor.data_pos = self._data_pos
-            count = fast.lib.obd_tar_scan(c_chunk, n, cursor, self._fast_records, _FAST_MAX_RECORDS,
-                                          self._fast_arena, _FAST_ARENA_SIZE)
-            if count:
-                self._fast_entries(mv, count, cursor.arena_used)
-            pos = cursor.pos
-            self._data_pos = cursor.data_pos
-            self._offset = base + pos
-            if cursor.stop != _FAST_STOP_FULL:
-                break
+        # The C view of the chunk lives for this call only and is released even when an exception
+        # leaves: kept in a frame, a traceback cycle could have the garbage collector clear the
+        # memoryview first, which CPython refuses while cffi still holds its buffer -- and then
+        # segfaults (found by tests/fuzz).
+        with fast.ffi.from_buffer("unsigned char[]", mv) as c_chunk:
+            while True:
+                cursor.pos = pos
+                cursor.base = base
+                cursor.data_pos = self._data_pos
+                count = fast.lib.obd_tar_scan(c_chunk, n, cursor, self._fast_records, _FAST_MAX_RECORDS,
+                                              self._fast_arena, _FAST_ARENA_SIZE)
+                if count:
+                    self._fast_entries(mv, count, cursor.arena_used)
+                pos = cursor.pos
+                self._data_pos = cursor.data_pos
+                self._offset = base + pos
+                if cursor.stop != _FAST_STOP_FULL:
+                    break
         if cursor.stop == _FAST_STOP_DATA:
             # The last file's content runs past this chunk: stream it as _on_header would have.
             last = self._fast_records[count - 1]
@@ -552,7 +557,7 @@ class TarScanner:
         if typeflag == AREGTYPE and name.endswith("/"):
             is_regular = False
             typeflag = DIRTYPE
-        if is_regular and stat.S_IFMT(mode_field) == stat.S_IFSOCK:
+        if is_regular and is_socket(mode_field):  # a documented difference (faithful.SOCKET_SKIPPED)
             log.warning("tar entry %r is a socket; skipped", name)
             self._skip(padded)
             return

@@ -42,7 +42,7 @@ from obdconv.formats.lsmt import commit_header, commit_tail
 from obdconv.formats.tarwrap import wrap_prefix, wrap_suffix
 from obdconv.formats.zfile import BlockCompressor, compress_zfile, zfile_parts
 from obdconv.oci import mediatypes
-from obdconv.oci.digests import chain_id_to_uuid, files_sha256
+from obdconv.oci.digests import chain_id_to_uuid, ranges_sha256
 from obdconv.pipeline.annotations import descriptor, layer_annotations, layer_media_type
 from obdconv.pipeline.layout import (
     FS_BLOCK,
@@ -55,7 +55,7 @@ from obdconv.pipeline.layout import (
 from obdconv.pipeline.mapping import native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
-from obdconv.registry.repository import PendingBlob
+from obdconv.registry.repository import ChunkSource, PendingBlob, iter_ranges_chunks
 from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ class BlobParts:
 @dataclass(slots=True)
 class BuiltLayer:
     """A layer blob built by `build_layer`, waiting for `upload_built`: its bytes are the file
-    `head_path`, then `body_path` (the prepared blocks, verbatim; "" for turbo), then `tail_path`."""
+    `head_path`, then `body_path` (the prepared blocks, verbatim; "" for turbo), then each
+    `[path, offset, length]` of `body_ranges` (pieces of several spools: a flattened layer, see
+    flatten.py), then `tail_path`."""
 
     format: str
     head_path: str
@@ -172,14 +174,17 @@ class BuiltLayer:
     source_digest: str
     source_size: int
     target_media_type: str  # turbo annotation; "" for native
+    body_ranges: list[list[Any]] = field(default_factory=list)
 
-    def paths(self) -> list[str]:
-        """The files whose bytes, one after the other, are the blob."""
-        return [path for path in (self.head_path, self.body_path, self.tail_path) if path]
+    def ranges(self) -> list[list[Any]]:
+        """The blob as `[path, offset, length]` byte ranges of files, in order (what an upload
+        copies, see `Repository.begin_upload_ranges`)."""
+        whole = [[path, 0, os.path.getsize(path)] for path in (self.head_path, self.body_path) if path]
+        tail = [[self.tail_path, 0, os.path.getsize(self.tail_path)]] if self.tail_path else []
+        return [*whole, *self.body_ranges, *tail]
 
     def chunks(self) -> Iterator[bytes]:
-        for path in self.paths():
-            yield from _file_chunks(path)
+        return iter_ranges_chunks(self.ranges())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,7 +266,7 @@ def _native_converted(digest: str, size: int, oci: bool) -> ConvertedLayer:
 def assemble_native(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                     parent_chain_id: str, target_repo: Any, upload: bool = True, *, oci: bool = False) -> ConvertedLayer:
     parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
-    digest, size = _store(target_repo, parts.chunks(), upload, parts.size)
+    digest, size = _store(target_repo, ChunkSource(parts.chunks), upload, parts.size)
     return _native_converted(digest, size, oci)
 
 
@@ -401,8 +406,8 @@ def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> Pend
     """The heavy half of an upload: a built layer's bytes sent (or, with `upload` False, only
     hashed), not yet a blob in `target_repo` until `commit_built`."""
     if upload:
-        return target_repo.begin_upload_files(built.paths(), built.size)  # type: ignore[no-any-return]
-    digest, size = files_sha256(built.paths())
+        return target_repo.begin_upload_ranges(built.ranges(), built.size)  # type: ignore[no-any-return]
+    digest, size = ranges_sha256(built.ranges())
     if size != built.size:
         raise BadInputError(f"blob {digest}: {size} bytes, planned {built.size}")
     return PendingBlob(digest, size, lambda: None, lambda: None)

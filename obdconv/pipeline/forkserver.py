@@ -8,8 +8,7 @@ conversion's critical path. Started first, the server imports while the command 
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.forkserver
+from obdconv.interpreter import start_forkserver
 
 # What the server preloads: multiprocessing's default ("__main__") and the runner, whose import
 # brings in every stage the workers run. The runner asks for the same list (it has no effect once
@@ -18,6 +17,6 @@ PRELOAD = ["__main__", "obdconv.pipeline.runner"]
 
 
 def start_early() -> None:
-    """Have the fork server running (and importing `PRELOAD`) from now on."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    multiprocessing.forkserver.ensure_running()
+    """Have the fork server running (and importing `PRELOAD`) from now on, started as the runner
+    starts it (interpreter.start_forkserver: a safe sys.path, SIGTERM blocked in it)."""
+    start_forkserver(PRELOAD)

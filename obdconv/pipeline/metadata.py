@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import logging
 import os
 import struct
 import sys
@@ -36,10 +37,14 @@ import zstandard
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, FormatError
 from obdconv.ext4 import Ext4Builder, Extent, LayerMetadata
+from obdconv.ext4.usage import allocated_ranges
+from obdconv.faithful import out_of_range_times
 from obdconv.gcpause import gc_paused
 from obdconv.oci.digests import chain_id_to_uuid
 from obdconv.pipeline.layout import FS_BLOCK
 from obdconv.pipeline.prepare import PreparedLayer
+
+log = logging.getLogger(__name__)
 
 METADATA_IMAGE = "metadata.img"
 _MAGIC = b"OBDMETA2"
@@ -72,6 +77,16 @@ class AppliedLayer:
     @classmethod
     def of(cls, entries: Sequence[LayerEntry], metadata: LayerMetadata) -> AppliedLayer:
         return cls(metadata.blocks, [(FilePlacement.of(entries[i]), exts) for i, exts in metadata.file_extents])
+
+
+def warn_out_of_range_times(layer_digest: str, entries: Sequence[LayerEntry]) -> None:
+    """One warning per layer whose entries carry times ext4 cannot store (they are clamped: a
+    documented difference, `faithful.MTIME_CLAMPED`), naming one path and the count."""
+    count, first = out_of_range_times(entries)
+    if count:
+        log.warning("layer %s: %d entr%s with a time outside ext4's range (1901-12-13 .. 2446-05-10), "
+                    "e.g. %r: clamped to the nearest end", layer_digest, count, "y" if count == 1 else "ies",
+                    first)
 
 
 def fs_uuid_for(chain_id: str) -> uuid.UUID:
@@ -111,12 +126,13 @@ class MetadataPass:
         # this pass on the benchmark image). Paused as `Ext4Builder.apply` pauses it.
         with gc_paused():
             entries = prepared.load_entries()
+            warn_out_of_range_times(prepared.source_digest, entries)
             return AppliedLayer.of(entries, self.builder.apply(entries))
 
-    def apply_parts(self, parts: Iterable[Sequence[LayerEntry]]) -> AppliedLayer:
-        """`apply` of a layer whose entries come in parts, each applied as it comes (e.g.
-        `entrystream.streamed_entries`, while the layer is still being prepared): the same result.
-        `busy_seconds` grows by the time spent applying, not waiting for parts."""
+    def apply_parts(self, parts: Iterable[Sequence[LayerEntry]], layer_digest: str = "") -> AppliedLayer:
+        """`apply` of layer `layer_digest` whose entries come in parts, each applied as it comes
+        (e.g. `entrystream.streamed_entries`, while the layer is still being prepared): the same
+        result. `busy_seconds` grows by the time spent applying, not waiting for parts."""
         with gc_paused():
             session = self.builder.begin_layer()
             try:
@@ -125,6 +141,7 @@ class MetadataPass:
                     session.add(part)
                     self.busy_seconds += time.monotonic() - t
                 t = time.monotonic()
+                warn_out_of_range_times(layer_digest, session.entries)
                 metadata = session.finish()
                 applied = AppliedLayer.of(session.entries, metadata)
                 self.busy_seconds += time.monotonic() - t
@@ -132,6 +149,11 @@ class MetadataPass:
             except BaseException:
                 session.abort()
                 raise
+
+    def allocated_blocks(self) -> list[tuple[int, int]]:
+        """(first block, count) of every run of blocks in use in the filesystem as the layers
+        applied so far leave it (what `--flatten` keeps)."""
+        return allocated_ranges(self.image)
 
     def close(self) -> None:
         self.builder.close()

@@ -75,11 +75,12 @@ def _turbo_members(blob: bytes) -> dict[str, bytes]:
 
 
 def read_back_parents(repo: Any, fmt: str, layer_digests: Sequence[str], source_layer_digests: Sequence[str],
-                      scratch: Path, fs_meta_file: str = "ext4.fs.meta") -> ParentDevice:
-    """The converted layers `layer_digests` (bottom first, format `fmt`) stacked; for turbo,
-    `source_layer_digests[i]` is the original blob layer i reads its file data from."""
+                      scratch: Path, fs_meta_file: str = "ext4.fs.meta", below: Sequence[Any] = ()) -> ParentDevice:
+    """The converted layers `layer_digests` (bottom first, format `fmt`) stacked on `below` (layers
+    already open: the base layer of `--mkfs=false`); for turbo, `source_layer_digests[i]` is the
+    original blob layer i reads its file data from."""
     scratch.mkdir(parents=True, exist_ok=True)
-    layers = []
+    layers = list(below)
     for i, digest in enumerate(layer_digests):
         if fmt == "native":
             size = repo.head_blob(digest)

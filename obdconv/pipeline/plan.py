@@ -29,6 +29,7 @@ from typing import Any
 
 from obdconv.errors import BadInputError, UnsupportedError
 from obdconv.oci import mediatypes
+from obdconv.oci import mediatypes as mt
 from obdconv.oci.digests import chain_ids
 from obdconv.oci.manifest import is_attestation, parse_json, parse_platforms, platform_matches
 
@@ -110,12 +111,19 @@ def _read_blob(repo: Any, digest: str) -> bytes:
         return f.read()
 
 
+def _check_size(desc: dict[str, Any], size: int, what: str) -> None:
+    """A descriptor's size must be its blob's (the digest matched, so the descriptor is wrong)."""
+    if "size" in desc and desc["size"] != size:
+        raise BadInputError(f"{what} {desc['digest']}: the descriptor says {desc['size']} bytes, the blob has {size}")
+
+
 def _plan_manifest(repo: Any, desc: dict[str, Any], data: bytes) -> ManifestPlan:
     doc = parse_json(data, f"manifest {desc['digest']}")
     config_desc = doc.get("config") or {}
     if "digest" not in config_desc:
         raise BadInputError(f"manifest {desc['digest']} has no config")
     config = _read_blob(repo, config_desc["digest"])
+    _check_size(config_desc, len(config), f"manifest {desc['digest']}: config")
     layers = doc.get("layers") or []
     diff_ids = ((parse_json(config, f"config {config_desc['digest']}").get("rootfs") or {}).get("diff_ids")) or []
     if len(diff_ids) != len(layers):
@@ -124,6 +132,13 @@ def _plan_manifest(repo: Any, desc: dict[str, Any], data: bytes) -> ManifestPlan
     for layer in layers:
         if "digest" not in layer:
             raise BadInputError(f"manifest {desc['digest']}: a layer has no digest")
+        # An image already converted: its layers are overlaybd blobs, not tars (converting them
+        # again would give a filesystem holding only /overlaybd.commit).
+        marks = sorted(k for k in (layer.get("annotations") or {}) if k.startswith(mt.ANNOTATION_PREFIX))
+        if marks:
+            raise BadInputError(f"manifest {desc['digest']} is already an overlaybd/turboOCI image (layer "
+                                f"{layer['digest']} has the overlaybd annotation {marks[0]}): convert its source "
+                                "image instead")
     return ManifestPlan(desc, data.decode(), config.decode(), layers, list(diff_ids),
                         chain_ids(diff_ids) if diff_ids else [])
 
@@ -164,6 +179,7 @@ def resolve_image(repo: Any, ref: str, platforms: list[str] | None = None) -> Im
                 raise UnsupportedError(f'unsupported media type "{child_type}" ({entry.get("digest")}) '
                                        f'in index {desc["digest"]}')
             child = repo.get_manifest(entry["digest"])
+            _check_size(entry, len(child.data), f"index {desc['digest']}: manifest")
             child_desc = dict(entry)
             child_desc["mediaType"] = child_type or child.media_type
             children.append(entry["digest"] if visit(child_desc, child.data, depth + 1) else "")
@@ -177,4 +193,8 @@ def resolve_image(repo: Any, ref: str, platforms: list[str] | None = None) -> Im
         return True
 
     visit(root, root_manifest.data, 0)
+    # No layer anywhere: an overlaybd image of it would have no filesystem (and nothing marks its
+    # manifest as overlaybd). Refused; a layerless platform inside an index with others is kept.
+    if not any(m.layers for m in plan.manifests.values()):
+        raise BadInputError(f"image {ref} has no layers: nothing to convert")
     return plan

@@ -13,12 +13,15 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from obdconv.gcpause import gc_paused
+from obdconv.interpreter import leave_forkserver
 from obdconv.pipeline.assemble import BuiltLayer, build_layer, commit_built, send_built
+from obdconv.pipeline.flatten import build_flat_layer, decode_ranges
 from obdconv.pipeline.metadata import decode_metadata
 from obdconv.pipeline.prepare import PreparedLayer, prepare_layer
 from obdconv.pipeline.results import ProgressEvent
 from obdconv.registry import PendingBlob, RegistryOptions, open_repository
 from obdconv.request import ConversionProfile
+from obdconv.termination import die_with_parent
 
 PROGRESS_INTERVAL = 0.2  # seconds between byte-progress events of one layer
 
@@ -27,9 +30,22 @@ process_repositories: dict[str, Any] = {}
 _progress_queue: Any = None
 
 
-def init_worker(progress_queue: Any) -> None:
+def init_worker(progress_queue: Any, runner_pid: int | None = None) -> None:
+    """Pool worker start (also called in the runner's own process for a one-process run, without
+    `runner_pid`): a worker dies with its parent, the forkserver, which exits with the runner."""
     global _progress_queue
     _progress_queue = progress_queue
+    if runner_pid is not None:
+        leave_forkserver()  # the server then exits with the runner, and this worker with the server
+        die_with_parent(runner_pid)
+
+
+def stop_workers_now(pool: Executor) -> None:
+    """SIGKILL a process pool's workers (an interrupted run: their tasks' results are not wanted,
+    and they run with SIGTERM blocked). The executor then fails every pending future."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.kill()
 
 
 def _repo(name: str, options: RegistryOptions | None) -> Any:
@@ -74,6 +90,15 @@ def task_build(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any
     with gc_paused():  # a layer's placements and extents: many objects, no cycles (gcpause.py)
         built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata),
                             ConversionProfile(**profile), chain_id, parent_chain_id, out_dir)
+    return built.to_dict(), time.monotonic() - start
+
+
+def task_build_flat(layers: list[tuple[dict[str, Any], bytes]], allocated: bytes, profile: dict[str, Any],
+                    chain_id: str, out_dir: str) -> tuple[dict[str, Any], float]:
+    """`task_build` of a flattened image: all its layers' (prepared, encoded metadata) at once."""
+    start = time.monotonic()
+    built = build_flat_layer([PreparedLayer.from_dict(p) for p, _ in layers], [decode_metadata(m) for _, m in layers],
+                             decode_ranges(allocated), ConversionProfile(**profile), chain_id, out_dir)
     return built.to_dict(), time.monotonic() - start
 
 

@@ -18,10 +18,12 @@ Output bytes do not depend on the number of threads.
 Output goes to a spool directory keyed by the source digest, algorithm and block size, written
 under a temporary name and renamed into place only after the blob's digest verified (a corrupt
 blob leaves nothing behind). A spool that already holds what is asked for is reused, so any
-image sharing the layer skips the download.
+image sharing the layer skips the download -- after `check_prepared` found every file as prepare
+wrote it (`spoolcheck`); a spool that fails is discarded with a warning and prepared again.
 
 Spool files:
-    prepared.json       the `PreparedLayer` (without `spool`)
+    prepared.json       the `PreparedLayer` (without `spool`), sealed with its own sha256; `files`
+                        lists the small files below with size and sha256
     entries.json.zst    [LayerEntry.to_list(), ...] (zstd-compressed JSON)
     blocks.bin          native: the compressed ZFile blocks of the data area, each + its CRC32C
     lengths.u32         native: little-endian u32 length of each block in blocks.bin
@@ -34,13 +36,14 @@ import array
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,13 +52,17 @@ import zstandard
 
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
-from obdconv.formats.gzindex import GzipIndexBuilder
+from obdconv.formats.gzindex import GzipIndexBuilder, MultiMemberGzip
 from obdconv.formats.zfile import BlockStream
 from obdconv.gcpause import gc_paused
+from obdconv.leftovers import hold, release
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
+from obdconv.pipeline import spoolcheck
 from obdconv.pipeline.entrystream import EntryRows, EntryStreamWriter, decode_rows
 from obdconv.pipeline.fanout import Fanout, ReadAhead
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 SNIFF_BYTES = 512
@@ -66,8 +73,11 @@ GZIP_INDEX_SPAN = 1 << 20  # the access-point spacing turboOCI-apply uses (spec 
 # reference's 6 for ~6% bigger windows (the header records the level; readers only inflate).
 GZIP_INDEX_LEVEL = 1
 # Bump when the spool layout or a spooled file's bytes change, so old spools are not misread or
-# reused into different output (2: gzip.meta windows at GZIP_INDEX_LEVEL 1 instead of 6).
-SPOOL_FORMAT = 2
+# reused into different output (2: gzip.meta windows at GZIP_INDEX_LEVEL 1 instead of 6; 3:
+# prepared.json sealed and listing the files' sizes and hashes, checked before reuse).
+SPOOL_FORMAT = 3
+PREP_PREFIX = ".prep-"  # a spool being written (flock'ed by its writer)
+OLD_PREFIX = ".old-"  # a replaced spool being removed
 
 ProgressFn = Callable[[int, int], None]  # (bytes read, total bytes)
 
@@ -92,6 +102,7 @@ class PreparedLayer:
     compressed_size: int  # bytes in blocks.bin
     spool: str = ""
     spool_format: int = SPOOL_FORMAT
+    files: dict[str, list[Any]] = field(default_factory=dict)  # spool file -> [size, sha256] (not blocks.bin)
 
     @property
     def path(self) -> Path:
@@ -117,12 +128,7 @@ class PreparedLayer:
         return load_entries(self.entries_path)
 
     def block_lengths(self) -> list[int]:
-        lengths = array.array("I")
-        with open(self.lengths_path, "rb") as f:
-            lengths.fromfile(f, self.block_count)
-        if sys.byteorder != "little":
-            lengths.byteswap()
-        return lengths.tolist()
+        return spoolcheck.read_lengths(self.lengths_path, self.block_count)
 
     def covers(self, *, native: bool, turbo: bool) -> bool:
         return (self.native or not native) and (self.turbo or not turbo)
@@ -145,18 +151,72 @@ def spool_key(source_digest: str, algorithm: str, block_size: int) -> str:
     return f"{algo}-{hexpart}.{algorithm}-{block_size}"
 
 
+def save_prepared(spool: Path, prepared: PreparedLayer) -> None:
+    (spool / "prepared.json").write_text(json.dumps(spoolcheck.seal(prepared.to_dict())))
+
+
 def load_prepared(spool_dir: Path, source_digest: str, algorithm: str, block_size: int) -> PreparedLayer | None:
-    """The spool for this layer if a complete one exists."""
+    """The spool for this layer if a complete one of this format exists (its files unchecked: see
+    `reuse_prepared`). A prepared.json that is not what prepare wrote counts as none, with a warning."""
     final = Path(spool_dir) / spool_key(source_digest, algorithm, block_size)
     try:
-        d = json.loads((final / "prepared.json").read_text())
-    except (OSError, ValueError):
+        raw = (final / "prepared.json").read_bytes()
+    except OSError:
+        return None
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+    except (ValueError, RecursionError):
+        log.warning("prepared layer %s: prepared.json is not JSON; preparing the layer again", final)
         return None
     if d.get("spool_format") != SPOOL_FORMAT:
+        return None
+    problem = spoolcheck.unseal(d)
+    if problem is not None:
+        log.warning("prepared layer %s: %s; preparing the layer again", final, problem)
         return None
     prepared = PreparedLayer.from_dict(d)
     prepared.spool = str(final)
     return prepared
+
+
+def check_prepared(prepared: PreparedLayer) -> str | None:
+    """None when the spool's files are what prepare wrote (sizes, hashes, every block's CRC)."""
+    problem = spoolcheck.check_files(prepared.path, prepared.files)
+    if problem is None and prepared.native:
+        try:
+            lengths = prepared.block_lengths()
+        except (OSError, EOFError) as e:
+            return f"lengths.u32: {e}"
+        problem = spoolcheck.check_blocks(prepared.blocks_path, lengths, prepared.compressed_size)
+    return problem
+
+
+def reuse_prepared(spool_dir: Path, source_digest: str, algorithm: str, block_size: int) -> PreparedLayer | None:
+    """`load_prepared`, then `check_prepared`: a spool that fails is discarded (with a warning naming
+    what is wrong) and None returned, so the layer is prepared again and never published corrupt."""
+    prepared = load_prepared(spool_dir, source_digest, algorithm, block_size)
+    if prepared is None:
+        return None
+    problem = check_prepared(prepared)
+    if problem is None:
+        return prepared
+    log.warning("prepared layer %s is corrupt (%s): discarding it and preparing the layer again",
+                prepared.spool, problem)
+    discard_spool(prepared.path)
+    return None
+
+
+def discard_spool(path: Path) -> None:
+    """Remove a spool directory; renamed first, so no reader sees it half deleted (to the name the
+    fleet's spool eviction uses, so it cleans up after a crash here too)."""
+    doomed = path.with_name(f".evict-{path.name}-{os.getpid()}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class DataAreaBlocks:
@@ -285,29 +345,40 @@ def prepare_layer(
     written there when the spool is reused)."""
     digest = layer_descriptor["digest"]
     spool_dir = Path(spool_dir)
-    existing = load_prepared(spool_dir, digest, algorithm, block_size)
+    existing = reuse_prepared(spool_dir, digest, algorithm, block_size)
     if existing is not None:
         if existing.covers(native=native, turbo=turbo):
             if turbo and existing.compression == "zstd":
-                raise _turbo_zstd(digest)
+                raise turbo_zstd_error(digest)
             return existing
         native, turbo = native or existing.native, turbo or existing.turbo
     spool_dir.mkdir(parents=True, exist_ok=True)
     final = spool_dir / spool_key(digest, algorithm, block_size)
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=spool_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=PREP_PREFIX, dir=spool_dir))
+    lock = hold(tmp)  # marks it as being written: a later run removes it only once this process is gone
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
                            block_size=block_size, progress=progress, entry_stream=entry_stream)
-        (tmp / "prepared.json").write_text(json.dumps(prepared.to_dict()))
+        save_prepared(tmp, prepared)
         _install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release(lock)
     prepared.spool = str(final)
     return prepared
 
 
-def _turbo_zstd(digest: str) -> UnsupportedError:
+def _check_descriptor_size(desc: dict[str, Any], size: int) -> None:
+    """The blob is what its digest says; a descriptor giving another size is a broken manifest
+    (registries and runtimes check it: the converted image would carry it on)."""
+    if "size" in desc and desc["size"] != size:
+        raise BadInputError(f"layer {desc['digest']}: the manifest's descriptor says {desc['size']} bytes, "
+                            f"the blob has {size}")
+
+
+def turbo_zstd_error(digest: str) -> UnsupportedError:
     return UnsupportedError(f"layer {digest} is zstd-compressed: turboOCI needs gzip or uncompressed "
                             "layers (the runtime reads file data from the original blob)")
 
@@ -320,7 +391,7 @@ def _install(tmp: Path, final: Path) -> None:
         return
     except OSError:
         pass
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    old = final.with_name(f"{OLD_PREFIX}{final.name}-{os.getpid()}")
     with contextlib.suppress(OSError):
         os.rename(final, old)
     os.rename(tmp, final)
@@ -368,6 +439,8 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
             stream.discard()
         raise
     rows.save(tmp / "entries.json.zst")
+    prepared.files = {name: spoolcheck.file_record(tmp / name) for name in ("entries.json.zst", "lengths.u32",
+                                                                              "gzip.meta") if (tmp / name).exists()}
     if stream is not None:
         stream.end()
     return prepared
@@ -389,7 +462,7 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
             else partial(blob.read, READ_CHUNK)
         kind = sniff(head[:SNIFF_BYTES]) if head else "none"
         if turbo and kind == "zstd":
-            raise _turbo_zstd(digest)
+            raise turbo_zstd_error(digest)
         gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN, level=GZIP_INDEX_LEVEL) if turbo and kind == "gzip" else None
         feed, flush = _inflater(kind, gzip_index)
         sink = DataAreaBlocks(blocks_out, algorithm, block_size, threads) if native else None
@@ -428,6 +501,7 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
                         progress(source_size, total)
                     chunk = read()
                 # EOF reached: the verifying reader has checked the digest by now.
+                _check_descriptor_size(desc, source_size)
                 consume(flush())
                 fanout.close()
                 # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
@@ -441,6 +515,8 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
                     raise
                 fanout.abort()
                 _raise_if_corrupt(read, e)
+                if isinstance(e, MultiMemberGzip):
+                    raise UnsupportedError(f"layer {digest} cannot be converted to turboOCI: {e}") from e
                 raise
             data_area = sink.finish() if sink is not None else 0
         except BaseException:

@@ -42,8 +42,9 @@ def _ordered(doc: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def rewrite_config(config: bytes, diff_ids: Sequence[str]) -> bytes:
-    """The source config with `rootfs.diff_ids` replaced; every other field kept, in order."""
+def rewrite_config(config: bytes, diff_ids: Sequence[str], flattened: int = 0) -> bytes:
+    """The source config with `rootfs.diff_ids` replaced; every other field kept, in order.
+    `flattened` (--flatten): the number of source layers that became one, said in `history`."""
     doc = parse_json(config, "image config")
     rootfs = doc.get("rootfs")
     if not isinstance(rootfs, dict):
@@ -52,7 +53,24 @@ def rewrite_config(config: bytes, diff_ids: Sequence[str]) -> bytes:
     rootfs["diff_ids"] = list(diff_ids)
     rootfs.setdefault("type", "layers")
     doc["rootfs"] = rootfs
+    if flattened:
+        doc["history"] = flattened_history(doc, flattened)
     return encode(doc)
+
+
+def flattened_history(doc: dict[str, Any], layers: int) -> list[Any]:
+    """`history` of a flattened image: the source's entries, kept but marked `empty_layer` (none
+    of them has a layer of its own any more), then one entry for the layer that holds them all,
+    so the non-empty entries still pair with the layers (OCI image spec)."""
+    history = doc.get("history")
+    entries = [({**h, "empty_layer": True} if isinstance(h, dict) else h)
+               for h in (history if isinstance(history, list) else [])]
+    entry: dict[str, Any] = {}
+    if isinstance(doc.get("created"), str):
+        entry["created"] = doc["created"]  # the image's own time: deterministic
+    entry["created_by"] = mediatypes.FLATTEN_CREATED_BY
+    entry["comment"] = f"{layers} layer(s) flattened into one overlaybd layer holding the final filesystem"
+    return [*entries, entry]
 
 
 def build_manifest(
@@ -169,11 +187,13 @@ def push_manifest(
     ref: str,
     upload: bool = True,
     dump_dir: Path | None = None,
+    flattened: int = 0,
 ) -> PushedManifest:
     """Rewrite and push config then manifest; `ref` is the tag for a root manifest, else "" (by
-    digest). Returns the manifest's descriptor fields."""
+    digest). `flattened`: how many source layers the (one) converted layer holds (--flatten).
+    Returns the manifest's descriptor fields."""
     oci = oci or referrer  # --referrer forces --oci (spec §1)
-    config = rewrite_config(source_config, diff_ids)
+    config = rewrite_config(source_config, diff_ids, flattened)
     config_desc = descriptor(config_media_type(oci), sha256_digest(config), len(config))
     subject, artifact_type = referrer_fields(fmt, referrer, source_desc)
     manifest = build_manifest(source_manifest, config_desc=config_desc, layers=layers, oci=oci,

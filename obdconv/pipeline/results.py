@@ -27,7 +27,8 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 @dataclass(slots=True)
 class OutputResult:
-    """One output format's image."""
+    """One output format's image; or, when the format could not be built (a partial result, see
+    feasibility.py), no digests and `error` = {"class": obdconv.errors class name, "message"}."""
 
     format: str
     repository: str
@@ -38,6 +39,7 @@ class OutputResult:
     manifests: dict[str, str] = field(default_factory=dict)  # source manifest digest -> converted
     indexes: dict[str, str] = field(default_factory=dict)  # source index digest -> converted
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # source chain id -> ConvertedLayer dict
+    error: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -54,8 +56,13 @@ class ConversionResult:
                 return o
         raise KeyError(fmt)
 
+    @property
+    def partial(self) -> bool:
+        """Some requested format was not built (its output carries `error`)."""
+        return any(o.error for o in self.outputs)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "partial": self.partial}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConversionResult:

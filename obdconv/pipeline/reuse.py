@@ -144,6 +144,9 @@ class Reuse:
                 log.info("manifest %s already converted (%s): %s", m.digest, p.format, hit[0])
                 out.manifests[p.format] = PushedManifest(media_type, hit[0], hit[1], "", [])
                 continue
+            if p.flatten:  # one layer made of the whole chain: deduplicated per manifest only
+                out.layers[p.format] = []
+                continue
             layers: list[ConvertedLayer] = []
             for i, chain_id in enumerate(m.chain_ids):
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import multiprocessing
 import os
 import queue
 import shutil
@@ -43,8 +42,13 @@ from obdconv.dedup.store import open_store
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, ObdconvError
 from obdconv.gcpause import gc_paused
+from obdconv.interpreter import start_forkserver
+from obdconv.leftovers import RunRecord, remove_leftovers
 from obdconv.pipeline.assemble import ConvertedLayer
+from obdconv.pipeline.baselayer import push_base_layer, resolve_base_layer, with_base
 from obdconv.pipeline.entrystream import streamed_entries
+from obdconv.pipeline.feasibility import Refusal, deliverable, refusals
+from obdconv.pipeline.flatten import encode_ranges
 from obdconv.pipeline.forkserver import PRELOAD
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
@@ -54,13 +58,15 @@ from obdconv.pipeline.pool import (
     init_worker,
     process_repositories,
     run_all,
+    stop_workers_now,
     task_build,
+    task_build_flat,
     task_commit,
     task_prepare,
     task_send,
     thread_priority_raised,
 )
-from obdconv.pipeline.prepare import PreparedLayer, load_prepared, spool_key
+from obdconv.pipeline.prepare import OLD_PREFIX, PREP_PREFIX, PreparedLayer, load_prepared, spool_key
 from obdconv.pipeline.push import PushedManifest, push_index, push_manifest
 from obdconv.pipeline.results import ConversionResult, OutputResult, ProgressEvent, ProgressFn, RunnerOptions
 from obdconv.pipeline.reuse import ManifestReuse, Reuse
@@ -81,10 +87,14 @@ STREAMS_DIR = ".entry-streams"  # under the work directory: the prepares' entry 
 
 class _Run:
     def __init__(self, request: ConversionRequest, options: RunnerOptions, progress: ProgressFn | None) -> None:
-        self.request = request
+        validate_request(request)
+        # --mkfs=false: the base layer pinned by digest (profiles name it), the vsize its own
+        self.request, self.base = resolve_base_layer(request)
+        request = self.request
         self.options = options
         self.progress = progress
-        self.profiles = validate_request(request)
+        self.profiles = request.profiles()
+        self.refused: dict[str, Refusal] = {}  # formats the image cannot become (feasibility.py)
         self.registry = options.registry or RegistryOptions.from_access(request.access)
         self.source_name = request.repository
         self.target_name = request.output_repository or request.repository
@@ -133,6 +143,8 @@ class _Run:
                 i = len(self.prepare_futures)
                 if load_prepared(self.spool_dir, digest, r.algorithm, r.block_size) is None:
                     self.created_spools.append(self.spool_dir / spool_key(digest, r.algorithm, r.block_size))
+                    if not (r.reserve or self.options.keep_spool):
+                        self.record.add(self.created_spools[-1])
                 self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
                 # A pool worker streams the entries to the metadata pass as it scans them (inline
                 # tasks are done before the pass starts: they need not).
@@ -173,6 +185,8 @@ class _Run:
         name = m.platform.replace("/", "_") or "image"
         workdir = self.workdir / f"{name}-{m.digest.partition(':')[2][:16]}"
         self.metadata_workdirs.append(workdir)  # removed at the end of the run even when it fails
+        if not self.request.reserve:
+            self.record.add(workdir)  # or by a later run, if this one is killed
         # One metadata pass serves every format when all start from mkfs; formats continuing from
         # dedup hits each start from their own converted parents (which may differ in bytes).
         groups = [(0, todo)] if all(v == 0 for v in starts.values()) else [(starts[p.format], [p]) for p in todo]
@@ -183,26 +197,33 @@ class _Run:
                 self.metadata_and_assemble(pool, m, start, group, reuse, workdir / group[0].format, futures)
         for profile in todo:
             layers = list(reuse.layers.get(profile.format, []))
-            for i in range(len(layers), n):
+            # a flattened image has one layer, filed under the top chain id (none for no layers)
+            indexes = ([n - 1] if n else []) if profile.flatten else range(len(layers), n)
+            for i in indexes:
                 result, seconds = futures[(profile.format, i)].result()
                 self.add_time("assemble", seconds)
                 layer = ConvertedLayer.from_dict(result)
                 layers.append(layer)
-                if self.upload:
+                if self.upload and not profile.flatten:  # flattened output is deduplicated per manifest only
                     self.reuse.record_layer(profile, m.chain_ids[i], layer)
                 self.emit(ProgressEvent("assemble", i, m.layers[i]["digest"], 1, 1, m.digest, profile.format,
                                         finished=True))
-            for i, layer in enumerate(layers):
-                outputs[profile.format].layers[m.chain_ids[i]] = layer.to_dict()
+            chain_keys = m.chain_ids[-1:] if profile.flatten else m.chain_ids
+            for chain_id, layer in zip(chain_keys, layers, strict=False):
+                outputs[profile.format].layers[chain_id] = layer.to_dict()
             t = time.monotonic()
             dump_dir = self.dump_dir(profile, m) if self.request.dump_manifest else None
             with self.push_lock:
                 self.check_not_aborted()
+                base = (push_base_layer(self.target_repo, self.base, profile.format, oci=self.oci, upload=self.upload)
+                        if self.base is not None else None)
+                layers = with_base(base, layers)
                 pushed[profile.format] = push_manifest(
                     self.target_repo, source_manifest=m.data.encode(), source_config=m.config.encode(),
                     source_desc=m.descriptor, fmt=profile.format, layers=[x.descriptor() for x in layers],
                     diff_ids=[x.diff_id for x in layers], oci=self.oci, referrer=self.request.referrer,
-                    ref=self.tag_for(profile) if root else "", upload=self.upload, dump_dir=dump_dir)
+                    ref=self.tag_for(profile) if root else "", upload=self.upload, dump_dir=dump_dir,
+                    flattened=n if profile.flatten else 0)
             if self.upload:
                 self.reuse.record_manifest(profile, m, pushed[profile.format])
             self.add_time("push", time.monotonic() - t)
@@ -236,12 +257,13 @@ class _Run:
         the metadata apply under way returns: a big layer's metadata takes seconds, and it is the
         critical path), one starts the sends, one commits (or cancels)."""
         n = len(m.layers)
-        parents = None
+        parents = self.base.device() if self.base is not None else None
         if start:
             fmt = group[0].format
             t = time.monotonic()
             parents = read_back_parents(self.target_repo, fmt, [x.digest for x in reuse.layers[fmt][:start]],
-                                        [x["digest"] for x in m.layers[:start]], workdir / "parents")
+                                        [x["digest"] for x in m.layers[:start]], workdir / "parents",
+                                        below=[self.base.open()] if self.base is not None else [])
             self.add_time("parents", time.monotonic() - t)
         self.emit(ProgressEvent("metadata", manifest=m.digest, total=n - start))
         own_prepares = [self.prepare_futures[layer["digest"]] for layer in m.layers[start:]]
@@ -322,6 +344,7 @@ class _Run:
                 helper.start()
             with self.timing_lock:
                 self.helper_threads.extend(helpers)
+        flat_inputs: list[tuple[dict[str, Any], bytes]] = []  # --flatten: (prepared, metadata) per layer
         t = time.monotonic()
         try:
             with thread_priority_raised(self.options.metadata_boost), \
@@ -333,8 +356,9 @@ class _Run:
                     # layer's objects are dropped before the collector may walk them (gcpause.py).
                     busy = metadata_pass.busy_seconds
                     with gc_paused():
-                        applied = metadata_pass.apply_parts(self.entry_parts(m.layers[i]["digest"]))
-                        prepared = self.wait_prepared(m.layers[i]["digest"])
+                        digest = m.layers[i]["digest"]
+                        applied = metadata_pass.apply_parts(self.entry_parts(digest), digest)
+                        prepared = self.wait_prepared(digest)
                         if prepared.diff_id != m.diff_ids[i]:
                             raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
                                                 f"{prepared.diff_id}, config says {m.diff_ids[i]}")
@@ -344,11 +368,20 @@ class _Run:
                     self.add_time("metadata", metadata_pass.busy_seconds - busy + time.monotonic() - t)
                     self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
                     for profile in group:
+                        if profile.flatten:  # one build of all layers, after the last one
+                            flat_inputs.append((prepared.to_dict(), encoded))
+                            continue
                         result: Future[tuple[dict[str, Any], float]] = Future()
                         futures[(profile.format, i)] = result
                         build = pool.submit(task_build, prepared.to_dict(), encoded, asdict(profile), m.chain_ids[i],
                                             m.chain_ids[i - 1] if i else "", built_dir)
                         builds.put((build, result))
+                for profile in (p for p in group if p.flatten):
+                    # The flattened layer stands for the whole chain: filed under the top layer.
+                    futures[(profile.format, n - 1)] = result = Future()
+                    build = pool.submit(task_build_flat, flat_inputs, encode_ranges(metadata_pass.allocated_blocks()),
+                                        asdict(profile), m.chain_ids[-1], built_dir)
+                    builds.put((build, result))
         except BaseException:
             stopped.set()
             gate_open.set()
@@ -399,6 +432,12 @@ class _Run:
         self.add_time("plan", time.monotonic() - t)
         self.emit(ProgressEvent("plan", finished=True, total=len(plan.manifests)))
         outputs = {p.format: OutputResult(p.format, self.target_name, self.tag_for(p)) for p in self.profiles}
+        self.refused = refusals(plan, self.profiles, self.source_repo, self.base)
+        self.profiles = deliverable(self.profiles, self.refused, all_or_nothing=request.all_or_nothing)
+        for fmt, refusal in self.refused.items():
+            outputs[fmt].error = refusal.to_dict()
+        self.native = any(p.format == "native" for p in self.profiles)
+        self.turbo = any(p.format == "turbo" for p in self.profiles)
         workers = self.options.workers or os.cpu_count() or 1
         progress_queue: Any = None
         drain: threading.Thread | None = None
@@ -411,21 +450,27 @@ class _Run:
         self.aborted = threading.Event()  # the run failed: committers cancel instead of committing
         self.helper_threads: list[threading.Thread] = []
         if workers > 1:
-            ctx = multiprocessing.get_context("forkserver")
             # The fork server imports the pipeline once and every worker forks with it loaded,
             # instead of each worker importing it (~0.2 s of CPU each) before its first task.
             # "__main__" is multiprocessing's default preload, kept. (No effect once the server
-            # runs, e.g. on a second convert in the same process.)
-            ctx.set_forkserver_preload(PRELOAD)
+            # runs, e.g. on a second convert in the same process.) Started with a safe sys.path:
+            # see obdconv/interpreter.py.
+            ctx = start_forkserver(PRELOAD)
             progress_queue = ctx.Queue()
             pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
-                                                 initargs=(progress_queue,))
+                                                 initargs=(progress_queue, os.getpid()))
             drain = threading.Thread(target=self._drain_progress, args=(progress_queue,), daemon=True)
             drain.start()
         else:
             process_repositories.update(_repos_in_process)
             init_worker(_DirectQueue(self))
             pool = InlineExecutor()
+        # What this run makes under --dir and in the spool is recorded, so that a later run removes
+        # it if this one is killed; and it removes what killed runs left (obdconv/leftovers.py).
+        self.record = RunRecord.start(self.workdir, self.spool_dir)
+        if not isinstance(pool, InlineExecutor):
+            self.record.add(self.workdir / STREAMS_DIR)  # the prepares' entry streams (ensure_prepares)
+        remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
         try:
             self.open_reuse()
             results = self.convert_manifests(pool, plan, outputs)
@@ -474,6 +519,9 @@ class _Run:
                     for path in self.metadata_workdirs:
                         shutil.rmtree(path, ignore_errors=True)
                 shutil.rmtree(self.workdir / STREAMS_DIR, ignore_errors=True)
+                # Spools being written by workers an interrupt killed (their locks died with them).
+                remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
+                self.record.finish()  # also removes the spool and --dir if this run made them and they are empty
 
             run_all(stop_executors, stop_progress, release, remove_files)
         self.timings["total"] = time.monotonic() - started
@@ -504,15 +552,19 @@ class _Run:
             try:
                 for digest, f in futures.items():
                     results[digest] = f.result()
-            except BaseException:
+            except BaseException as e:
                 # E.g. Ctrl-C here, or another manifest failed: manifests still running must not go
                 # on to commit layers or push (leaving this `with` waits for them).
                 self.aborted.set()
                 for f in futures.values():
                     f.cancel()
+                if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM: running tasks are not waited for
+                    stop_workers_now(pool)
                 raise
         if root_is_manifest:
             for fmt, out in outputs.items():
+                if out.error:  # a format the image could not become: nothing converted
+                    continue
                 pm = results[plan.root["digest"]][fmt]
                 out.root_digest, out.root_media_type, out.root_size = pm.digest, pm.media_type, pm.size
         return results

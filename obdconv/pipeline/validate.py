@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit
+
 from obdconv.errors import BadInputError, UnsupportedError, UsageError
 from obdconv.registry.reference import check_tag
 from obdconv.request import ConversionProfile, ConversionRequest
 
 ALGORITHMS = ("lz4", "zstd")
+MAX_CALLBACK_URL = 2048
+SECRET_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
@@ -27,9 +32,11 @@ def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
         except BadInputError:
             raise UsageError(f"{flag} {tag!r}: not a valid tag (letters, digits, '_', '.', '-'; "
                              "at most 128, not starting with '.' or '-')") from None
-    if not request.mkfs:
-        raise UnsupportedError("--mkfs=false (a base layer from /opt/overlaybd/baselayers) is not supported: "
-                               "obdconv always creates the filesystem in layer 0")
+    if request.mkfs and (request.base_layer or request.base_layer_digest):
+        raise UsageError("--base-layer is used only with --mkfs=false (with mkfs, layer 0 makes the filesystem)")
+    if request.flatten and request.turbo_tag:
+        raise UsageError("--flatten with --turboOCI: a turboOCI image cannot be flattened (its layers read file "
+                         "data from the original layer blobs, one per layer); flatten --overlaybd only")
     if request.turbo_tag and request.fstype not in ("", "ext4"):
         raise UnsupportedError(f"--fstype {request.fstype} is not supported: only ext4")
     if request.algorithm not in ALGORITHMS:
@@ -42,4 +49,42 @@ def validate_request(request: ConversionRequest) -> list[ConversionProfile]:
                          "power of two from 4 to 32 KiB")
     if request.vsize_gb <= 0:
         raise UsageError(f"--vsize {request.vsize_gb}: must be a positive number of GB")
+    validate_callback(request.callback_url, request.callback_secret_ref)
     return profiles
+
+
+def validate_callback(url: str, secret_ref: str) -> None:
+    """A completion callback is an absolute http(s) URL with a host and no credentials in it, signed
+    with the key the workers hold under `secret_ref` (never sent in the request)."""
+    if not url and not secret_ref:
+        return
+    if not url:
+        raise UsageError("--callback-secret-ref without --callback-url: there is nothing to sign")
+    validate_callback_url(url)
+    if not secret_ref:
+        raise UsageError("--callback-url needs --callback-secret-ref: callbacks are signed with a key the "
+                         "workers hold under that name")
+    if not SECRET_REF.fullmatch(secret_ref):
+        raise UsageError(f"--callback-secret-ref {secret_ref[:130]!r}: a name of letters, digits, '.', '_', '-' "
+                         "(at most 128), not the secret itself")
+
+
+def validate_callback_url(url: str) -> None:
+    """An absolute http(s) URL with a host and no user or password in it."""
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    if len(url) > MAX_CALLBACK_URL or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise UsageError(f"--callback-url {shown!r}: not a URL (longer than {MAX_CALLBACK_URL} characters, "
+                         "or has spaces or control characters)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise UsageError(f"--callback-url {shown!r}: not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise UsageError(f"--callback-url {shown!r}: the scheme must be http or https, not "
+                         f"{parts.scheme or 'missing'!r}")
+    if not parts.hostname:
+        raise UsageError(f"--callback-url {shown!r}: no host")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("--callback-url: must not carry a user or password (user:password@host); the "
+                         "receiver checks the HMAC signature made with the key named by --callback-secret-ref")

@@ -7,6 +7,7 @@ it happens: the request loop (`do_request`), auth, manifest access, blob upload/
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
@@ -19,7 +20,6 @@ import oras.container
 import oras.provider
 import oras.utils
 import requests
-import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from obdconv.errors import AuthError, BadInputError, IntegrityError, NetworkError, NotFoundError, UsageError
@@ -33,6 +33,7 @@ from obdconv.registry.auth import (
     format_scopes,
     repository_scope,
 )
+from obdconv.registry.bodies import RawSource, ResumingSource, SizedBody, rechunk
 from obdconv.registry.options import RegistryOptions
 from obdconv.registry.reference import DOCKER_HUB_HOST, check_digest, is_digest, parse_reference
 from obdconv.registry.repository import (
@@ -89,9 +90,23 @@ def _registry_error_text(response: requests.Response) -> str:
                 parts.append(text)
         if parts:
             return "; ".join(parts[:5])
-    except (ValueError, AttributeError, requests.RequestException):
+    except (ValueError, RecursionError, AttributeError, requests.RequestException):
         pass
     return f"{response.status_code} {response.reason or ''}".strip()
+
+
+def _retry_after_seconds(response: requests.Response) -> float:
+    """The wait a Retry-After header asks for (seconds or an HTTP date), 0 without one."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return 0.0
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _scopes_for(method: str, url: str) -> set[ScopeAtom]:
@@ -109,24 +124,6 @@ def _scopes_for(method: str, url: str) -> set[ScopeAtom]:
     if method == "DELETE":
         return repository_scope(name, "delete")
     return repository_scope(name, "pull", "push")
-
-
-class _RawSource:
-    """Reads a streamed response body, turning transport failures into NetworkError."""
-
-    def __init__(self, response: requests.Response, what: str) -> None:
-        self._response = response
-        self._what = what
-        response.raw.decode_content = True
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            return self._response.raw.read(None if n < 0 else n)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as e:
-            raise NetworkError(f"{self._what}: download interrupted: {type(e).__name__}: {e}") from None
-
-    def close(self) -> None:
-        self._response.close()
 
 
 class ObdRegistry(oras.provider.Registry):
@@ -186,7 +183,7 @@ class ObdRegistry(oras.provider.Registry):
         NetworkError naming the registry and the request. Only bytes bodies are resent (retries, auth).
         """
         wanted = scopes if scopes is not None else _scopes_for(method, url)
-        deadline = time.monotonic() + self.options.retry_budget
+        deadline: float | None = None  # the budget runs from the first failure (a timeout may outlast it)
         attempt = 0
         auth_rounds = 0
         auth_override: dict[str, str] | None = None
@@ -199,6 +196,7 @@ class ObdRegistry(oras.provider.Registry):
             request_headers.update(auth_override if auth_override is not None
                                    else self.authenticator.headers_for(wanted))
             failure: str
+            wait_asked = 0.0  # Retry-After of a 429/503
             try:
                 response = self.session.request(method, url, data=data, json=json, headers=request_headers,
                                                 stream=stream, timeout=self._timeout)
@@ -225,11 +223,18 @@ class ObdRegistry(oras.provider.Registry):
                 if status < 500 and status != 429:
                     return response
                 failure = f"{status} {_registry_error_text(response)}"
+                wait_asked = _retry_after_seconds(response)
                 response.close()
+            if deadline is None:
+                deadline = time.monotonic() + self.options.retry_budget
             remaining = deadline - time.monotonic()
             if not retry or remaining <= 0:
                 raise NetworkError(f"registry {self.host}: {method} {path} failed: {failure}")
-            delay = min(0.1 * (2 ** attempt), remaining)
+            if wait_asked > remaining:
+                # Waiting less than asked would only be refused again.
+                raise NetworkError(f"registry {self.host}: {method} {path} failed: {failure}; it asks to retry "
+                                   f"after {wait_asked:g} s, beyond the {self.options.retry_budget:g} s retry budget")
+            delay = min(max(0.1 * (2 ** attempt), wait_asked), remaining)
             log.info("registry %s: %s %s failed (%s); retrying in %.1fs", self.host, method, path, failure, delay)
             time.sleep(delay)
             attempt += 1
@@ -386,7 +391,36 @@ class RegistryRepository(Repository):
         length = response.headers.get("Content-Length")
         encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
         size = int(length) if length is not None and not encoded else None
-        return buffered(VerifyingReader(_RawSource(response, what), digest, size, what))
+        # Byte offsets of an encoded body are not the blob's: such a download cannot be resumed.
+        attempts = 0 if encoded else self.options.resume_attempts
+        source = ResumingSource(RawSource(response, what), lambda offset: self._blob_from(digest, offset, what),
+                                attempts, what)
+        return buffered(VerifyingReader(source, digest, size, what))
+
+    def _blob_from(self, digest: str, offset: int, what: str) -> RawSource:
+        """The rest of a blob from `offset` on, for a download that broke there."""
+        response = self._registry.do_request(self._url("blobs", digest), "GET", stream=True,
+                                             headers={"Range": f"bytes={offset}-"})
+        if response.status_code == 206:
+            start = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
+            if start == str(offset):
+                return RawSource(response, what)
+            response.close()
+            raise NetworkError(f"{what}: resuming at byte {offset}, the registry answered with range "
+                               f"{response.headers.get('Content-Range')!r}")
+        if response.status_code == 200:  # Range ignored: skip what was read already
+            source = RawSource(response, what)
+            left = offset
+            while left > 0:
+                skipped = len(source.read(min(left, 1 << 20)))
+                if not skipped:
+                    break
+                left -= skipped
+            return source
+        response.close()
+        if response.status_code == 404:
+            raise NotFoundError(f"{what} not found (resuming at byte {offset})")
+        raise self._unexpected(response, f"{what} (resuming at byte {offset})")
 
     def read_blob_range(self, digest: str, offset: int, length: int) -> bytes:
         check_digest(digest)
@@ -407,9 +441,9 @@ class RegistryRepository(Repository):
                 if start != str(offset):
                     raise NetworkError(f"{what}: the registry answered with range "
                                        f"{response.headers.get('Content-Range')!r}")
-                return _RawSource(response, what).read()[:length]
+                return RawSource(response, what).read()[:length]
             if response.status_code == 200:  # a server that ignores Range sends the whole blob
-                return _RawSource(response, what).read()[offset:offset + length]
+                return RawSource(response, what).read()[offset:offset + length]
             raise self._unexpected(response, what)
 
     def delete_blob(self, digest: str) -> None:
@@ -488,8 +522,32 @@ class RegistryRepository(Repository):
 
     def _send(self, chunks: Iterable[bytes], expected_digest: str | None = None,
               expected_size: int | None = None) -> PendingBlob:
-        """POST a session, send the bytes with PATCH; the PendingBlob's commit PUTs ?digest= (computed
-        while sending), its cancel DELETEs the session.
+        """POST a session, send the bytes with PATCH (`_send_body`). When the network breaks the
+        body and `chunks` can be iterated again (any iterable that is not an iterator, e.g. a list or
+        a `ChunkSource`), it is sent again in a new session, at most `resume_attempts` times (a
+        session a broken PATCH wrote into cannot be resumed: docker-registry then refuses its state)."""
+        scopes = repository_scope(self.name, "pull", "push")
+        what = f"upload to {self.host}/{self.name}"
+        restarts = 0
+        while True:
+            response = self._registry.do_request(self._url("blobs", "uploads/"), "POST", scopes=scopes)
+            with response:
+                if response.status_code != 202:
+                    raise self._unexpected(response, what)
+                location = self._session_url(response)
+            try:
+                return self._send_body(location, chunks, scopes, what, expected_digest, expected_size)
+            except NetworkError as e:
+                if isinstance(chunks, Iterator) or restarts >= self.options.resume_attempts:
+                    raise
+                restarts += 1
+                log.info("%s broken (%s); sending it again (%d of %d)", what, e, restarts,
+                         self.options.resume_attempts)
+
+    def _send_body(self, location: str, chunks: Iterable[bytes], scopes: set[ScopeAtom], what: str,
+                   expected_digest: str | None, expected_size: int | None) -> PendingBlob:
+        """Send the bytes into the session at `location`; the PendingBlob's commit PUTs ?digest=
+        (computed while sending), its cancel DELETEs the session (also done here on any failure).
 
         oras' upload_blob reads the whole file into memory (monolithic) or needs a file path (chunked);
         this streams any iterable with at most `upload_chunk_size` bytes buffered. Default mode "stream":
@@ -501,18 +559,11 @@ class RegistryRepository(Repository):
         chunked Transfer-Encoding: urllib3 frames every chunk of a chunked body with `b"%x\\r\\n%b\\r\\n" %`,
         a fresh copy of each piece (measured: ~0.6 s of client CPU per GiB, a third of the upload's cost).
         """
-        scopes = repository_scope(self.name, "pull", "push")
-        what = f"upload to {self.host}/{self.name}"
-        response = self._registry.do_request(self._url("blobs", "uploads/"), "POST", scopes=scopes)
-        with response:
-            if response.status_code != 202:
-                raise self._unexpected(response, what)
-            location = self._session_url(response)
         hasher = hashlib.sha256()
         sent = 0
         limit = self.options.upload_chunk_size
         # Streamed: any piece size works, so big pieces go through uncopied and only small ones are merged.
-        parts = _rechunk(chunks, limit, STREAM_MERGE_BELOW if self.options.upload_mode == "stream" else None)
+        parts = rechunk(chunks, limit, STREAM_MERGE_BELOW if self.options.upload_mode == "stream" else None)
         try:
             if self.options.upload_mode == "stream":
 
@@ -537,7 +588,7 @@ class RegistryRepository(Repository):
 
                 stream: Iterable[bytes] = body()
                 if expected_size:
-                    stream = _SizedBody(stream, expected_size)
+                    stream = SizedBody(stream, expected_size)
                 location = self._patch(location, stream, {}, scopes, what)
                 if mismatch:
                     raise IntegrityError(f"{what}: {mismatch}")
@@ -560,12 +611,16 @@ class RegistryRepository(Repository):
                            lambda: self._cancel_location(location, scopes))
 
     def _commit(self, location: str, digest: str, scopes: set[ScopeAtom], what: str) -> None:
-        """PUT ?digest=: the sent bytes become blob `digest` (cancels the session if that fails)."""
+        """PUT ?digest=: the sent bytes become blob `digest` (cancels the session if that fails).
+        Retried within the budget; a retry answered 404 (the session is gone) succeeded if the blob
+        exists: an earlier attempt committed it and only its answer was lost."""
         try:
             final = oras.utils.append_url_params(location, {"digest": digest})
-            response = self._registry.do_request(final, "PUT", data=b"", scopes=scopes, retry=False,
+            response = self._registry.do_request(final, "PUT", data=b"", scopes=scopes,
                                                  headers={"Content-Type": "application/octet-stream"})
             with response:
+                if response.status_code == 404 and self.head_blob(digest) is not None:
+                    return
                 if response.status_code != 201:
                     raise self._unexpected(response, f"{what}: committing {digest}")
         except BaseException:
@@ -593,53 +648,9 @@ class RegistryRepository(Repository):
         self._registry.session.close()
 
 
-class _SizedBody:
-    """An iterable request body of known length: requests sends it with Content-Length (it takes
-    `len()` of any iterable that has one) and urllib3 then writes each piece as it is, unframed."""
-
-    def __init__(self, pieces: Iterable[bytes], size: int) -> None:
-        self._pieces = pieces
-        self._size = size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._pieces)
-
-
-def _rechunk(chunks: Iterable[bytes], limit: int, merge_below: int | None = None) -> Iterator[bytes]:
-    """Pieces of at most `limit` bytes, so memory stays bounded.
-
-    Chunks smaller than `merge_below` (default: `limit`) are merged; larger ones pass through without a
-    copy (split with slices only when above `limit`): each extra copy of a piece is more resident memory.
-    """
-    merge_below = limit if merge_below is None else merge_below
-    pending = bytearray()
-    for chunk in chunks:
-        if len(chunk) >= merge_below and not pending:
-            if len(chunk) <= limit:
-                yield chunk
-            else:
-                view = memoryview(chunk)
-                for start in range(0, len(view), limit):
-                    yield bytes(view[start:start + limit])
-            continue
-        view = memoryview(chunk)
-        while len(view):
-            room = min(limit, merge_below) - len(pending)
-            pending += view[:room]
-            view = view[room:]
-            if len(pending) >= min(limit, merge_below):
-                yield bytes(pending)
-                pending.clear()
-    if pending:
-        yield bytes(pending)
-
-
 def _media_type_from_json(data: bytes) -> str:
     try:
         value = json.loads(data).get("mediaType", "")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return ""
     return value if value in MANIFEST_MEDIA_TYPES else ""

@@ -8,6 +8,7 @@ whose blobs it lacks).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from obdconv.errors import FormatError
@@ -18,7 +19,7 @@ def _descriptors(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[st
     """(child manifests, blobs) a manifest or index refers to."""
     try:
         doc = json.loads(manifest.data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"manifest {manifest.digest} is not JSON: {e}") from None
     if manifest.media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
         return list(doc.get("manifests") or []), []
@@ -39,17 +40,34 @@ def copy_image(source: Repository, target: Repository, ref: str, target_tag: str
 
 
 def _copy_manifest(source: Repository, target: Repository, manifest: Manifest, mount: bool) -> None:
-    children, blobs = _descriptors(manifest)
+    """Copy what `manifest` refers to, children before parents. Iterative (nested indexes come from
+    the source registry; their depth is its choice), a stack of (index, children not yet copied)."""
     same_registry = mount and source.host and source.host == target.host
-    for blob in blobs:
-        digest, size = blob["digest"], int(blob["size"])
-        if target.head_blob(digest) is not None:
+    stack: list[tuple[Manifest, Iterator[dict[str, Any]]]] = []
+    current: Manifest | None = manifest
+    while True:
+        if current is not None:
+            children, blobs = _descriptors(current)
+            for blob in blobs:
+                _copy_blob(source, target, blob, bool(same_registry))
+            stack.append((current, iter(children)))
+            current = None
+        parent, pending = stack[-1]
+        child = next(pending, None)
+        if child is not None:
+            current = source.get_manifest(child["digest"])
             continue
-        if same_registry and target.mount_blob(digest, source.name):
-            continue
-        with source.open_blob(digest) as f:
-            target.push_blob(f, digest, size)
-    for child in children:
-        child_manifest = source.get_manifest(child["digest"])
-        _copy_manifest(source, target, child_manifest, mount)
-        target.put_manifest(child_manifest.data, child_manifest.media_type, child_manifest.digest)
+        stack.pop()
+        if not stack:
+            return  # the top manifest: the caller puts it with its tag
+        target.put_manifest(parent.data, parent.media_type, parent.digest)
+
+
+def _copy_blob(source: Repository, target: Repository, blob: dict[str, Any], same_registry: bool) -> None:
+    digest, size = blob["digest"], int(blob["size"])
+    if target.head_blob(digest) is not None:
+        return
+    if same_registry and target.mount_blob(digest, source.name):
+        return
+    with source.open_blob(digest) as f:
+        target.push_blob(f, digest, size)

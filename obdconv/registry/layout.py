@@ -3,6 +3,10 @@
 Tags are the `org.opencontainers.image.ref.name` annotations of index.json's descriptors; blobs live in
 blobs/sha256/<hex>. Every write is atomic (a temp file in the same directory, then rename), and index.json
 updates are serialised across processes with a lock file and replaced atomically.
+
+A blob being written is a `.upload-*` temp file its writer holds flock'ed until it is renamed into
+place or removed; the first write through a repository object removes the `.upload-*` files that
+an interrupted process left (unlocked and older than the object, obdconv/leftovers.py).
 """
 
 from __future__ import annotations
@@ -13,18 +17,21 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
-from obdconv.oci.digests import files_sha256, sha256_digest
+from obdconv.leftovers import hold, release, remove_leftovers
+from obdconv.oci.digests import ranges_sha256, sha256_digest
 from obdconv.registry.reference import check_digest, is_digest
 from obdconv.registry.repository import (
     MANIFEST_MEDIA_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
+    READ_CHUNK,
     Manifest,
     PendingBlob,
     Repository,
@@ -38,13 +45,14 @@ OCI_LAYOUT_FILE = "oci-layout"
 OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_FILE = "index.json"
 LOCK_FILE = ".obdconv-index.lock"
+UPLOAD_PREFIX = ".upload-"
 
 
 def _guess_media_type(data: bytes) -> str:
     """A manifest's type from its own JSON: `mediaType` if set, else by shape (OCI allows omitting it)."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     if not isinstance(doc, dict):
         return ""
@@ -63,6 +71,8 @@ class OCILayoutRepository(Repository):
         self.root = Path(path)
         self.host = ""
         self.name = str(path)
+        self._opened = time.time()
+        self._swept = False
 
     def __repr__(self) -> str:
         return f"OCILayoutRepository({self.name})"
@@ -78,6 +88,9 @@ class OCILayoutRepository(Repository):
 
     def _ensure_layout(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        if not self._swept:  # once per object: partial blobs of interrupted writers
+            self._swept = True
+            remove_leftovers(self.root / "blobs" / "sha256", [UPLOAD_PREFIX], self._opened)
         layout_file = self.root / OCI_LAYOUT_FILE
         if not layout_file.exists():
             _atomic_write(layout_file, OCI_LAYOUT_CONTENT)
@@ -92,7 +105,7 @@ class OCILayoutRepository(Repository):
             if not self.root.is_dir():
                 raise NotFoundError(f"OCI layout directory {self.root} does not exist") from None
             return {"schemaVersion": 2, "manifests": []}
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise FormatError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
             raise FormatError(f"{path} is not an OCI image index")
@@ -131,6 +144,9 @@ class OCILayoutRepository(Repository):
         actual = sha256_digest(data)
         if actual != digest:
             raise IntegrityError(f"manifest {self._where(ref)}: content has digest {actual}, expected {digest}")
+        if descriptor is not None and "size" in descriptor and descriptor["size"] != len(data):
+            raise BadInputError(f"manifest {self._where(ref)}: index.json's descriptor says {descriptor['size']} "
+                                f"bytes, the blob has {len(data)}")
         media_type = (descriptor or {}).get("mediaType") or _guess_media_type(data)
         if media_type not in MANIFEST_MEDIA_TYPES:
             raise BadInputError(f"manifest {self._where(ref)} has unknown media type {media_type!r}")
@@ -148,6 +164,7 @@ class OCILayoutRepository(Repository):
         if ref and is_digest(ref) and ref != digest:
             raise IntegrityError(f"manifest for {self._where(ref)}: bytes have digest {digest}")
         self._ensure_layout()
+        self._check_referenced(data, ref or digest)
         self._store(iter([bytes(data)]), digest, len(data))
         descriptor: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": len(data)}
         with self._index_update() as index:
@@ -161,6 +178,23 @@ class OCILayoutRepository(Repository):
             elif not any(d.get("digest") == digest for d in manifests):
                 manifests.append(descriptor)
         return digest
+
+    def _check_referenced(self, data: bytes, ref: str) -> None:
+        """Like a registry (MANIFEST_BLOB_UNKNOWN), refuse a manifest whose config, layers or child
+        manifests are not in the layout: e.g. written by another machine into ITS directory of the
+        same path. (A `subject` may live elsewhere, as in a registry.)"""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return  # not JSON: nothing it refers to
+        if not isinstance(doc, dict):
+            return
+        referenced = [doc.get("config"), *(doc.get("layers") or []), *(doc.get("manifests") or [])]
+        for d in referenced:
+            if isinstance(d, dict) and isinstance(d.get("digest"), str) and is_digest(d["digest"]):
+                if not self._blob_path(d["digest"]).exists():
+                    raise NotFoundError(f"manifest for {self._where(ref)} refers to blob {d['digest']}, which is not in "
+                                        f"the layout {self.root} (a registry would refuse it too)")
 
     def list_tags(self) -> list[str]:
         names = {(d.get("annotations") or {}).get(REF_NAME_ANNOTATION) for d in self._read_index()["manifests"]}
@@ -207,38 +241,27 @@ class OCILayoutRepository(Repository):
     def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:
         """The bytes go to a hidden temp file beside the blobs; commit renames it into place."""
         self._ensure_layout()
-        tmp_name, digest, written = self._write_temp(chunks, None, size)
+        return self._pending(*self._write_temp(chunks, None, size))
 
+    def begin_upload_ranges(self, ranges: Sequence[Sequence[Any]], size: int) -> PendingBlob:
+        """The ranges are copied into the temp file by the kernel (copy_file_range: no bytes through
+        Python, about half the CPU of reading and writing them) while a thread hashes them."""
+        self._ensure_layout()
+        return self._pending(*self._copy_temp(ranges, size))
+
+    def _pending(self, tmp_name: str, digest: str, written: int, lock: int) -> PendingBlob:
         def commit() -> None:
-            self._install(tmp_name, digest)
+            try:
+                self._install(tmp_name, digest)
+            finally:
+                release(lock)
 
         def cancel() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
+            release(lock)
 
         return PendingBlob(digest, written, commit, cancel)
-
-    def begin_upload_files(self, paths: Sequence[str | os.PathLike[str]], size: int) -> PendingBlob:
-        """The files are copied into the temp file by the kernel (copy_file_range: no bytes through
-        Python, about half the CPU of reading and writing them) while a thread hashes them."""
-        self._ensure_layout()
-        directory = self.root / "blobs" / "sha256"
-        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=directory)
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
-                hashed = hasher.submit(files_sha256, paths)
-                with os.fdopen(fd, "wb", buffering=0) as out:
-                    written = sum(_copy_into(out, path) for path in paths)
-                    os.fsync(out.fileno())
-                digest, hashed_size = hashed.result()
-            if written != size or hashed_size != size:
-                raise IntegrityError(f"blob for {self.name}: {written} bytes, expected {size}")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        return PendingBlob(digest, size, lambda: self._install(tmp_name, digest),
-                           lambda: _unlink_quietly(tmp_name))
 
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
         if self.head_blob(digest) is not None:
@@ -259,19 +282,25 @@ class OCILayoutRepository(Repository):
     def _store(self, chunks: Iterable[bytes], expected_digest: str | None = None,
                expected_size: int | None = None) -> tuple[str, int]:
         """Write to a temp file beside the blobs, hashing; rename into place once verified."""
-        tmp_name, digest, size = self._write_temp(chunks, expected_digest, expected_size)
-        self._install(tmp_name, digest)
+        tmp_name, digest, size, lock = self._write_temp(chunks, expected_digest, expected_size)
+        try:
+            self._install(tmp_name, digest)
+        finally:
+            release(lock)
         return digest, size
 
     def _write_temp(self, chunks: Iterable[bytes], expected_digest: str | None,
-                    expected_size: int | None) -> tuple[str, str, int]:
-        """(temp file, digest, size) of `chunks` written beside the blobs and checked; the temp file
-        is removed again if anything fails."""
+                    expected_size: int | None) -> tuple[str, str, int, int]:
+        """(temp file, digest, size, lock) of `chunks` written beside the blobs and checked; the temp
+        file is removed again if anything fails. `lock` holds the temp file's flock (marking it as
+        in use, not left over) until released."""
         directory = self.root / "blobs" / "sha256"
         hasher = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+        lock: int | None = None
         try:
+            lock = hold(tmp_name)
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
                     hasher.update(chunk)
@@ -288,8 +317,31 @@ class OCILayoutRepository(Repository):
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
+            release(lock)
             raise
-        return tmp_name, digest, size
+        return tmp_name, digest, size, lock
+
+    def _copy_temp(self, ranges: Sequence[Sequence[Any]], size: int) -> tuple[str, str, int, int]:
+        """`_write_temp` of byte ranges of files, copied in the kernel and hashed by a helper thread."""
+        directory = self.root / "blobs" / "sha256"
+        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+        lock: int | None = None
+        try:
+            lock = hold(tmp_name)
+            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
+                hashed = hasher.submit(ranges_sha256, ranges)
+                with os.fdopen(fd, "wb", buffering=0) as out:
+                    written = sum(_copy_range(out, path, offset, length) for path, offset, length in ranges)
+                    os.fsync(out.fileno())
+                digest, hashed_size = hashed.result()
+            if written != size or hashed_size != size:
+                raise IntegrityError(f"blob for {self.name}: {written} bytes, expected {size}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            release(lock)
+            raise
+        return tmp_name, digest, size, lock
 
     def _install(self, tmp_name: str, digest: str) -> None:
         try:
@@ -301,28 +353,23 @@ class OCILayoutRepository(Repository):
             raise
 
 
-def _copy_into(out: BinaryIO, path: str | os.PathLike[str]) -> int:
-    """Append file `path` to `out` (an unbuffered file); returns the bytes copied."""
+def _copy_range(out: BinaryIO, path: str | os.PathLike[str], offset: int, length: int) -> int:
+    """Append `length` bytes of file `path` from `offset` to `out` (an unbuffered file); returns
+    the bytes copied (fewer if the file is shorter: the caller's size check reports it)."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        left = size
+        left = length
         try:
             while left:
-                n = os.copy_file_range(f.fileno(), out.fileno(), left)
+                n = os.copy_file_range(f.fileno(), out.fileno(), left, offset + length - left)
                 if n == 0:
-                    break  # the file shrank: the size check reports it
+                    break
                 left -= n
         except OSError:  # no copy_file_range between these files (old kernel, other filesystem)
-            f.seek(size - left)
-            for chunk in iter_file_chunks(f):  # type: ignore[arg-type]
+            f.seek(offset + length - left)
+            while left and (chunk := f.read(min(left, READ_CHUNK))):
                 out.write(chunk)
                 left -= len(chunk)
-    return size - left
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    return length - left
 
 
 def _dump_index(index: dict[str, Any]) -> bytes:

@@ -43,7 +43,12 @@ class RegistryOptions:
     # Docker config.json consulted when no username is given; None = $DOCKER_CONFIG/config.json or
     # ~/.docker/config.json, "" = none at all.
     docker_config: str | None = None
-    retry_budget: float = 3.0  # seconds spent retrying transient failures of one request
+    # Seconds spent retrying transient failures (connection refused or reset, timeout, 5xx, 429) of
+    # one request, counted from its first failure; a Retry-After longer than what is left fails at once.
+    retry_budget: float = 3.0
+    # A blob body broken mid-transfer: a download is resumed from the byte reached, an upload sent
+    # again in a new session, at most this many times per blob.
+    resume_attempts: int = 3
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     upload_chunk_size: int = 8 << 20  # largest piece of an upload held in memory (and per PATCH in "chunks")
@@ -52,8 +57,8 @@ class RegistryOptions:
     def __post_init__(self) -> None:
         if self.upload_mode not in ("stream", "chunks"):
             raise UsageError(f"upload mode {self.upload_mode!r}: expected 'stream' or 'chunks'")
-        if self.upload_chunk_size <= 0 or self.retry_budget < 0:
-            raise UsageError("upload chunk size must be > 0 and the retry budget >= 0")
+        if self.upload_chunk_size <= 0 or self.retry_budget < 0 or self.resume_attempts < 0:
+            raise UsageError("upload chunk size must be > 0, the retry budget and resume attempts >= 0")
 
     @classmethod
     def from_flags(cls, username_flag: str = "", **kwargs: object) -> RegistryOptions:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from functools import partial
+from typing import Any, BinaryIO, Protocol
 
-from obdconv.errors import IntegrityError
+from obdconv.errors import BadInputError, IntegrityError
 from obdconv.registry.reference import check_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -119,10 +119,40 @@ def iter_file_chunks(f: BinaryIO, chunk_size: int = READ_CHUNK) -> Iterator[byte
         yield chunk
 
 
-def iter_files_chunks(paths: Sequence[str | os.PathLike[str]], chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
-    for path in paths:
-        with open(path, "rb") as f:
-            yield from iter_file_chunks(f, chunk_size)
+class ChunkSource:
+    """Blob bytes that can be read more than once: each iteration calls `open()` afresh. An upload
+    given one (or a list) can start over when the network breaks it; an iterator cannot."""
+
+    def __init__(self, open: Callable[[], Iterable[bytes]]) -> None:
+        self._open = open
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._open())
+
+
+def iter_ranges_chunks(ranges: Iterable[Sequence[Any]], chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of `[path, offset, length]` ranges of files, in order, each file opened once per run
+    of ranges in it."""
+    f: BinaryIO | None = None
+    current: Any = None
+    try:
+        for path, offset, length in ranges:
+            if f is None or path != current:
+                if f is not None:
+                    f.close()
+                f = open(path, "rb")  # closed below
+                current = path
+            f.seek(offset)
+            left = length
+            while left > 0:
+                chunk = f.read(min(left, chunk_size))
+                if not chunk:
+                    raise BadInputError(f"{path}: ends before byte {offset + length} (prepared data truncated?)")
+                left -= len(chunk)
+                yield chunk
+    finally:
+        if f is not None:
+            f.close()
 
 
 class PendingBlob:
@@ -175,7 +205,9 @@ class Repository(ABC):
     def upload_blob(self, chunks: Iterable[bytes], size: int | None = None) -> tuple[str, int]:
         """Store a blob whose digest is not known up front; returns (digest, size). `size`, when the
         caller knows it, is checked (IntegrityError if the chunks add up to anything else) and lets a
-        registry upload send it as Content-Length instead of a chunk-framed body."""
+        registry upload send it as Content-Length instead of a chunk-framed body. `chunks` that can be
+        iterated again (a list, a `ChunkSource`; not an iterator) are sent again if the network breaks
+        the upload."""
 
     @abstractmethod
     def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:
@@ -183,11 +215,12 @@ class Repository(ABC):
         yet: nothing is visible in the repository until `commit()`. Lets a caller do the heavy part
         of an upload before it knows whether the blob should exist at all."""
 
-    def begin_upload_files(self, paths: Sequence[str | os.PathLike[str]], size: int) -> PendingBlob:
-        """`begin_upload` of the files `paths` one after the other (`size` bytes together): a
-        registry sends their chunks; an OCI layout copies them in the kernel (no bytes through
-        Python) and hashes them beside the copy."""
-        return self.begin_upload(iter_files_chunks(paths), size=size)
+    def begin_upload_ranges(self, ranges: Sequence[Sequence[Any]], size: int) -> PendingBlob:
+        """`begin_upload` of the `[path, offset, length]` ranges of files one after the other
+        (`size` bytes together): a registry sends their chunks (again, if the network breaks the
+        upload); an OCI layout copies them in the kernel (no bytes through Python) and hashes them
+        beside the copy."""
+        return self.begin_upload(ChunkSource(partial(iter_ranges_chunks, ranges)), size=size)
 
     @abstractmethod
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:

@@ -161,3 +161,18 @@ def test_database_clock_decides_expiry(store: DedupStore, backend: Backend) -> N
     past = "2000-01-01 00:00:00.000"
     backend.sql("update obdconv_claims set expires_at = ? where owner = ?", (past, "a"))
     assert store.claim(KEY, "b", ttl=30)
+
+
+def test_heartbeat_many_extends_only_our_live_claims_in_one_statement(store: DedupStore) -> None:
+    keys = [layer_claim_key("registry.test:5000", f"sha256:{c * 64}", REFERENCE_PROFILE) for c in "bcde"]
+    for key in keys[:3]:
+        assert store.claim(key, "me", ttl=1)
+    assert store.claim(keys[3], "someone-else", ttl=30)
+    assert store.heartbeat_many(keys, "me", ttl=60) == 3  # the fourth is not ours
+    for key in keys[:3]:
+        holder = store.holder(key)
+        assert holder is not None and holder.owner == "me" and holder.seconds_left > 50
+    assert store.holder(keys[3]).owner == "someone-else"  # type: ignore[union-attr]
+    store.release(keys[0], "me")
+    assert store.heartbeat_many(keys, "me", ttl=60) == 2
+    assert store.heartbeat_many([], "me", ttl=60) == 0

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,19 +50,21 @@ class Fleet:
     workers: dict[str, ManagedProcess] = field(default_factory=dict)
     flower: FlowerServer | None = None
 
-    def worker_process(self, name: str) -> ManagedProcess:
+    def worker_process(self, name: str, concurrency: int = 2,
+                       extra_env: dict[str, str] | None = None) -> ManagedProcess:
         nodename = f"{name}@fleettest"
         client = self.redis.client(0)
         client.delete(alive_key(nodename))
         return ManagedProcess(
-            name, [sys.executable, "-m", "obdconv", "worker", "--hostname", nodename, "--concurrency", "2",
-                   "--loglevel", "INFO"],
+            name, [sys.executable, "-m", "obdconv", "worker", "--hostname", nodename, "--concurrency",
+                   str(concurrency), "--loglevel", "INFO"],
             self.workdir / "logs", ready=lambda: bool(client.exists(alive_key(nodename))),
-            env={**self.env, "PYTHONPATH": str(ROOT)}, timeout=60,
+            env={**self.env, **(extra_env or {}), "PYTHONPATH": str(ROOT)}, timeout=60,
         )
 
-    def start_worker(self, name: str) -> ManagedProcess:
-        proc = self.worker_process(name).start()
+    def start_worker(self, name: str, concurrency: int = 2,
+                     extra_env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = self.worker_process(name, concurrency, extra_env).start()
         self.workers[name] = proc
         return proc
 
@@ -126,17 +128,20 @@ def fleet_env(workdir: Path, redis: RedisServer, credentials: Path, **overrides:
 
 @contextlib.contextmanager
 def running_fleet(workdir: Path, credentials: dict[str, dict[str, str]], *, flower: bool = True,
-                  **env_overrides: str) -> Iterator[Fleet]:
-    """Redis + two workers (w1, w2) (+ Flower), stopped at the end even on failure."""
-    redis = RedisServer(workdir / "redis").start()
+                  workers: Sequence[str] = ("w1", "w2"), redis: RedisServer | None = None,
+                  worker_env: dict[str, dict[str, str]] | None = None, **env_overrides: str) -> Iterator[Fleet]:
+    """Redis (unless the caller owns one) + `workers` (+ Flower), stopped at the end even on failure.
+    `worker_env`: settings of one worker only, by name (e.g. each its own metrics port)."""
+    own_redis = redis is None
+    redis = redis or RedisServer(workdir / "redis").start()
     credentials_file = workdir / "credentials.json"
     credentials_file.write_text(json.dumps(credentials))
     os.chmod(credentials_file, 0o600)
     env = fleet_env(workdir, redis, credentials_file, **env_overrides)
     fleet = Fleet(workdir, redis, env, create_app(load_settings(env=env)))
     try:
-        fleet.start_worker("w1")
-        fleet.start_worker("w2")
+        for name in workers:
+            fleet.start_worker(name, extra_env=(worker_env or {}).get(name))
         if flower:
             fleet.flower = FlowerServer(workdir / "logs", env).start()
         yield fleet
@@ -145,7 +150,8 @@ def running_fleet(workdir: Path, credentials: dict[str, dict[str, str]], *, flow
             fleet.flower.stop()
         for proc in fleet.workers.values():
             proc.stop(timeout=15)
-        redis.stop()
+        if own_redis:
+            redis.stop()
 
 
 @pytest.fixture(scope="module")

@@ -29,3 +29,52 @@ def test_fleet_command_converts_and_verifies_then_stops(tmp_path: Path) -> None:
     redis_port = int(re.search(r"OBDCONV_BROKER_URL=redis://127\.0\.0\.1:(\d+)/0", result.stdout)[1])  # type: ignore[index]
     flower_port = int(re.search(r"flower: http://[^@]+@127\.0\.0\.1:(\d+)/", result.stdout)[1])  # type: ignore[index]
     assert not port_open(redis_port) and not port_open(flower_port)
+
+
+@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.timeout(240)
+def test_fleet_keep_running_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM (systemd, docker stop) to `obdconv fleet --keep-running`: Redis, the worker and Flower
+    are stopped before it exits with 143."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "obdconv", "fleet", "--workers", "1", "--layers", "1",
+                             "--dir", str(tmp_path), "--keep-running"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while not lines or lines[-1] != "fleet running; Ctrl-C stops it\n":
+            line = proc.stdout.readline()
+            assert line, "".join(lines) + (proc.stderr.read() if proc.stderr else "")
+            lines.append(line)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 4, children  # redis, worker (+ its pool), flower
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                                              for c in children if psutil.pid_exists(c.pid)):
+        time.sleep(0.1)
+    text = "".join(lines)
+    redis_port = int(re.search(r"OBDCONV_BROKER_URL=redis://127\.0\.0\.1:(\d+)/0", text)[1])  # type: ignore[index]
+    flower_port = int(re.search(r"flower: http://[^@]+@127\.0\.0\.1:(\d+)/", text)[1])  # type: ignore[index]
+    assert not port_open(redis_port) and not port_open(flower_port)
+    left = []
+    for c in children:
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE:
+                left.append(c)
+        except psutil.NoSuchProcess:
+            pass
+    assert left == []

@@ -21,13 +21,11 @@ import pytest
 
 from obdconv.dedup.claims import manifest_claim_key
 from obdconv.dedup.store import manifest_profile_key, open_store
-from obdconv.errors import UnsupportedError
 from obdconv.pipeline.annotations import manifest_media_type
 from obdconv.request import ConversionRequest, RegistryAccess
 from tests.fleet.conftest import ROOT, Fleet, push_layout, running_fleet, wait_until
 from tests.services.mariadb import MariaDB, mariadb  # noqa: F401  (session fixture)
 from tests.services.registry import RegistryService
-from workers.queues import CONTROL, TASK_CONVERT
 from workers.sample_image import build_sample_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.services, pytest.mark.timeout(300)]
@@ -205,16 +203,14 @@ def test_worker_killed_while_its_request_holds_claims(
         dfleet.start_worker("w2")
 
 
-def test_mkfs_false_is_unsupported(dfleet: Fleet, registry: RegistryService) -> None:
-    request = request_for(registry, "fleetd/held", "obd-nomkfs", mkfs=False)
-    with pytest.raises(UnsupportedError, match="mkfs"):
-        dfleet.submit(request)
-    # Another service sending the task directly (no client-side check) gets the same error class.
-    dfleet.app.send_task(TASK_CONVERT, kwargs={"job": {"request_id": "nomkfs-1", "request": request.to_dict()}},
-                         task_id="nomkfs-1", queue=CONTROL)
-    final = wait_until(lambda: (s := dfleet.status("nomkfs-1"))["state"] == "FAILURE" and s, 30, "the failure")
-    assert final["error"]["class"] == "UnsupportedError", final
-    assert "mkfs" in final["error"]["message"]
+def test_mkfs_false_needs_the_base_layer_on_the_workers(dfleet: Fleet, registry: RegistryService) -> None:
+    missing = "/nonexistent/obdconv-test/ext4_64"
+    request = request_for(registry, "fleetd/held", "obd-nomkfs", mkfs=False, base_layer=missing)
+    request_id = dfleet.submit(request)  # the client does not read the file: the workers do
+    final = dfleet.wait(request_id)
+    assert final["state"] == "FAILURE", final
+    assert final["error"]["class"] == "NotFoundError", final
+    assert f"base layer {missing}: no such file" in final["error"]["message"]
 
 
 def test_dump_manifest_returns_the_manifest(dfleet: Fleet, registry: RegistryService,

@@ -17,7 +17,15 @@ from obdconv.status import (
 )
 from tasks.canvas import lanes
 from tests.services.redis import RedisServer
-from workers.lease import UNACKED_INDEX_KEY, alive_key, is_worker_alive, renew_leases, rescue_orphaned_queues
+from workers.lease import (
+    RESCUE_LOCK_KEY,
+    UNACKED_INDEX_KEY,
+    LeaseKeeper,
+    alive_key,
+    is_worker_alive,
+    renew_leases,
+    rescue_orphaned_queues,
+)
 
 pytestmark = pytest.mark.services
 
@@ -48,6 +56,20 @@ def test_rescue_moves_only_dead_workers_queues(client) -> None:  # type: ignore[
     assert client.lrange("worker.live@h", 0, -1) == [b"m-live"]
     # FIFO kept: m1 was pushed first, so it is consumed (popped from the right) first.
     assert client.lrange("assemble", 0, -1) == [b"m2", b"m1"]
+
+
+def test_one_worker_per_period_scans_for_orphans(redis_server: RedisServer, client) -> None:  # type: ignore[no-untyped-def]
+    """The rescue scan visits the whole keyspace: N workers scanning it every period would cost
+    Redis O(N^2). Every keeper ticks (liveness, leases), one of them scans."""
+    client.lpush("worker.dead@h", "m1")
+    keepers = [LeaseKeeper(redis_server.url(9), f"w{i}@h", 30, list) for i in range(5)]
+    scans_before = client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+    for keeper in keepers:
+        keeper.tick()
+    assert client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) - scans_before == 1
+    assert client.lrange("assemble", 0, -1) == [b"m1"]
+    assert all(is_worker_alive(client, f"w{i}@h") for i in range(5))
+    assert 0 < client.pttl(RESCUE_LOCK_KEY) <= 10_000  # the next period, someone scans again
 
 
 def test_status_record_lifecycle(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import zlib
 
 import pytest
 
-from obdconv.errors import FormatError
+from obdconv.errors import FormatError, UnsupportedError
 from obdconv.formats import gzindex
 from obdconv.formats.crc import raw_crc32c
-from obdconv.formats.gzindex import GzipIndex, GzipIndexBuilder, GzipRandomReader
+from obdconv.formats.gzindex import GzipIndex, GzipIndexBuilder, GzipRandomReader, MultiMemberGzip
 
 
 def _payload(seed: int, size: int) -> bytes:
@@ -79,15 +79,39 @@ def test_pigz_blob() -> None:
     _check_random_reads(blob, meta, DATA)
 
 
-def test_multi_member() -> None:
+def test_multi_member_with_data_is_refused() -> None:
+    """Later members the runtime's reader cannot reach (it stops at the first member's end):
+    refused as soon as one of them inflates to a byte (docs/ARCHITECTURE.md, Decisions)."""
     cut = 2_000_000
     blob = gzip.compress(DATA[:cut]) + gzip.compress(DATA[cut:4_000_000]) + gzip.compress(DATA[4_000_000:])
-    out, meta = _build(blob, 50_000)
-    assert out == DATA  # feed inflates every member
-    idx = GzipIndex.parse(meta)
-    assert idx.header.uncompress_file_size == cut  # only the first member is indexed
-    assert all(e.de_pos < cut for e in idx.entries)
-    _check_random_reads(blob, meta, DATA, n=20)  # reads continue across members
+    with pytest.raises(MultiMemberGzip, match=f"uncompressed byte {cut}") as info:
+        _build(blob, 50_000)
+    assert isinstance(info.value, UnsupportedError) and info.value.first_member_size == cut
+    # Fed in one piece, the first member's end and the next member's data arrive together.
+    with pytest.raises(MultiMemberGzip):
+        _build(blob, len(blob))
+
+
+def test_empty_later_members_and_zero_padding_are_accepted() -> None:
+    blob = gzip.compress(DATA[:1_000_000]) + gzip.compress(b"") + gzip.compress(b"") + bytes(700)
+    out, meta = _build(blob, 30_000)
+    assert out == DATA[:1_000_000]
+    assert GzipIndex.parse(meta).header.uncompress_file_size == 1_000_000
+    _check_random_reads(blob, meta, DATA[:1_000_000], n=10)
+
+
+def test_reader_continues_across_members_of_an_index_made_elsewhere() -> None:
+    """`GzipRandomReader` still reads past the first member of a foreign index (verify uses it to
+    read what other tools made), though our builder refuses such blobs."""
+    cut = 2_000_000
+    first = gzip.compress(DATA[:cut])
+    blob = first + gzip.compress(DATA[cut:3_000_000])
+    b = GzipIndexBuilder(1 << 20)
+    for i in range(0, len(first), 50_000):
+        b.feed(first[i : i + 50_000])
+    meta = b.finish(len(blob))
+    assert GzipIndex.parse(meta).header.uncompress_file_size == cut
+    _check_random_reads(blob, meta, DATA[:3_000_000], n=20)
 
 
 def test_header_crc_and_layout() -> None:
@@ -139,7 +163,7 @@ def test_zlib_ng_and_system_zlib_give_the_same_index_and_reads() -> None:
     system = gzindex.system_zlib()
     pigz = shutil.which("pigz")
     blobs = [gzip.compress(DATA, 6), gzip.compress(DATA[:3_000_000], 1), zlib.compress(DATA[:1_000_000], 9),
-             gzip.compress(DATA[:2_000_000]) + gzip.compress(DATA[2_000_000:2_500_000])]
+             gzip.compress(DATA[:2_000_000]) + gzip.compress(b"")]  # an empty later member is accepted
     if pigz:
         blobs.append(subprocess.run([pigz, "-c", "-9"], input=DATA, capture_output=True, check=True).stdout)
     for blob in blobs:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import random
 import tarfile
-from pathlib import Path
 
 from obdconv.entries import LayerEntry
 from obdconv.oci.tarscan import TarScanner
+from tests.conftest import FIXTURES as SHARED_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "oci"
+FIXTURES = SHARED_FIXTURES / "oci"
 EDGE3_BLOBS = FIXTURES / "edge3" / "blobs" / "sha256"
 EDGE3_SOURCE_LAYERS = [
     EDGE3_BLOBS / "9fa897e38b959b05ce153dc69e1d8afa2c95b30d335412ab04ebcd2c01372163",

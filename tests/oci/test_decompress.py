@@ -13,6 +13,7 @@ import zstandard
 
 from obdconv.errors import FormatError
 from obdconv.oci.decompress import Decompressor, decompress_stream, sniff
+from tests.conftest import requires_shared
 from tests.oci.helpers import EDGE3_SOURCE_LAYERS
 
 PAYLOAD_A = os.urandom(200_000) + bytes(300_000)
@@ -97,6 +98,7 @@ def test_garbage_after_gzip() -> None:
         _feed_all("gzip", gzip.compress(b"abc") + b"\x00\x00garbage")
 
 
+@requires_shared
 def test_decompress_stream_sniffs_fixture() -> None:
     blob = EDGE3_SOURCE_LAYERS[0].read_bytes()
     # the first chunks are smaller than the sniff size

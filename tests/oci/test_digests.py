@@ -13,6 +13,7 @@ import pytest
 from obdconv.errors import BadInputError
 from obdconv.oci.digests import chain_id_to_uuid, chain_ids, parse_digest, sha256_digest, validate_sha256
 from obdconv.oci.tarscan import scan_tar
+from tests.conftest import requires_shared
 from tests.oci.helpers import EDGE3_OVERLAYBD_LAYERS, EDGE3_SOURCE_CONFIG, FIXTURES
 
 HELLO_BLOBS = FIXTURES / "hello-world" / "blobs" / "sha256"
@@ -32,6 +33,7 @@ def _lsmt_uuids(layer_blob: Path) -> tuple[str, str]:
     return header[56:92].decode(), header[93:129].decode()
 
 
+@requires_shared
 def test_chain_ids_and_uuids_match_reference_layers() -> None:
     diff_ids = json.loads(EDGE3_SOURCE_CONFIG.read_bytes())["rootfs"]["diff_ids"]
     ids = chain_ids(diff_ids)
@@ -51,6 +53,7 @@ def test_chain_id_formula() -> None:
     assert chain_ids([]) == []
 
 
+@requires_shared
 def test_uuid_example_from_spec_and_hello_world() -> None:
     diff_id = "sha256:01bb4fce3eb1b56b05adf99504dafd31907a5aadac736e36b27595c8b92f07f1"
     assert chain_id_to_uuid(diff_id) == "01bb4fce-3eb1-b56b-05ad-f99504dafd31"

@@ -26,6 +26,7 @@ from obdconv.oci.manifest import (
     validate_index,
     validate_manifest,
 )
+from tests.conftest import requires_shared
 from tests.oci.helpers import EDGE3_BLOBS, EDGE3_SOURCE_CONFIG, FIXTURES
 
 HELLO = FIXTURES / "hello-world" / "blobs" / "sha256"
@@ -38,6 +39,7 @@ EDGE3_OVERLAYBD_MANIFEST = EDGE3_BLOBS / "87f14781f8d67a17d4ff0871e503934f027b7e
 EDGE3_OVERLAYBD_CONFIG = EDGE3_BLOBS / "fc4eb689ded42a226552b05b51f38f4504bef68c8daed73a548769336635599d"
 
 
+@requires_shared
 def test_docker_config_reencoded_like_reference() -> None:
     """Docker-only keys dropped, struct order, Go bytes: equals the reference's converted config."""
     converted = HELLO_CONVERTED_CONFIG.read_bytes()
@@ -46,6 +48,7 @@ def test_docker_config_reencoded_like_reference() -> None:
     assert got == converted
 
 
+@requires_shared
 def test_umoci_config_reencoded_like_reference() -> None:
     converted = EDGE3_OVERLAYBD_CONFIG.read_bytes()
     source = parse_json(EDGE3_SOURCE_CONFIG.read_bytes())
@@ -53,6 +56,7 @@ def test_umoci_config_reencoded_like_reference() -> None:
     assert got == converted
 
 
+@requires_shared
 def test_converted_manifests_roundtrip_byte_exact() -> None:
     for blob in (HELLO_CONVERTED_MANIFEST, EDGE3_OVERLAYBD_MANIFEST):
         raw = blob.read_bytes()
@@ -60,6 +64,7 @@ def test_converted_manifests_roundtrip_byte_exact() -> None:
         assert go_json(go_manifest(parse_json(raw))) == raw
 
 
+@requires_shared
 def test_manifest_built_from_descriptors_matches_reference() -> None:
     raw = EDGE3_OVERLAYBD_MANIFEST.read_bytes()
     ref = json.loads(raw)
@@ -117,6 +122,7 @@ def test_config_rules() -> None:
         go_image_config({"config": {"Env": "not-a-list"}})
 
 
+@requires_shared
 def test_kinds_and_detection() -> None:
     assert kind_of(mt.OCI_MANIFEST) == kind_of(mt.DOCKER_MANIFEST) == "manifest"
     assert kind_of(mt.OCI_INDEX) == kind_of(mt.DOCKER_MANIFEST_LIST) == "index"
@@ -125,6 +131,7 @@ def test_kinds_and_detection() -> None:
     assert detect_media_type(parse_json(HELLO_AMD64.read_bytes())) == mt.DOCKER_MANIFEST
 
 
+@requires_shared
 def test_platform_matching_on_docker_list() -> None:
     index = parse_json(HELLO_DOCKER_LIST.read_bytes())
     validate_index(index)
@@ -156,6 +163,7 @@ def test_attestation_detection() -> None:
     assert not is_attestation({})
 
 
+@requires_shared
 def test_validation_names_problem() -> None:
     good = parse_json(HELLO_AMD64.read_bytes())
     validate_manifest(good)
@@ -173,6 +181,7 @@ def test_validation_names_problem() -> None:
         parse_json(b"[]")
 
 
+@requires_shared
 def test_config_diff_ids_length_checked() -> None:
     config = parse_json(HELLO_SOURCE_CONFIG.read_bytes())
     assert config_diff_ids(config, 1) == config["rootfs"]["diff_ids"]
@@ -180,6 +189,7 @@ def test_config_diff_ids_length_checked() -> None:
         config_diff_ids(config, 2)
 
 
+@requires_shared
 def test_index_reencoding_drops_unknown_and_keeps_platform() -> None:
     index = parse_json(HELLO_DOCKER_LIST.read_bytes())
     out = go_index(index)

@@ -12,6 +12,7 @@ import pytest
 
 from obdconv.entries import EntryType, LayerEntry
 from obdconv.oci.tarscan import TarScanner, clean_path, scan_tar
+from tests.conftest import requires_shared
 from tests.oci.helpers import (
     EDGE3_OVERLAYBD_LAYERS,
     EDGE3_SOURCE_LAYERS,
@@ -308,6 +309,7 @@ def test_pop_entries_streams() -> None:
     assert seen == [f"f{i}" for i in range(5)]
 
 
+@requires_shared
 def test_edge3_fixture_layers_match_tarfile() -> None:
     for layer in EDGE3_SOURCE_LAYERS:
         raw = gzip.decompress(layer.read_bytes())
@@ -323,6 +325,7 @@ def test_edge3_fixture_layers_match_tarfile() -> None:
         assert len(files) == len([m for n, m in regular.items() if not n.rpartition("/")[2].startswith(".wh.")])
 
 
+@requires_shared
 def test_edge3_fixture_details() -> None:
     by_layer = [{e.path: e for e in scan_tar(gzip.open(p)).entries} for p in EDGE3_SOURCE_LAYERS]
     first, second, third = by_layer
@@ -338,6 +341,7 @@ def test_edge3_fixture_details() -> None:
     assert any(len(p.rpartition("/")[2]) > 100 for p in third)
 
 
+@requires_shared
 def test_tar_wrapper_of_reference_layer() -> None:
     """The reference's overlaybd layer blob is itself a PAX tar (spec overlaybd-format §2.6)."""
     blob = EDGE3_OVERLAYBD_LAYERS[0].read_bytes()
@@ -349,6 +353,7 @@ def test_tar_wrapper_of_reference_layer() -> None:
     assert entry.size == int(blob[512:1024].split(b"size=")[1].split(b"\n")[0])
 
 
+@requires_shared
 def test_hello_world_platform_layers() -> None:
     """Every gzip layer of the multi-platform fixture: same regular files and offsets as tarfile."""
     blobs = FIXTURES / "hello-world" / "blobs" / "sha256"

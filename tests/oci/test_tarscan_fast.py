@@ -19,6 +19,7 @@ import pytest
 from obdconv.errors import BadInputError
 from obdconv.oci import tarscan
 from obdconv.oci.tarscan import TarScanner
+from tests.conftest import requires_shared
 from tests.oci.helpers import (
     EDGE3_SOURCE_LAYERS,
     END,
@@ -167,6 +168,7 @@ def test_tarfile_archives(fmt: int) -> None:
     assert reference[0] == "ok"
 
 
+@requires_shared
 def test_fixture_layers() -> None:
     layers = [*EDGE3_SOURCE_LAYERS]
     blobs = FIXTURES / "hello-world" / "blobs" / "sha256"

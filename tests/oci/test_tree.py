@@ -15,6 +15,7 @@ import zstandard
 from obdconv.errors import BadInputError, UnsafePathError, UnsupportedError
 from obdconv.oci.tree import tree_from_directory, tree_from_tar_layers
 from obdconv.tree import diff_trees
+from tests.conftest import requires_shared
 from tests.oci.helpers import EDGE3_SOURCE_LAYERS, FIXTURES, info, make_tar
 
 
@@ -33,6 +34,7 @@ def _layers(tmp_path: Path, *layers: list[tuple[tarfile.TarInfo, bytes | None]],
     return paths
 
 
+@requires_shared
 def test_edge3_source_tree_facts() -> None:
     """What the fixture README says the three layers do."""
     tree = tree_from_tar_layers(EDGE3_SOURCE_LAYERS)
@@ -55,6 +57,7 @@ def test_edge3_source_tree_facts() -> None:
     assert "." not in tree and "" not in tree
 
 
+@requires_shared
 @pytest.mark.skipif(shutil.which("umoci") is None, reason="umoci not installed")
 @pytest.mark.skipif(os.geteuid() != 0, reason="umoci unpack of devices and owners needs root")
 def test_edge3_model_equals_umoci_unpack(tmp_path: Path) -> None:

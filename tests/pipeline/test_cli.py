@@ -9,7 +9,7 @@ import pytest
 
 from obdconv.cli.convert import add_arguments, build_request
 from obdconv.cli.main import main
-from obdconv.errors import UnsupportedError, UsageError
+from obdconv.errors import NotFoundError, UnsupportedError, UsageError
 from obdconv.pipeline.validate import validate_request
 from obdconv.request import ConversionRequest
 
@@ -64,8 +64,11 @@ def test_validation_messages() -> None:
         validate_request(parse("-r", "h:1/x", "-i", "t"))
     with pytest.raises(UnsupportedError, match="not supported"):
         validate_request(parse("-r", "h:1/x", "-i", "t", "--turboOCI", "t", "--fstype", "erofs"))
-    with pytest.raises(UnsupportedError, match="not supported"):
-        validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--mkfs=false"))
+    validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--mkfs=false"))  # supported now
+    with pytest.raises(UsageError, match="--base-layer is used only with --mkfs=false"):
+        validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--base-layer", "/x"))
+    with pytest.raises(UsageError, match="a turboOCI image cannot be flattened"):
+        validate_request(parse("-r", "h:1/x", "-i", "t", "--overlaybd", "o", "--turboOCI", "t", "--flatten"))
     with pytest.raises(UsageError, match="power of two"):
         validate_request(parse("-r", "h:1/x", "-i", "t", "-o", "o", "--bs", "12"))
     with pytest.raises(UsageError, match="4 to 32 KiB"):
@@ -81,8 +84,10 @@ def test_validation_messages() -> None:
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["convert", "-r", "oci:/nonexistent", "-o", "o"]) == UsageError.exit_code
     assert "input-tag" in capsys.readouterr().err
-    assert main(["convert", "-r", "oci:/nonexistent", "-i", "t", "-o", "o", "--mkfs=false"]) == UnsupportedError.exit_code
-    assert "not supported" in capsys.readouterr().err
+    missing = "/nonexistent/baselayers/ext4_64"
+    assert main(["convert", "-r", "oci:/nonexistent", "-i", "t", "-o", "o", "--mkfs=false", "--base-layer",
+                 missing]) == NotFoundError.exit_code
+    assert f"base layer {missing}: no such file" in capsys.readouterr().err
 
 
 def test_cli_convert_by_digest_with_referrer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ import requests
 
 from obdconv.errors import IntegrityError
 from obdconv.registry import RegistryOptions, open_repository
-from obdconv.registry.client import _SizedBody
+from obdconv.registry.bodies import SizedBody
 from obdconv.registry.repository import Repository
 from tests.services.registry import RegistryService
 
@@ -41,7 +41,7 @@ def _upload_data_files(registry: RegistryService, name: str) -> list[Path]:
 def test_sized_body_is_sent_with_content_length_not_chunked() -> None:
     pieces = [b"abc", b"defgh"]
     prepared = requests.Request("PATCH", "http://127.0.0.1:9/v2/x/blobs/uploads/1",
-                                data=_SizedBody(iter(pieces), 8)).prepare()
+                                data=SizedBody(iter(pieces), 8)).prepare()
     assert prepared.headers.get("Content-Length") == "8"
     assert "Transfer-Encoding" not in prepared.headers
     assert b"".join(prepared.body) == b"abcdefgh"  # type: ignore[arg-type]
@@ -121,8 +121,8 @@ def test_begin_upload_shows_nothing_until_commit(registry: RegistryService, tmp_
     assert not list((tmp_path / "layout" / "blobs" / "sha256").glob(".upload-*"))
 
 
-def test_layout_upload_of_files_copies_and_hashes_them(tmp_path: Path) -> None:
-    """begin_upload_files: the files' bytes one after the other, digest checked, nothing visible
+def test_layout_upload_of_ranges_copies_and_hashes_them(tmp_path: Path) -> None:
+    """begin_upload_ranges: the ranges' bytes one after the other, digest checked, nothing visible
     before commit; a size that does not match leaves nothing behind."""
     from obdconv.registry.layout import OCILayoutRepository
 
@@ -130,19 +130,20 @@ def test_layout_upload_of_files_copies_and_hashes_them(tmp_path: Path) -> None:
     payload = [b"head" * 100, bytes(range(256)) * 5000, b"", b"tail"]
     for path, data in zip(parts, payload, strict=True):
         path.write_bytes(data)
-    whole = b"".join(payload)
+    ranges = [[p, 0, len(d)] for p, d in zip(parts, payload, strict=True)] + [[parts[1], 1000, 300]]
+    whole = b"".join(payload) + payload[1][1000:1300]
     repo = OCILayoutRepository(tmp_path / "layout")
-    pending = repo.begin_upload_files(parts, len(whole))
+    pending = repo.begin_upload_ranges(ranges, len(whole))
     assert pending.digest == "sha256:" + hashlib.sha256(whole).hexdigest()
     assert repo.head_blob(pending.digest) is None
     pending.commit()
     assert repo.read_blob(pending.digest) == whole
     with pytest.raises(IntegrityError):
-        repo.begin_upload_files(parts, len(whole) + 1)
+        repo.begin_upload_ranges(ranges, len(whole) + 1)
     assert [p.name for p in (tmp_path / "layout" / "blobs" / "sha256").iterdir()] == [pending.digest[7:]]
 
 
-def test_layout_upload_of_files_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layout_upload_of_ranges_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernel cannot copy between the files (EXDEV, ENOSYS) the bytes go through Python."""
     import errno
 
@@ -159,7 +160,7 @@ def test_layout_upload_of_files_without_copy_file_range(tmp_path: Path, monkeypa
     part = tmp_path / "a"
     part.write_bytes(os.urandom(3 << 20))
     repo = OCILayoutRepository(tmp_path / "layout")
-    pending = repo.begin_upload_files([part, part], 6 << 20)
+    pending = repo.begin_upload_ranges([[part, 0, 3 << 20], [part, 5, 100]], (3 << 20) + 100)
     pending.commit()
     assert calls == 2
-    assert repo.read_blob(pending.digest) == part.read_bytes() * 2
+    assert repo.read_blob(pending.digest) == part.read_bytes() + part.read_bytes()[5:105]

@@ -20,7 +20,8 @@ from obdconv.registry.auth import (
     parse_challenges,
     parse_scope,
 )
-from obdconv.registry.client import _rechunk, _scopes_for
+from obdconv.registry.bodies import rechunk
+from obdconv.registry.client import _scopes_for
 from obdconv.registry.repository import VerifyingReader, buffered
 
 
@@ -51,7 +52,7 @@ def test_scopes_round_trip_and_inference() -> None:
 
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(1, 200), st.one_of(st.none(), st.integers(1, 400)))
 def test_rechunk_keeps_bytes_and_bounds(chunks: list[bytes], limit: int, merge_below: int | None) -> None:
-    out = list(_rechunk(chunks, limit, merge_below))
+    out = list(rechunk(chunks, limit, merge_below))
     assert b"".join(out) == b"".join(chunks)
     assert all(0 < len(piece) <= limit for piece in out)
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 
 def free_port() -> int:
@@ -31,6 +32,43 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 class ServiceError(RuntimeError):
     pass
+
+
+class Place(Protocol):
+    """Where a service runs: this machine (`LOCAL`), or a host of tests/services/netns.py."""
+
+    address: str  # what it binds and what clients dial
+
+    def command(self, argv: Sequence[str]) -> list[str]: ...
+
+    def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]: ...
+
+    def write_file(self, path: str, data: bytes) -> None: ...
+
+
+class LocalPlace:
+    """This machine, on 127.0.0.1."""
+
+    address = "127.0.0.1"
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
+                                env={**os.environ, **(env or {})})
+        if check and result.returncode != 0:
+            raise ServiceError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr[-2000:]!r}")
+        return result
+
+    def write_file(self, path: str, data: bytes) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+
+
+LOCAL = LocalPlace()
 
 
 class ManagedProcess:

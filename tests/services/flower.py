@@ -1,13 +1,13 @@
-"""A real Flower (`celery -A workers flower`) on 127.0.0.1 with basic auth, for tests."""
+"""A real Flower (`obdconv flower`, i.e. `celery -A workers flower`) on 127.0.0.1 with basic auth, for tests."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from obdconv.interpreter import python_command
 from tests.services.base import ManagedProcess, free_port
 
 
@@ -17,8 +17,8 @@ class FlowerServer:
         self.user, self.password = user, password
         self.process = ManagedProcess(
             f"flower-{self.port}",
-            [sys.executable, "-m", "celery", "-A", "workers", "flower", "--address=127.0.0.1",
-             f"--port={self.port}", f"--basic-auth={user}:{password}"],
+            python_command("-m", "obdconv", "flower", "--address=127.0.0.1", f"--port={self.port}",
+                           f"--basic-auth={user}:{password}"),
             workdir, ready=self._ready, env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
             timeout=40,
         )

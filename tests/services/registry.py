@@ -3,7 +3,8 @@
 `start_registry(workdir)` starts a plain-HTTP registry with filesystem storage and deletes enabled.
 Variants: `auth="htpasswd"` (basic auth from `htpasswd -Bbn`), `auth=TokenAuthConfig` (bearer tokens
 from tests/services/token_server.py), `tls=make_tls(dir)` (a self-signed CA made with openssl; with
-`client_ca=True` the registry also demands a client certificate signed by that CA).
+`client_ca=True` the registry also demands a client certificate signed by that CA), `notifications=`
+the registry's `notifications` block (endpoints it POSTs its events to, e.g. the HTTP API's).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.services.base import ManagedProcess, ServiceError, free_port
+from tests.services.base import LOCAL, ManagedProcess, Place, ServiceError, free_port
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 
@@ -97,16 +99,17 @@ class RegistryService:
     """A running docker-registry. `.url` ("http://127.0.0.1:PORT" or https), `.host` ("127.0.0.1:PORT")."""
 
     def __init__(self, process: ManagedProcess, port: int, storage_dir: Path, scheme: str,
-                 tls: TLSMaterial | None) -> None:
+                 tls: TLSMaterial | None, address: str = "127.0.0.1") -> None:
         self.process = process
         self.port = port
         self.storage_dir = storage_dir
         self.scheme = scheme
         self.tls = tls
+        self.address = address
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -154,15 +157,25 @@ def start_registry(
     client_ca: bool = False,
     name: str = "registry",
     port: int | None = None,
+    notifications: dict[str, object] | None = None,
+    place: Place = LOCAL,
+    data_dir: str = "",
 ) -> RegistryService:
-    """Write a config YAML into `workdir`, start docker-registry on a free port, wait for GET /v2/."""
+    """Write a config YAML into `workdir`, start docker-registry on a free port, wait for GET /v2/.
+    `place`: another host (tests/services/netns.py; plain HTTP, no auth), its files in `data_dir` there."""
     if shutil.which(REGISTRY_BINARY) is None:
         raise ServiceError(f"{REGISTRY_BINARY} not installed (Debian package docker-registry)")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
+    log_dir = workdir
+    if place is not LOCAL:
+        if auth is not None or tls is not None:
+            raise ServiceError("a registry on a netns host is plain HTTP without auth here")
+        workdir = Path(data_dir or "/var/lib/registry-test")
+    port = port or (free_port() if place is LOCAL else 5000)
     storage_dir = workdir / "storage"
-    storage_dir.mkdir(exist_ok=True)
-    http: dict[str, object] = {"addr": f"127.0.0.1:{port}", "secret": "obdconv-test-secret"}
+    if place is LOCAL:
+        storage_dir.mkdir(exist_ok=True)
+    http: dict[str, object] = {"addr": f"{place.address}:{port}", "secret": "obdconv-test-secret"}
     if tls is not None:
         http["tls"] = {"certificate": str(tls.server_cert), "key": str(tls.server_key)}
         if client_ca:
@@ -187,14 +200,26 @@ def start_registry(
                                     "rootcertbundle": str(auth.signing_cert)}}
     elif auth is not None:
         raise ValueError(f"unknown registry auth mode {auth!r}")
+    if notifications is not None:
+        config["notifications"] = notifications
     # YAML is a superset of JSON, so the config is written as JSON (no YAML library needed).
     config_path = workdir / "config.yml"
-    config_path.write_text(json.dumps(config, indent=2))
+    place.write_file(str(config_path), json.dumps(config, indent=2).encode())
     scheme = "https" if tls is not None else "http"
-    url = f"{scheme}://127.0.0.1:{port}"
+    url = f"{scheme}://{place.address}:{port}"
     # REGISTRY_* variables in the environment would override the config file: blank the usual ones.
-    env = {"REGISTRY_HTTP_ADDR": f"127.0.0.1:{port}", "OTEL_TRACES_EXPORTER": "none"}
-    process = ManagedProcess(name, [REGISTRY_BINARY, "serve", str(config_path)], workdir,
-                             ready=_ready_check(url, tls, client_ca), env=env, timeout=30.0)
+    env = {"REGISTRY_HTTP_ADDR": f"{place.address}:{port}", "OTEL_TRACES_EXPORTER": "none"}
+    ready = _ready_check(url, tls, client_ca) if place is LOCAL else _ready_at(place, url)
+    logs = workdir if place is LOCAL else log_dir
+    process = ManagedProcess(name, place.command([REGISTRY_BINARY, "serve", str(config_path)]), logs,
+                             ready=ready, env=env, timeout=30.0)
     process.start()
-    return RegistryService(process, port, storage_dir, scheme, tls)
+    return RegistryService(process, port, storage_dir, scheme, tls, place.address)
+
+
+def _ready_at(place: Place, url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        result = place.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url + "/v2/"], check=False)
+        return result.stdout == b"200"
+
+    return ready
