@@ -329,8 +329,10 @@ def convert(layout: Path, tag: str, fmt: str, workdir: Path, python: str | None 
     env = dict(os.environ) if python else {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=None if python else ROOT,
-                            env=env)
+    # `python -m` puts the working directory first on sys.path: another install must not run from
+    # this checkout (it would import this obdconv), so it runs from its work directory's parent.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=workdir.parent if python else ROOT, env=env)
     with ProcessTree(proc.pid) as tree:
         out, _ = proc.communicate()
     wall = time.perf_counter() - t0
