@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -28,9 +29,10 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / ".cache"
@@ -176,16 +178,40 @@ def _normalise(ti: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def pack_layer(name: str, root: Path, blobs: Path, layers_dir: Path) -> LayerInfo:
     """Tar `root` (PAX, sorted, hard links kept) through `pigz -n`; hash both streams on the way."""
+    return pack_members(name, _tree_members(root), blobs, layers_dir, f" from {root}")
+
+
+def _tree_members(root: Path) -> Iterator[tuple[tarfile.TarInfo, BinaryIO | None]]:
+    # One TarFile for gettarinfo: it remembers inodes, which turns a file's second name into a hard link.
+    infos = tarfile.open(fileobj=io.BytesIO(), mode="w")
+    for arc, path in walk_sorted(root):
+        if arc == ".done":
+            continue
+        found = infos.gettarinfo(str(path), arcname=arc)
+        if found is None:  # sockets cannot be archived (an image never carries them)
+            continue
+        ti = _normalise(found)
+        if ti.isreg():
+            with open(path, "rb") as f:
+                yield ti, f
+        else:
+            yield ti, None
+
+
+def pack_members(name: str, members: Iterable[tuple[tarfile.TarInfo, Any]], blobs: Path, layers_dir: Path,
+                 where: str = "") -> LayerInfo:
+    """Tar `members` ((TarInfo, file object with the content or None), in order; PAX) through
+    `pigz -n` into `blobs`, hashing both streams on the way; cached by `name` in `layers_dir`."""
     meta_path = layers_dir / f"{name}.json"
     if meta_path.exists():
         info = LayerInfo(**json.loads(meta_path.read_text()))
         if (blobs / info.digest.split(":", 1)[1]).exists():
             return info
-    log(f"packing layer {name} from {root}")
+    log(f"packing layer {name}{where}")
     tmp = blobs / f".{name}.tmp"
     raw_hash = hashlib.sha256()
     raw_size = 0
-    members = 0
+    count = 0
     with open(tmp, "wb") as out:
         pigz = subprocess.Popen(["pigz", "-n", "-6", "-c"], stdin=subprocess.PIPE, stdout=out)
         assert pigz.stdin is not None
@@ -198,26 +224,16 @@ def pack_layer(name: str, root: Path, blobs: Path, layers_dir: Path) -> LayerInf
                 return pigz.stdin.write(b)  # type: ignore[union-attr]
 
         with tarfile.open(fileobj=HashingPipe(), mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
-            for arc, path in walk_sorted(root):
-                if arc == ".done":
-                    continue
-                found = tar.gettarinfo(str(path), arcname=arc)
-                if found is None:  # sockets cannot be archived (an image never carries them)
-                    continue
-                ti = _normalise(found)
-                if ti.isreg():
-                    with open(path, "rb") as f:
-                        tar.addfile(ti, f)
-                else:
-                    tar.addfile(ti)
-                members += 1
+            for ti, content in members:
+                tar.addfile(ti, content)
+                count += 1
         pigz.stdin.close()
         if pigz.wait() != 0:
             raise RuntimeError(f"pigz failed packing {name}")
     digest = "sha256:" + _file_sha256(tmp)
     tmp.rename(blobs / digest.split(":", 1)[1])
     info = LayerInfo(name, digest, (blobs / digest.split(":", 1)[1]).stat().st_size,
-                     "sha256:" + raw_hash.hexdigest(), raw_size, members)
+                     "sha256:" + raw_hash.hexdigest(), raw_size, count)
     meta_path.write_text(json.dumps(info.__dict__, indent=1))
     return info
 
@@ -237,7 +253,7 @@ def put_json_blob(blobs: Path, obj: dict) -> tuple[str, int]:
     return "sha256:" + digest, len(data)
 
 
-def write_layout(layout: Path, layers: list[LayerInfo]) -> dict:
+def write_layout(layout: Path, layers: list[LayerInfo], tag: str = TAG) -> dict:
     blobs = layout / "blobs" / "sha256"
     config = {
         "created": "2023-11-14T22:13:20Z",
@@ -261,7 +277,7 @@ def write_layout(layout: Path, layers: list[LayerInfo]) -> dict:
         "schemaVersion": 2,
         "mediaType": MT_INDEX,
         "manifests": [{"mediaType": MT_MANIFEST, "digest": manifest_digest, "size": manifest_size,
-                       "annotations": {"org.opencontainers.image.ref.name": TAG},
+                       "annotations": {"org.opencontainers.image.ref.name": tag},
                        "platform": {"architecture": "amd64", "os": "linux"}}],
     }
     (layout / "index.json").write_text(json.dumps(index, indent=1))

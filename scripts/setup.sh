@@ -34,7 +34,8 @@ fi
 stamp=".venv/.obdconv-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
    || [ obdconv/ext4/_fastapply_impl.c -nt "$stamp" ] || [ obdconv/ext4/_build_fast.py -nt "$stamp" ] \
-   || [ obdconv/oci/_tarscan_fast_impl.c -nt "$stamp" ] || [ obdconv/oci/_build_tarscan.py -nt "$stamp" ]; then
+   || [ obdconv/oci/_tarscan_fast_impl.c -nt "$stamp" ] || [ obdconv/oci/_build_tarscan.py -nt "$stamp" ] \
+   || [ obdconv/formats/_fast_impl.c -nt "$stamp" ] || [ obdconv/formats/_build_fast.py -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -U pip >"$LOG" 2>&1 || fail "pip upgrade"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >"$LOG" 2>&1 || fail "pip install -e .[test]"
   touch "$stamp"

@@ -19,27 +19,27 @@ call raises) until `mkfs()` or `load_parents()` starts it again.
 
 from __future__ import annotations
 
-import gc
 import os
 import uuid
 import weakref
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, chain
 from operator import add, itemgetter
 from pathlib import Path
 from typing import Protocol
 
-from obdconv.entries import LayerEntry
+from obdconv.entries import EntryType, LayerEntry
 from obdconv.errors import BadInputError, ObdconvError, UnsupportedError
 from obdconv.ext4 import libext2fs as L
 from obdconv.ext4.capture import WriteCapture
 from obdconv.ext4.dirs import DirIndex
 from obdconv.ext4.filedata import regular_file_data, subtract
-from obdconv.ext4.layer import LayerApply
+from obdconv.ext4.layer import _TYPE_OF, LayerApply
 from obdconv.ext4.mkfs import FAKE_TIME, data_blocks, mkfs
 from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
 from obdconv.ext4.validate import validate_entries
+from obdconv.gcpause import gc_paused
 
 
 class BlockDevice(Protocol):
@@ -114,62 +114,22 @@ class Ext4Builder:
 
     # --- one layer ---
     def apply(self, entries: Sequence[LayerEntry]) -> LayerMetadata:
+        with gc_paused():
+            session = self.begin_layer(track_touched=None)
+            session.add(entries)
+            return session.finish()
+
+    def begin_layer(self, *, track_touched: bool | None = True) -> LayerSession:
+        """Apply one layer's entry list in parts, as they become known (e.g. while the layer is
+        still being scanned): `add` each part in order, then `finish` for the layer's metadata.
+        The result is the same as one `apply` of all the parts. `track_touched=None` decides from
+        the first part whether the layer's paths need tracking (only opaque markers need them;
+        right when that part is all the layer), True tracks them whatever comes."""
         if self._broken:
             raise ObdconvError(f"ext4 builder is unusable after an earlier failure: {self._broken}")
         if not self._ready:
             raise ObdconvError("ext4 builder: call mkfs() or load_parents() before apply()")
-        # The pass allocates a few small objects per entry (dict items, extent lists) that live
-        # until the end: the cyclic GC would rescan them over and over (~20 % of the pass, more
-        # with bigger heaps) and finds nothing (no cycles are made here). Paused, not disabled
-        # for good: re-enabled at the end if it was on.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return self._apply(entries)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-
-    def _apply(self, entries: Sequence[LayerEntry]) -> LayerMetadata:
-        validate_entries(entries)
-        capture = WriteCapture()
-        with capture:
-            if self._fs and not capture.resumable:
-                self.close()  # written out by the last apply: nothing is lost
-            fs = self._fs
-            if fs:
-                capture.channel_opened_before(L.filsys(fs).blocksize)
-            else:
-                fs = self._open()
-            try:
-                L.filsys(fs).now = FAKE_TIME  # stamps s_wtime; all inode times are set explicitly
-                self._dirs.fs = fs
-                layer = LayerApply(fs, self._dirs, entries)
-                layer.run()
-                file_extents = layer.file_extents()
-                # s_kbytes_written would count the bytes the io channel pushed to the file, which
-                # depends on its cache (when blocks get evicted), not on the layer. 0 means "not
-                # tracked", and ext2fs_close2 leaves a 0 alone: pinned, the bytes are the layer's.
-                L.set_super_u64(fs, L.SB_KBYTES_WRITTEN, 0)
-                if capture.resumable:  # the next layer's capture can go on over this channel
-                    _write_out(fs, str(self.image_path))
-                else:
-                    self._forget_fs()  # ext2fs_close2 frees it (or the handler below, if it fails)
-                    L.check(L.lib.ext2fs_close2(fs, EXT2_FLAG_FLUSH_NO_SYNC), "ext2fs_close2", str(self.image_path))
-            except BaseException as exc:
-                self._broken = f"{type(exc).__name__}: {exc}"
-                # Dropped without flushing; the image is inconsistent now.
-                if self._fs:
-                    self.close()
-                else:
-                    L.lib.ext2fs_free(fs)
-                raise
-            finally:
-                self._dirs.fs = 0
-        captured = capture.blocks | self._pending
-        self._pending = set()
-        segment = _unowned(sorted(captured), file_extents)
-        return LayerMetadata(self._read_blocks(segment), file_extents)
+        return LayerSession(self, track_touched)
 
     def _open(self) -> int:
         """Open the image for the first layer (or the first after mkfs/load_parents) and keep it
@@ -219,6 +179,177 @@ class Ext4Builder:
                     out.append((numbers[k], data[off:off + BLOCK_SIZE]))
                 i = j
         return out
+
+
+class LayerSession:
+    """One layer applied part by part (see `Ext4Builder.begin_layer`).
+
+    Every part is validated before any of it is written, and applied with every block libext2fs
+    writes recorded (its test_io manager, under which the image is opened once, by the first
+    layer); `finish` sets the directories' times, reads back each live file's extents, writes out
+    everything ext2fs_close2 would (bitmaps, superblock and group descriptors, the io cache) but
+    keeps the filesystem open for the next layer (C path; the ctypes path closes it), then reads
+    the captured blocks from the image. On the C path the write capture (one per process, see
+    capture.py) is held only while a part is applied, so other builders in this process (other
+    manifests) may apply theirs in between; the ctypes path holds it from the first part to the end.
+
+    A failure once something was written leaves the builder unusable (see the module doc); a part
+    rejected by validation before anything was written leaves it unchanged.
+    """
+
+    def __init__(self, builder: Ext4Builder, track_touched: bool | None) -> None:
+        self.builder = builder
+        self.track_touched = track_touched
+        self.entries: list[LayerEntry] = []
+        self.captured: set[int] = set()
+        self.layer: LayerApply | None = None
+        self.fs = 0
+        self._capture: WriteCapture | None = None  # held across parts (ctypes path)
+        self._done = False
+
+    def _run(self, step: Callable[[], object]) -> None:
+        """Run `step` on the open filesystem with its writes captured. A failure breaks the builder."""
+        with gc_paused():
+            self._run_captured(step)
+
+    def _run_captured(self, step: Callable[[], object]) -> None:
+        try:
+            if self._capture is not None:  # ctypes path, after the first part: still installed
+                self._step(step)
+                return
+            capture = WriteCapture()
+            capture.__enter__()
+            try:
+                if self.fs == 0:
+                    self._start(capture)
+                else:
+                    capture.channel_opened_before(L.filsys(self.fs).blocksize)
+                self._step(step)
+            except BaseException as exc:
+                if self._capture is not capture:  # the ctypes path's stays installed until _release
+                    capture.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            if self._capture is not capture:
+                capture.__exit__(None, None, None)
+                self.captured |= capture.blocks
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _step(self, step: Callable[[], object]) -> None:
+        b = self.builder
+        b._dirs.fs = self.fs
+        try:
+            step()
+        finally:
+            b._dirs.fs = 0
+
+    def _start(self, capture: WriteCapture) -> None:
+        """Open (or resume) the filesystem for this layer, inside the first part's capture."""
+        b = self.builder
+        if not capture.resumable:
+            # The ctypes callbacks reach only channels opened while they are installed: keep
+            # this capture for the whole layer, and start from a closed filesystem.
+            self._capture = capture
+            if b._fs:
+                b.close()  # written out by the last apply: nothing is lost
+        if b._fs:
+            capture.channel_opened_before(L.filsys(b._fs).blocksize)
+            self.fs = b._fs
+        else:
+            self.fs = b._open()
+        L.filsys(self.fs).now = FAKE_TIME  # stamps s_wtime; all inode times are set explicitly
+
+    def _fail(self, exc: BaseException) -> None:
+        b = self.builder
+        self._done = True
+        b._broken = f"{type(exc).__name__}: {exc}"
+        # Dropped without flushing; the image is inconsistent now.
+        if b._fs:
+            b.close()
+        elif self.fs:
+            L.lib.ext2fs_free(self.fs)
+        self.fs = 0
+        self._release()
+
+    def _release(self) -> None:
+        if self._capture is not None:
+            capture, self._capture = self._capture, None
+            capture.__exit__(None, None, None)
+            self.captured |= capture.blocks
+
+    def add(self, entries: Sequence[LayerEntry]) -> None:
+        """Apply the next entries of the layer (in tar order)."""
+        if self._done:
+            raise ObdconvError("ext4 layer session: add() after finish() or a failure")
+        if not entries:
+            return
+        start = len(self.entries)
+        try:
+            validate_entries(entries, start)
+        except BaseException as exc:
+            if start:  # earlier parts are in the image: it cannot be taken back
+                self._fail(exc)
+            else:
+                self._done = True
+                self._release()
+            raise
+        self.entries.extend(entries)
+
+        def step() -> None:
+            if self.layer is None:
+                track = self.track_touched
+                if track is None:
+                    track = EntryType.OPAQUE in map(_TYPE_OF, entries)
+                self.layer = LayerApply(self.fs, self.builder._dirs, self.entries, track_touched=track)
+            self.layer.apply_range(start, len(self.entries))
+
+        self._run(step)
+
+    def finish(self) -> LayerMetadata:
+        """The layer's metadata: its blocks (captured, minus those its live files own) and each
+        live file's extents."""
+        if self._done:
+            raise ObdconvError("ext4 layer session: finish() twice or after a failure")
+        b = self.builder
+        file_extents: list[tuple[int, list[Extent]]] = []
+
+        def step() -> None:
+            nonlocal file_extents
+            if self.layer is None:  # an empty layer: nothing changes but the superblock's write time
+                self.layer = LayerApply(self.fs, b._dirs, self.entries, track_touched=False)
+            self.layer.finish()
+            file_extents = self.layer.file_extents()
+            # s_kbytes_written would count the bytes the io channel pushed to the file, which
+            # depends on its cache (when blocks get evicted), not on the layer. 0 means "not
+            # tracked", and ext2fs_close2 leaves a 0 alone: pinned, the bytes are the layer's.
+            L.set_super_u64(self.fs, L.SB_KBYTES_WRITTEN, 0)
+            if self._capture is None:  # C path: the next layer's capture can go on over this channel
+                _write_out(self.fs, str(b.image_path))
+            else:
+                b._forget_fs()  # ext2fs_close2 frees it (or _fail, if it fails)
+                L.check(L.lib.ext2fs_close2(self.fs, EXT2_FLAG_FLUSH_NO_SYNC), "ext2fs_close2", str(b.image_path))
+                self.fs = 0
+
+        self._run(step)
+        self._done = True
+        self._release()
+        captured = self.captured | b._pending
+        b._pending = set()
+        with gc_paused():
+            segment = _unowned(sorted(captured), file_extents)
+            return LayerMetadata(b._read_blocks(segment), file_extents)
+
+    def abort(self) -> None:
+        """Give up on this layer (its entries will not all come): the builder is unusable after it
+        if anything was applied, unchanged otherwise."""
+        if self._done:
+            return
+        if self.entries:
+            self._fail(ObdconvError("ext4 layer session aborted before its layer was complete"))
+        else:
+            self._done = True
+            self._release()
 
 
 EXT2_FLAG_FLUSH_NO_SYNC = 1  # ext2fs.h: ext2fs_close2/ext2fs_flush2 skip the final io_channel_flush

@@ -55,7 +55,8 @@ _TYPE_OF = attrgetter("type")
 class LayerApply:
     """Applies one entry list to an open filesystem (one instance per layer)."""
 
-    def __init__(self, fs: int, dirs: DirIndex, entries: Sequence[LayerEntry]) -> None:
+    def __init__(self, fs: int, dirs: DirIndex, entries: Sequence[LayerEntry], *,
+                 track_touched: bool | None = None) -> None:
         self.fs = fs
         self.dirs = dirs
         self.entries = entries
@@ -67,7 +68,8 @@ class LayerApply:
         self.touched_parents: set[str] = set()  # their ancestor directories
         # Only opaque markers need to know what this layer touched; skip the bookkeeping otherwise.
         # (`in` over the mapped types runs in C, identity first: no Python-level loop per entry.)
-        self.track_touched = EntryType.OPAQUE in map(_TYPE_OF, entries)
+        # A layer applied in parts (see Ext4Builder.begin_layer) cannot know yet: it tracks.
+        self.track_touched = EntryType.OPAQUE in map(_TYPE_OF, entries) if track_touched is None else track_touched
         self.inode_buf = bytearray(L.EXT2_INODE_SIZE)  # one inode buffer, shared by all helpers
         self.inode = L.Ext2InodeLarge.from_buffer(self.inode_buf)
         self.inode_ref = ctypes.byref(self.inode)
@@ -76,12 +78,23 @@ class LayerApply:
 
     # --- driver ---
     def run(self) -> None:
-        self.blocks_freed()  # a new pass (and filesystem handle): the C allocation hint starts over
+        self.apply_range(0, len(self.entries))
+        self.finish()
+
+    def apply_range(self, start: int, end: int) -> None:
+        """Apply entries [start, end) (`entries` may grow between calls: a layer applied in parts)."""
+        # A new pass, or a part after others (perhaps another builder's) ran in between: the C
+        # allocation hint starts over (it only saves scanning; the allocations are the same).
+        self.blocks_freed()
         if self.dirs.fast is not None:
-            self.run_fast()
+            self.run_fast(start, end)
         else:
-            for i, e in enumerate(self.entries):
-                self.apply_one(i, e)
+            for i in range(start, end):
+                self.apply_one(i, self.entries[i])
+
+    def finish(self) -> None:
+        """After the last entry: each directory made or changed in this layer gets its entry's times
+        (set after all its children were added)."""
         self.where = "directory times"
         fastmod = self.dirs.fast
         for ino, i in self.dir_entries.items():  # after all children were added
@@ -100,7 +113,7 @@ class LayerApply:
         except L.Ext2fsError as exc:
             raise BadInputError(f"{self.where}: {exc}") from exc
 
-    def run_fast(self) -> None:
+    def run_fast(self, start: int, end: int) -> None:
         """`run` with the C fast path: a new regular file without xattrs in a directory already
         resolved in this layer (nearly every entry) is created by one C call (`obd_create_file`:
         the calls of `create_file` + `DirIndex.add`, same order); everything else goes through
@@ -130,7 +143,8 @@ class LayerApply:
         parent = 0
         names: dict[bytes, tuple[int, int]] = {}
         tail: object = None
-        for i, e in enumerate(self.entries):
+        for i in range(start, end):
+            e = self.entries[i]
             if e.type is file_type and not e.xattrs and _I64_MIN <= e.mtime_ns <= _I64_MAX:
                 path = e.path
                 slash = path.rfind("/")

@@ -27,11 +27,12 @@ def encode_name(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-def validate_entries(entries: Sequence[LayerEntry]) -> None:
-    """Checks that need no filesystem; raise naming the first bad entry (nothing written yet)."""
+def validate_entries(entries: Sequence[LayerEntry], start: int = 0) -> None:
+    """Checks that need no filesystem; raise naming the first bad entry (nothing written yet).
+    `start` is the index of `entries[0]` in its layer (errors name entries by layer index)."""
     file_type, dir_type = EntryType.FILE, EntryType.DIR
     bad_components = _BAD_COMPONENTS
-    for i, e in enumerate(entries):
+    for i, e in enumerate(entries, start):
         # The common case first, cheaply (it runs once per entry of every layer): a short clean
         # ASCII path (so no name is over MAX_NAME bytes) of a file (size >= 0) or directory
         # without xattrs, in-range owner and mode. Anything else gets every check in _validate_entry.

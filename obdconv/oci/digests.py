@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from obdconv.errors import BadInputError
 
@@ -16,6 +18,25 @@ _HEX_RE = re.compile(r"^[0-9a-f]+$")
 def sha256_digest(data: bytes | bytearray | memoryview) -> str:
     """`sha256:<hex>` of `data`."""
     return SHA256_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def ranges_sha256(ranges: Iterable[Sequence[Any]]) -> tuple[str, int]:
+    """(`sha256:<hex>`, size) of the `[path, offset, length]` ranges of files one after the other,
+    read into one reused buffer (the GIL is released while hashing); a range past its file's end
+    counts only the bytes there are."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    size = 0
+    for path, offset, length in ranges:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            left = length
+            while left > 0 and (n := f.readinto(view[:min(left, len(buf))])):
+                h.update(view[:n])
+                size += n
+                left -= n
+    return SHA256_PREFIX + h.hexdigest(), size
 
 
 def parse_digest(digest: str) -> tuple[str, str]:

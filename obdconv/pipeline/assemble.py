@@ -32,17 +32,17 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from obdconv.errors import BadInputError
 from obdconv.formats.lsmt import commit_header, commit_tail
 from obdconv.formats.tarwrap import wrap_prefix, wrap_suffix
 from obdconv.formats.zfile import BlockCompressor, compress_zfile, zfile_parts
 from obdconv.oci import mediatypes
-from obdconv.oci.digests import chain_id_to_uuid
+from obdconv.oci.digests import chain_id_to_uuid, ranges_sha256
 from obdconv.pipeline.annotations import descriptor, layer_annotations, layer_media_type
 from obdconv.pipeline.layout import (
     FS_BLOCK,
@@ -55,7 +55,7 @@ from obdconv.pipeline.layout import (
 from obdconv.pipeline.mapping import native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
-from obdconv.registry.repository import ChunkSource, PendingBlob
+from obdconv.registry.repository import ChunkSource, PendingBlob, iter_ranges_chunks
 from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
@@ -138,30 +138,6 @@ def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
             yield chunk
 
 
-def _range_chunks(ranges: Iterable[Sequence[Any]]) -> Iterator[bytes]:
-    """The bytes of `[path, offset, length]` ranges in order, each file opened once per run of
-    ranges in it."""
-    f: BinaryIO | None = None
-    current = ""
-    try:
-        for path, offset, length in ranges:
-            if path != current or f is None:
-                if f is not None:
-                    f.close()
-                f, current = open(path, "rb"), path
-            f.seek(offset)
-            left = length
-            while left:
-                chunk = f.read(min(STREAM_CHUNK, left))
-                if not chunk:
-                    raise BadInputError(f"{path}: ends before byte {offset + length} (prepared data truncated?)")
-                left -= len(chunk)
-                yield chunk
-    finally:
-        if f is not None:
-            f.close()
-
-
 @dataclass(slots=True)
 class BlobParts:
     """A layer blob as `head` + the bytes of file `body_path` (if any) + `tail`."""
@@ -200,13 +176,15 @@ class BuiltLayer:
     target_media_type: str  # turbo annotation; "" for native
     body_ranges: list[list[Any]] = field(default_factory=list)
 
+    def ranges(self) -> list[list[Any]]:
+        """The blob as `[path, offset, length]` byte ranges of files, in order (what an upload
+        copies, see `Repository.begin_upload_ranges`)."""
+        whole = [[path, 0, os.path.getsize(path)] for path in (self.head_path, self.body_path) if path]
+        tail = [[self.tail_path, 0, os.path.getsize(self.tail_path)]] if self.tail_path else []
+        return [*whole, *self.body_ranges, *tail]
+
     def chunks(self) -> Iterator[bytes]:
-        for path in (self.head_path, self.body_path):
-            if path:
-                yield from _file_chunks(path)
-        yield from _range_chunks(self.body_ranges)
-        if self.tail_path:
-            yield from _file_chunks(self.tail_path)
+        return iter_ranges_chunks(self.ranges())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -428,9 +406,10 @@ def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> Pend
     """The heavy half of an upload: a built layer's bytes sent (or, with `upload` False, only
     hashed), not yet a blob in `target_repo` until `commit_built`."""
     if upload:
-        # (a ChunkSource, so that an upload the network breaks can be sent again)
-        return target_repo.begin_upload(ChunkSource(built.chunks), size=built.size)  # type: ignore[no-any-return]
-    digest, size = _store(target_repo, built.chunks(), False, built.size)
+        return target_repo.begin_upload_ranges(built.ranges(), built.size)  # type: ignore[no-any-return]
+    digest, size = ranges_sha256(built.ranges())
+    if size != built.size:
+        raise BadInputError(f"blob {digest}: {size} bytes, planned {built.size}")
     return PendingBlob(digest, size, lambda: None, lambda: None)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from obdconv.gcpause import gc_paused
 from obdconv.interpreter import leave_forkserver
 from obdconv.pipeline.assemble import BuiltLayer, build_layer, commit_built, send_built
 from obdconv.pipeline.flatten import build_flat_layer, decode_ranges
@@ -61,7 +62,10 @@ def _report(event: ProgressEvent) -> None:
 
 
 def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, Any], spool_dir: str,
-                 native: bool, turbo: bool, algorithm: str, block_size: int, index: int) -> tuple[dict[str, Any], float]:
+                 native: bool, turbo: bool, algorithm: str, block_size: int, index: int,
+                 entry_stream: str = "") -> tuple[dict[str, Any], float]:
+    """Prepare one layer; its entries also go to the file `entry_stream` as they are found, when
+    given (the runner's metadata pass follows it: entrystream.py)."""
     start = time.monotonic()
     last = [0.0]
 
@@ -72,7 +76,8 @@ def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, 
             _report(ProgressEvent("prepare", index, layer["digest"], done, total))
 
     prepared = prepare_layer(_repo(source, options), layer, spool_dir, native=native, turbo=turbo,
-                             algorithm=algorithm, block_size=block_size, progress=progress)
+                             algorithm=algorithm, block_size=block_size, progress=progress,
+                             entry_stream=entry_stream or None)
     _report(ProgressEvent("prepare", index, layer["digest"], prepared.source_size, prepared.source_size,
                           finished=True))
     return prepared.to_dict(), time.monotonic() - start
@@ -82,8 +87,9 @@ def task_build(prepared: dict[str, Any], metadata: bytes, profile: dict[str, Any
                parent_chain_id: str, out_dir: str) -> tuple[dict[str, Any], float]:
     """The CPU part of assemble (no registry access): may run before every digest is verified."""
     start = time.monotonic()
-    built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata), ConversionProfile(**profile),
-                        chain_id, parent_chain_id, out_dir)
+    with gc_paused():  # a layer's placements and extents: many objects, no cycles (gcpause.py)
+        built = build_layer(PreparedLayer.from_dict(prepared), decode_metadata(metadata),
+                            ConversionProfile(**profile), chain_id, parent_chain_id, out_dir)
     return built.to_dict(), time.monotonic() - start
 
 

@@ -5,7 +5,15 @@
     -> native: data area compressed into ZFile blocks as it streams
 
 For turbo + gzip the `GzipIndexBuilder` is the decompressor, so `gzip.meta` is built in the same
-pass. Memory is bounded by one read chunk plus one compression batch; no layer is held whole.
+pass. Memory is bounded by the read-ahead, the queues between the threads and the compression
+window; no layer is held whole.
+
+The pass uses every core its process may run on (`prepare_threads()`): the blob is read and
+hashed in one thread, inflated in this one, the tar hashed and scanned in two more (`Fanout`: the
+inflated pieces are shared), the data area compressed on a pool and written in order
+(`BlockStream`). The entry rows are encoded part by part as the scan finds them, and with
+`entry_stream` also appended to that file, so a metadata pass can follow the layer (entrystream.py).
+Output bytes do not depend on the number of threads.
 
 Output goes to a spool directory keyed by the source digest, algorithm and block size, written
 under a temporary name and renamed into place only after the blob's digest verified (a corrupt
@@ -30,11 +38,13 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -43,17 +53,21 @@ import zstandard
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
 from obdconv.formats.gzindex import GzipIndexBuilder, MultiMemberGzip
-from obdconv.formats.zfile import BlockCompressor
+from obdconv.formats.zfile import BlockStream
+from obdconv.gcpause import gc_paused
 from obdconv.leftovers import hold, release
 from obdconv.oci.decompress import Decompressor, sniff
 from obdconv.oci.tarscan import TarScanner
 from obdconv.pipeline import spoolcheck
+from obdconv.pipeline.entrystream import EntryRows, EntryStreamWriter, decode_rows
+from obdconv.pipeline.fanout import Fanout, ReadAhead
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 SNIFF_BYTES = 512
 COMPRESS_BATCH = 1 << 20  # data-area bytes handed to the block compressor at once
+STREAM_PART = 2048  # entries per part of the entry list encoded (and streamed) while scanning
 GZIP_INDEX_SPAN = 1 << 20  # the access-point spacing turboOCI-apply uses (spec §5)
 # zlib level of the 32 KiB windows in gzip.meta: level 1 compresses them ~2.7x faster than the
 # reference's 6 for ~6% bigger windows (the header records the level; readers only inflate).
@@ -128,16 +142,8 @@ class PreparedLayer:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def save_entries(path: Path, entries: list[LayerEntry]) -> None:
-    raw = json.dumps([e.to_list() for e in entries], separators=(",", ":"), ensure_ascii=False,
-                     # tar names that are not UTF-8 arrive as surrogate escapes; keep them lossless
-                     ).encode("utf-8", "surrogateescape")
-    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
-
-
 def load_entries(path: Path) -> list[LayerEntry]:
-    raw = zstandard.ZstdDecompressor().decompress(path.read_bytes())
-    return [LayerEntry.from_list(row) for row in json.loads(raw.decode("utf-8", "surrogateescape"))]
+    return decode_rows(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
 
 
 def spool_key(source_digest: str, algorithm: str, block_size: int) -> str:
@@ -214,26 +220,33 @@ def discard_spool(path: Path) -> None:
 
 
 class DataAreaBlocks:
-    """The TarScanner's data sink for native layers: compresses the data area into ZFile blocks of
-    `block_size` as it streams and appends them to `out`; remembers each block's length."""
+    """The TarScanner's data sink for native layers: the data area, compressed into ZFile blocks of
+    `block_size` as it streams (on `threads` threads, see `BlockStream`) and appended to `out`."""
 
-    def __init__(self, out: BinaryIO, algorithm: str, block_size: int) -> None:
-        self.out = out
+    def __init__(self, out: BinaryIO, algorithm: str, block_size: int, threads: int = 1) -> None:
+        self.stream = BlockStream(out, algorithm, block_size, threads)
         self.block_size = block_size
-        self.compressor = BlockCompressor(algorithm=algorithm, block_size=block_size)
-        self.lengths = array.array("I")
-        self.raw_size = 0
-        self.compressed_size = 0
         self.batch = max(COMPRESS_BATCH // block_size, 1) * block_size
-        # One batch buffer, allocated once and filled by slice assignment: most files are small,
-        # so most bytes pass through it, and growing a fresh bytearray per batch cost reallocs.
+        # Batch buffers, filled by slice assignment (most files are small, so most bytes pass
+        # through one) and recycled once their batch is compressed: a fresh bytearray per batch
+        # cost reallocs and page faults.
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.buffer = bytearray(self.batch)
         self.view = memoryview(self.buffer)
         self.fill = 0
 
+    @property
+    def lengths(self) -> list[int]:
+        return self.stream.lengths
+
+    @property
+    def compressed_size(self) -> int:
+        return self.stream.compressed_size
+
     def write(self, data: bytes | memoryview) -> None:
-        # Whole batches are compressed straight from the caller's buffer; only the bytes that do
-        # not fill a batch are copied (tar members arrive as slices of large decompressed chunks).
+        # Whole batches are compressed straight from the caller's buffer when it cannot change
+        # (tar members arrive as slices of large decompressed bytes); only the bytes that do not
+        # fill a batch are copied.
         fill = self.fill
         n = len(data)
         if fill + n < self.batch and type(data) is memoryview and data.format == "B" and data.ndim == 1:
@@ -251,33 +264,44 @@ class DataAreaBlocks:
             if fill < batch:
                 self.fill = fill
                 return
-            self._compress(self.view)
+            self._submit_buffer(batch)
             mv = mv[take:]
             n -= take
         whole = n - n % batch
-        if whole:
-            self._compress(mv[:whole])
+        if whole and isinstance(mv.obj, bytes):
+            self.stream.submit(mv[:whole])  # the view keeps the (immutable) bytes alive
+        else:
+            for o in range(0, whole, batch):  # a mutable buffer the caller may reuse: copy it
+                self.view[:] = mv[o:o + batch]
+                self._submit_buffer(batch)
         rest = n - whole
         if rest:
             self.view[:rest] = mv[whole:]
         self.fill = rest
 
-    def _compress(self, data: bytes | bytearray | memoryview) -> None:
-        # compress_packed: the blocks back to back, as blocks.bin holds them (no bytes per block).
-        packed, lengths = self.compressor.compress_packed(data)
-        self.out.write(packed)
-        self.lengths.extend(lengths)
-        self.compressed_size += len(packed)
-        self.raw_size += len(data)
+    def _submit_buffer(self, size: int) -> None:
+        """Hand the filled batch buffer to the stream and continue in another one."""
+        buffer = self.buffer
+        self.stream.submit(self.view[:size], partial(self._free.put, buffer))
+        try:
+            self.buffer = self._free.get_nowait()
+        except queue.Empty:
+            self.buffer = bytearray(self.batch)
+        self.view = memoryview(self.buffer)
+        self.fill = 0
 
     def finish(self) -> int:
-        """Pad the area to a block_size multiple (so every block is full) and flush; returns its size."""
+        """Pad the area to a block_size multiple (so every block is full), wait until every block
+        is written; returns the area's size."""
         if self.fill:
             end = self.fill + (-self.fill % self.block_size)
             self.view[self.fill:end] = bytes(end - self.fill)
-            self._compress(self.view[:end])
-            self.fill = 0
-        return self.raw_size
+            self._submit_buffer(end)
+        self.stream.close()
+        return self.stream.raw_size
+
+    def abort(self) -> None:
+        self.stream.abort()
 
     def write_lengths(self, path: Path) -> None:
         lengths = array.array("I", self.lengths)
@@ -293,12 +317,12 @@ def mv_is_bytes(mv: memoryview) -> bool:
 
 
 def _inflater(kind: str, gzip_index: GzipIndexBuilder | None
-              ) -> tuple[Callable[[bytes], Iterable[bytes]], Callable[[], bytes]]:
+              ) -> tuple[Callable[[bytes], Iterable[bytes | memoryview]], Callable[[], bytes]]:
     """(feed, finish) of the decompressor for `kind`: the gzip index builder when it is making
-    gzip.meta (it inflates as it indexes), otherwise the oci module's streaming Decompressor
+    gzip.meta (it inflates as it indexes; its pieces are views of its buffers), otherwise the oci module's streaming Decompressor
     (`feed_iter` yields bounded pieces, so a highly compressible chunk cannot blow up memory)."""
     if gzip_index is not None:
-        return (lambda chunk: (gzip_index.feed(chunk),)), (lambda: b"")
+        return gzip_index.feed_pieces, (lambda: b"")
     dec = Decompressor(kind)
     return dec.feed_iter, dec.finish
 
@@ -313,9 +337,12 @@ def prepare_layer(
     algorithm: str = "lz4",
     block_size: int = 4096,
     progress: ProgressFn | None = None,
+    entry_stream: str | os.PathLike[str] | None = None,
 ) -> PreparedLayer:
     """Prepare one layer (or reuse its spool). Raises IntegrityError on a digest mismatch (nothing
-    is left in the spool), UnsupportedError for a zstd layer asked for turbo."""
+    is left in the spool), UnsupportedError for a zstd layer asked for turbo. With `entry_stream`
+    the entries also go to that file as the scan finds them (see entrystream.py; nothing is
+    written there when the spool is reused)."""
     digest = layer_descriptor["digest"]
     spool_dir = Path(spool_dir)
     existing = reuse_prepared(spool_dir, digest, algorithm, block_size)
@@ -331,7 +358,7 @@ def prepare_layer(
     lock = hold(tmp)  # marks it as being written: a later run removes it only once this process is gone
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
-                           block_size=block_size, progress=progress)
+                           block_size=block_size, progress=progress, entry_stream=entry_stream)
         save_prepared(tmp, prepared)
         _install(tmp, final)
     except BaseException:
@@ -371,61 +398,132 @@ def _install(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _raise_if_corrupt(blob: BinaryIO, error: Exception) -> None:
+def _raise_if_corrupt(read: Callable[[], bytes], error: Exception) -> None:
     """A blob that does not decompress or parse may simply be corrupt: read it to the end so the
     digest check runs, and report the IntegrityError (the real cause) instead."""
     try:
-        while blob.read(READ_CHUNK):
+        while read():
             pass
     except IntegrityError as integrity:
         raise integrity from error
 
 
+def prepare_threads() -> int:
+    """Threads one prepare uses: $OBDCONV_PREPARE_THREADS, else every core this process may run
+    on (its CPU affinity, so a worker pinned to some cores, or a container's cpuset, is honoured).
+    1 runs the whole pass in the calling thread."""
+    try:
+        return max(1, int(os.environ["OBDCONV_PREPARE_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
-            block_size: int, progress: ProgressFn | None) -> PreparedLayer:
+            block_size: int, progress: ProgressFn | None,
+            entry_stream: str | os.PathLike[str] | None = None) -> PreparedLayer:
+    """The pass over one blob. With more than one thread: this thread reads and inflates; the
+    tar's sha256 and the tar scan each run in a thread of their own (`Fanout`: the inflated bytes
+    are shared, not copied) and the scan's data area is compressed on a pool (`BlockStream`).
+    The scan encodes the entry rows part by part as it finds entries (and streams them)."""
+    stream = EntryStreamWriter(entry_stream) if entry_stream else None
+    try:
+        with gc_paused():  # the entries: many objects, no cycles (gcpause.py)
+            prepared, rows = _pass(repo, desc, tmp, native=native, turbo=turbo, algorithm=algorithm,
+                                   block_size=block_size, progress=progress, stream=stream)
+    except BaseException:
+        if stream is not None:
+            stream.discard()
+        raise
+    rows.save(tmp / "entries.json.zst")
+    prepared.files = {name: spoolcheck.file_record(tmp / name) for name in ("entries.json.zst", "lengths.u32",
+                                                                              "gzip.meta") if (tmp / name).exists()}
+    if stream is not None:
+        stream.end()
+    return prepared
+
+
+def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
+          block_size: int, progress: ProgressFn | None,
+          stream: EntryStreamWriter | None) -> tuple[PreparedLayer, EntryRows]:
     digest = desc["digest"]
     total = int(desc.get("size") or 0)
     tar_hash = hashlib.sha256()
     source_size = 0
-    with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob:
+    threads = prepare_threads()
+    with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob, \
+            contextlib.ExitStack() as stack:
         head = blob.read(READ_CHUNK)
+        # The blob's reads (and the digest check they include) run beside the inflate.
+        read = stack.enter_context(ReadAhead(blob, READ_CHUNK)).read if threads > 1 \
+            else partial(blob.read, READ_CHUNK)
         kind = sniff(head[:SNIFF_BYTES]) if head else "none"
         if turbo and kind == "zstd":
             raise turbo_zstd_error(digest)
         gzip_index = GzipIndexBuilder(span=GZIP_INDEX_SPAN, level=GZIP_INDEX_LEVEL) if turbo and kind == "gzip" else None
         feed, flush = _inflater(kind, gzip_index)
-        sink = DataAreaBlocks(blocks_out, algorithm, block_size) if native else None
+        sink = DataAreaBlocks(blocks_out, algorithm, block_size, threads) if native else None
         scanner = TarScanner(data_sink=sink)
+        rows = EntryRows()
+        next_part = STREAM_PART
 
-        def consume(tar_bytes: bytes) -> None:
+        def take_entries() -> None:
+            new = scanner.pop_entries()
+            if new:
+                raw = rows.add(new)
+                if stream is not None:
+                    stream.write(raw)
+
+        def scan(piece: bytes | memoryview) -> None:
+            nonlocal next_part
+            scanner.feed(piece)
+            if len(scanner.entries) >= next_part:
+                take_entries()
+                next_part = len(scanner.entries) + STREAM_PART
+
+        fanout: Fanout[bytes | memoryview] = Fanout([tar_hash.update, scan], threaded=threads > 1, name="prepare")
+
+        def consume(tar_bytes: bytes | memoryview) -> None:
             if tar_bytes:
-                tar_hash.update(tar_bytes)
-                scanner.feed(tar_bytes)
+                fanout.put(tar_bytes)
 
         chunk = head
         try:
-            while chunk:
-                source_size += len(chunk)
-                for piece in feed(chunk):
-                    consume(piece)
-                if progress is not None:
-                    progress(source_size, total)
-                chunk = blob.read(READ_CHUNK)
-            # EOF reached: the verifying reader has checked the digest by now.
-            _check_descriptor_size(desc, source_size)
-            consume(flush())
-            # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
-            # the truncated tar it decompresses to (the Decompressor's flush above does the same).
-            gzip_meta = gzip_index.finish(source_size) if gzip_index is not None else None
-            entries = scanner.finish()
-        except BadInputError as e:
-            if isinstance(e, IntegrityError):
+            try:
+                while chunk:
+                    source_size += len(chunk)
+                    for piece in feed(chunk):
+                        consume(piece)
+                    if progress is not None:
+                        progress(source_size, total)
+                    chunk = read()
+                # EOF reached: the verifying reader has checked the digest by now.
+                _check_descriptor_size(desc, source_size)
+                consume(flush())
+                fanout.close()
+                # The gzip index finishes first: a truncated gzip blob is then reported as such, not as
+                # the truncated tar it decompresses to (the Decompressor's flush above does the same).
+                gzip_meta = gzip_index.finish(source_size) if gzip_index is not None else None
+                entries = scanner.finish()
+                if len(entries) > rows.count:
+                    take_entries()
+            except BadInputError as e:
+                if isinstance(e, IntegrityError):
+                    raise
+                fanout.abort()
+                _raise_if_corrupt(read, e)
+                if isinstance(e, MultiMemberGzip):
+                    raise UnsupportedError(f"layer {digest} cannot be converted to turboOCI: {e}") from e
                 raise
-            _raise_if_corrupt(blob, e)
-            if isinstance(e, MultiMemberGzip):
-                raise UnsupportedError(f"layer {digest} cannot be converted to turboOCI: {e}") from e
+            data_area = sink.finish() if sink is not None else 0
+        except BaseException:
+            fanout.abort()
+            if sink is not None:
+                sink.abort()
             raise
-        data_area = sink.finish() if sink is not None else 0
     if sink is not None:
         if data_area != -(-scanner.data_area_size // block_size) * block_size:
             raise BadInputError(f"layer {digest}: data area is {data_area} bytes, tar scan says "
@@ -435,9 +533,6 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         (tmp / "lengths.u32").write_bytes(b"")
     if gzip_meta is not None:
         (tmp / "gzip.meta").write_bytes(gzip_meta)
-    save_entries(tmp / "entries.json.zst", entries)
-    files = {name: spoolcheck.file_record(tmp / name) for name in ("entries.json.zst", "lengths.u32", "gzip.meta")
-             if (tmp / name).exists()}
     return PreparedLayer(
         source_digest=digest,
         source_size=source_size,
@@ -453,5 +548,4 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
         data_area_size=data_area,
         block_count=len(sink.lengths) if sink is not None else 0,
         compressed_size=sink.compressed_size if sink is not None else 0,
-        files=files,
-    )
+    ), rows

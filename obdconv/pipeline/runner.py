@@ -31,6 +31,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from functools import partial
@@ -38,13 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from obdconv.dedup.store import open_store
+from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, ObdconvError
+from obdconv.gcpause import gc_paused
 from obdconv.interpreter import start_forkserver
 from obdconv.leftovers import RunRecord, remove_leftovers
 from obdconv.pipeline.assemble import ConvertedLayer
 from obdconv.pipeline.baselayer import push_base_layer, resolve_base_layer, with_base
+from obdconv.pipeline.entrystream import streamed_entries
 from obdconv.pipeline.feasibility import Refusal, deliverable, refusals
 from obdconv.pipeline.flatten import encode_ranges
+from obdconv.pipeline.forkserver import PRELOAD
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
@@ -70,6 +75,8 @@ from obdconv.registry import PendingBlob, RegistryOptions, open_repository
 from obdconv.request import ConversionProfile, ConversionRequest
 
 log = logging.getLogger(__name__)
+
+STREAMS_DIR = ".entry-streams"  # under the work directory: the prepares' entry streams (entrystream.py)
 
 
 
@@ -99,6 +106,7 @@ class _Run:
         self.timing_lock = threading.Lock()
         self.push_lock = threading.Lock()
         self.prepare_futures: dict[str, Future[tuple[dict[str, Any], float]]] = {}
+        self.entry_streams: dict[str, str] = {}  # digest -> file its prepare streams entries to ("" none)
         self.prepared: dict[str, PreparedLayer] = {}
         self.created_spools: list[Path] = []
         self.metadata_workdirs: list[Path] = []
@@ -138,9 +146,18 @@ class _Run:
                     if not (r.reserve or self.options.keep_spool):
                         self.record.add(self.created_spools[-1])
                 self.emit(ProgressEvent("prepare", i, digest, 0, int(layer.get("size") or 0)))
+                # A pool worker streams the entries to the metadata pass as it scans them (inline
+                # tasks are done before the pass starts: they need not).
+                stream = "" if isinstance(pool, InlineExecutor) else str(self.workdir / STREAMS_DIR / f"{i}.entries")
+                self.entry_streams[digest] = stream
                 self.prepare_futures[digest] = pool.submit(
                     task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
-                    self.native, self.turbo, r.algorithm, r.block_size, i)
+                    self.native, self.turbo, r.algorithm, r.block_size, i, stream)
+
+    def entry_parts(self, digest: str) -> Iterator[list[LayerEntry]]:
+        """The layer's entries in parts, as its prepare finds them (see entrystream.py)."""
+        return streamed_entries(self.entry_streams.get(digest) or None, self.prepare_futures[digest].done,
+                                partial(self.wait_prepared, digest))
 
     def wait_prepared(self, digest: str) -> PreparedLayer:
         result, seconds = self.prepare_futures[digest].result()
@@ -335,13 +352,20 @@ class _Run:
                                  keep_image=self.request.reserve) as metadata_pass:
                 self.add_time("metadata", time.monotonic() - t)
                 for i in range(start, n):
-                    prepared = self.wait_prepared(m.layers[i]["digest"])
-                    if prepared.diff_id != m.diff_ids[i]:
-                        raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
-                                            f"{prepared.diff_id}, config says {m.diff_ids[i]}")
-                    t = time.monotonic()
-                    encoded = encode_metadata(metadata_pass.apply(prepared))
-                    self.add_time("metadata", time.monotonic() - t)
+                    # Applied while the layer is still being prepared (its entries stream in); the
+                    # layer's objects are dropped before the collector may walk them (gcpause.py).
+                    busy = metadata_pass.busy_seconds
+                    with gc_paused():
+                        digest = m.layers[i]["digest"]
+                        applied = metadata_pass.apply_parts(self.entry_parts(digest), digest)
+                        prepared = self.wait_prepared(digest)
+                        if prepared.diff_id != m.diff_ids[i]:
+                            raise BadInputError(f"manifest {m.digest}: layer {m.layers[i]['digest']} has diff_id "
+                                                f"{prepared.diff_id}, config says {m.diff_ids[i]}")
+                        t = time.monotonic()
+                        encoded = encode_metadata(applied)
+                        del applied
+                    self.add_time("metadata", metadata_pass.busy_seconds - busy + time.monotonic() - t)
                     self.emit(ProgressEvent("metadata", i, m.layers[i]["digest"], 1, 1, m.digest, finished=True))
                     for profile in group:
                         if profile.flatten:  # one build of all layers, after the last one
@@ -431,7 +455,7 @@ class _Run:
             # "__main__" is multiprocessing's default preload, kept. (No effect once the server
             # runs, e.g. on a second convert in the same process.) Started with a safe sys.path:
             # see obdconv/interpreter.py.
-            ctx = start_forkserver(["__main__", __name__])
+            ctx = start_forkserver(PRELOAD)
             progress_queue = ctx.Queue()
             pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                                                  initargs=(progress_queue, os.getpid()))
@@ -444,6 +468,8 @@ class _Run:
         # What this run makes under --dir and in the spool is recorded, so that a later run removes
         # it if this one is killed; and it removes what killed runs left (obdconv/leftovers.py).
         self.record = RunRecord.start(self.workdir, self.spool_dir)
+        if not isinstance(pool, InlineExecutor):
+            self.record.add(self.workdir / STREAMS_DIR)  # the prepares' entry streams (ensure_prepares)
         remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
         try:
             self.open_reuse()
@@ -492,6 +518,7 @@ class _Run:
                 if not request.reserve:
                     for path in self.metadata_workdirs:
                         shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(self.workdir / STREAMS_DIR, ignore_errors=True)
                 # Spools being written by workers an interrupt killed (their locks died with them).
                 remove_leftovers(self.spool_dir, [PREP_PREFIX, OLD_PREFIX], time.time())
                 self.record.finish()  # also removes the spool and --dir if this run made them and they are empty

@@ -18,18 +18,20 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
 from obdconv.leftovers import hold, release, remove_leftovers
-from obdconv.oci.digests import sha256_digest
+from obdconv.oci.digests import ranges_sha256, sha256_digest
 from obdconv.registry.reference import check_digest, is_digest
 from obdconv.registry.repository import (
     MANIFEST_MEDIA_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
+    READ_CHUNK,
     Manifest,
     PendingBlob,
     Repository,
@@ -239,8 +241,15 @@ class OCILayoutRepository(Repository):
     def begin_upload(self, chunks: Iterable[bytes], size: int | None = None) -> PendingBlob:
         """The bytes go to a hidden temp file beside the blobs; commit renames it into place."""
         self._ensure_layout()
-        tmp_name, digest, written, lock = self._write_temp(chunks, None, size)
+        return self._pending(*self._write_temp(chunks, None, size))
 
+    def begin_upload_ranges(self, ranges: Sequence[Sequence[Any]], size: int) -> PendingBlob:
+        """The ranges are copied into the temp file by the kernel (copy_file_range: no bytes through
+        Python, about half the CPU of reading and writing them) while a thread hashes them."""
+        self._ensure_layout()
+        return self._pending(*self._copy_temp(ranges, size))
+
+    def _pending(self, tmp_name: str, digest: str, written: int, lock: int) -> PendingBlob:
         def commit() -> None:
             try:
                 self._install(tmp_name, digest)
@@ -312,6 +321,28 @@ class OCILayoutRepository(Repository):
             raise
         return tmp_name, digest, size, lock
 
+    def _copy_temp(self, ranges: Sequence[Sequence[Any]], size: int) -> tuple[str, str, int, int]:
+        """`_write_temp` of byte ranges of files, copied in the kernel and hashed by a helper thread."""
+        directory = self.root / "blobs" / "sha256"
+        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
+        lock: int | None = None
+        try:
+            lock = hold(tmp_name)
+            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
+                hashed = hasher.submit(ranges_sha256, ranges)
+                with os.fdopen(fd, "wb", buffering=0) as out:
+                    written = sum(_copy_range(out, path, offset, length) for path, offset, length in ranges)
+                    os.fsync(out.fileno())
+                digest, hashed_size = hashed.result()
+            if written != size or hashed_size != size:
+                raise IntegrityError(f"blob for {self.name}: {written} bytes, expected {size}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            release(lock)
+            raise
+        return tmp_name, digest, size, lock
+
     def _install(self, tmp_name: str, digest: str) -> None:
         try:
             os.chmod(tmp_name, 0o644)
@@ -320,6 +351,25 @@ class OCILayoutRepository(Repository):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+
+
+def _copy_range(out: BinaryIO, path: str | os.PathLike[str], offset: int, length: int) -> int:
+    """Append `length` bytes of file `path` from `offset` to `out` (an unbuffered file); returns
+    the bytes copied (fewer if the file is shorter: the caller's size check reports it)."""
+    with open(path, "rb") as f:
+        left = length
+        try:
+            while left:
+                n = os.copy_file_range(f.fileno(), out.fileno(), left, offset + length - left)
+                if n == 0:
+                    break
+                left -= n
+        except OSError:  # no copy_file_range between these files (old kernel, other filesystem)
+            f.seek(offset + length - left)
+            while left and (chunk := f.read(min(left, READ_CHUNK))):
+                out.write(chunk)
+                left -= len(chunk)
+    return length - left
 
 
 def _dump_index(index: dict[str, Any]) -> bytes:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from functools import partial
+from typing import Any, BinaryIO, Protocol
 
-from obdconv.errors import IntegrityError
+from obdconv.errors import BadInputError, IntegrityError
 from obdconv.registry.reference import check_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -39,7 +40,7 @@ class Manifest:
 
 
 class _Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
+    def read(self, n: int = -1, /) -> bytes: ...  # a `readinto` is used instead when the source has one
 
 
 class VerifyingReader(io.RawIOBase):
@@ -69,16 +70,21 @@ class VerifyingReader(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if self._verified:
             return 0
-        data = self._source.read(len(buffer))
-        if not data:
+        source_readinto = getattr(self._source, "readinto", None)
+        if source_readinto is not None:  # a file: straight into the caller's buffer, one copy
+            n = source_readinto(buffer) or 0
+            data: bytes | memoryview = memoryview(buffer)[:n]
+        else:
+            data = self._source.read(len(buffer))
+            n = len(data)
+            memoryview(buffer)[:n] = data
+        if not n:
             self._verify()
             return 0
-        n = len(data)
         self._size += n
         if self._expected_size is not None and self._size > self._expected_size:
             raise IntegrityError(f"{self._what}: more than the expected {self._expected_size} bytes")
         self._hash.update(data)
-        memoryview(buffer)[:n] = data
         return n
 
     def _verify(self) -> None:
@@ -122,6 +128,31 @@ class ChunkSource:
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._open())
+
+
+def iter_ranges_chunks(ranges: Iterable[Sequence[Any]], chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of `[path, offset, length]` ranges of files, in order, each file opened once per run
+    of ranges in it."""
+    f: BinaryIO | None = None
+    current: Any = None
+    try:
+        for path, offset, length in ranges:
+            if f is None or path != current:
+                if f is not None:
+                    f.close()
+                f = open(path, "rb")  # closed below
+                current = path
+            f.seek(offset)
+            left = length
+            while left > 0:
+                chunk = f.read(min(left, chunk_size))
+                if not chunk:
+                    raise BadInputError(f"{path}: ends before byte {offset + length} (prepared data truncated?)")
+                left -= len(chunk)
+                yield chunk
+    finally:
+        if f is not None:
+            f.close()
 
 
 class PendingBlob:
@@ -183,6 +214,13 @@ class Repository(ABC):
         """Send a blob's bytes (hashing, `size` checked as in `upload_blob`) without making it a blob
         yet: nothing is visible in the repository until `commit()`. Lets a caller do the heavy part
         of an upload before it knows whether the blob should exist at all."""
+
+    def begin_upload_ranges(self, ranges: Sequence[Sequence[Any]], size: int) -> PendingBlob:
+        """`begin_upload` of the `[path, offset, length]` ranges of files one after the other
+        (`size` bytes together): a registry sends their chunks (again, if the network breaks the
+        upload); an OCI layout copies them in the kernel (no bytes through Python) and hashes them
+        beside the copy."""
+        return self.begin_upload(ChunkSource(partial(iter_ranges_chunks, ranges)), size=size)
 
     @abstractmethod
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:

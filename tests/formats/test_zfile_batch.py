@@ -214,7 +214,7 @@ def test_unverified_file_reads_in_batches(algorithm: str) -> None:
 def test_serial_chunks_join_to_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _payload(30 * BS + 5, seed=12)
     whole = BlockCompressor("lz4", BS, threads=1).compress_packed(data)
-    monkeypatch.setattr(zfile, "SERIAL_CHUNK", 4 * BS)
+    monkeypatch.setattr(zfile.compress, "SERIAL_CHUNK", 4 * BS)
     chunks = list(BlockCompressor("lz4", BS, threads=1, batch_blocks=3).iter_packed(data))
     assert len(chunks) == 11  # 3-block chunks (the largest batch multiple <= 4 blocks)
     assert b"".join(c for c, _ in chunks) == whole[0]

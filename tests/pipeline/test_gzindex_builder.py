@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import zlib
 
+import pytest
+
 from obdconv.formats.gzindex import OUTPUT_ROOM, WINSIZE, GzipIndex, GzipIndexBuilder, GzipRandomReader
 
 # Spans whose access points include some less than WINSIZE after a buffer wrap (their window
@@ -81,3 +83,34 @@ def test_window_of_a_boundary_before_a_block_longer_than_the_buffer() -> None:
         assert max(gaps) > OUTPUT_ROOM  # the long block is there
         for k, e in enumerate(index.entries):
             assert index.window(k) == (bytes(WINSIZE) + data)[e.de_pos:e.de_pos + WINSIZE], (span, k)
+
+
+def test_c_inflate_loop_gives_the_python_loop_s_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder's C loop (formats/_fast_impl.c) against its Python loop: the same output and
+    gzip.meta with pigz-like sync flushes, an empty second member and padding, any chunking,
+    both libraries."""
+    from obdconv.formats import gzindex
+
+    if gzindex._FAST is None:
+        pytest.skip("formats C fast path not built (pip install -e .)")
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
+    flushed = b"".join(c.compress(DATA[i:i + 131072]) + c.flush(zlib.Z_SYNC_FLUSH)
+                       for i in range(0, len(DATA), 131072)) + c.flush()
+    # (a later member may only be empty: one with data is refused, MultiMemberGzip)
+    blobs = [_gzip_blob(), flushed + zlib.compress(b"", wbits=31) + bytes(10)]
+    libraries = [gzindex.system_zlib(), gzindex.bundled_zlib_ng()]
+
+    def build(blob: bytes, chunk: int, library: gzindex.InflateLibrary | None) -> tuple[bytes, bytes]:
+        b = GzipIndexBuilder(65536, library=library)
+        out = b"".join(b.feed(blob[i:i + chunk]) for i in range(0, len(blob), chunk))
+        return out, b.finish(len(blob))
+
+    for library in [lib for lib in libraries if lib is not None]:
+        for blob in blobs:
+            fast = [build(blob, chunk, library) for chunk in (777, 1 << 20)]
+            monkeypatch.setattr(gzindex, "_FAST", None)
+            slow = [build(blob, chunk, library) for chunk in (777, 1 << 20)]
+            monkeypatch.undo()
+            assert fast == slow, library.name
+            assert fast[0] == fast[1]
+            assert fast[0][0].startswith(DATA)

@@ -47,20 +47,21 @@ def test_spools_identical_with_and_without_fast_path(tmp_path: Path, monkeypatch
     assert len(results["fast"][-1]["blocks.bin"]) > 3 << 20 // 2  # the big layer really went through
 
 
-def test_data_area_blocks_any_write_shape() -> None:
+@pytest.mark.parametrize("threads", [1, 3])
+def test_data_area_blocks_any_write_shape(threads: int) -> None:
     """Small memoryview writes (the fast path), bytes, bytearray and batch-crossing writes give
-    the same blocks as one whole write."""
+    the same blocks as one whole write, compressed in the caller's thread or on a pool."""
     rng = random.Random(5)
     data = b"".join(rng.randbytes(rng.randint(0, 9000)) + bytes(rng.randint(0, 9000)) for _ in range(200))
     data += bytes(-len(data) % 4096)
 
     def blocks(pieces: list[bytes | bytearray | memoryview]) -> tuple[bytes, list[int]]:
         out = io.BytesIO()
-        sink = DataAreaBlocks(out, "lz4", 4096)
+        sink = DataAreaBlocks(out, "lz4", 4096, threads)
         for piece in pieces:
             sink.write(piece)
         assert sink.finish() == len(data)
-        return out.getvalue(), sink.lengths.tolist()
+        return out.getvalue(), list(sink.lengths)
 
     whole = blocks([data])
     view = memoryview(data)

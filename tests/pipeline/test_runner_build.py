@@ -117,10 +117,10 @@ def test_layers_sent_before_a_late_corrupt_layer_are_cancelled(tmp_path: Path,
     victim.write_bytes(bytes(data))
     before = tree_hash(lay.root)
     events: list[tuple[str, str]] = []
-    original = OCILayoutRepository.begin_upload
+    original = OCILayoutRepository.begin_upload_ranges
 
-    def recording_begin_upload(self: OCILayoutRepository, chunks: object, size: int | None = None) -> object:
-        pending = original(self, chunks, size)  # type: ignore[arg-type]
+    def recording_begin_upload(self: OCILayoutRepository, ranges: object, size: int) -> object:
+        pending = original(self, ranges, size)  # type: ignore[arg-type]
         events.append(("sent", pending.digest))
         commit, cancel = pending._commit, pending._cancel
 
@@ -133,7 +133,7 @@ def test_layers_sent_before_a_late_corrupt_layer_are_cancelled(tmp_path: Path,
         pending._commit, pending._cancel = record("commit", commit), record("cancel", cancel)  # type: ignore[assignment]
         return pending
 
-    monkeypatch.setattr(OCILayoutRepository, "begin_upload", recording_begin_upload)
+    monkeypatch.setattr(OCILayoutRepository, "begin_upload_ranges", recording_begin_upload)
     request = ConversionRequest(repository=f"oci:{lay.root}", input_tag="v1", overlaybd_tag="obd",
                                 workdir=str(tmp_path / "work"))
     with pytest.raises(BadInputError):

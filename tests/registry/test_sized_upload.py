@@ -119,3 +119,48 @@ def test_begin_upload_shows_nothing_until_commit(registry: RegistryService, tmp_
             kept.commit()
     assert [p.name for p in _upload_data_files(registry, name)] == []
     assert not list((tmp_path / "layout" / "blobs" / "sha256").glob(".upload-*"))
+
+
+def test_layout_upload_of_ranges_copies_and_hashes_them(tmp_path: Path) -> None:
+    """begin_upload_ranges: the ranges' bytes one after the other, digest checked, nothing visible
+    before commit; a size that does not match leaves nothing behind."""
+    from obdconv.registry.layout import OCILayoutRepository
+
+    parts = [tmp_path / "a", tmp_path / "b", tmp_path / "empty", tmp_path / "c"]
+    payload = [b"head" * 100, bytes(range(256)) * 5000, b"", b"tail"]
+    for path, data in zip(parts, payload, strict=True):
+        path.write_bytes(data)
+    ranges = [[p, 0, len(d)] for p, d in zip(parts, payload, strict=True)] + [[parts[1], 1000, 300]]
+    whole = b"".join(payload) + payload[1][1000:1300]
+    repo = OCILayoutRepository(tmp_path / "layout")
+    pending = repo.begin_upload_ranges(ranges, len(whole))
+    assert pending.digest == "sha256:" + hashlib.sha256(whole).hexdigest()
+    assert repo.head_blob(pending.digest) is None
+    pending.commit()
+    assert repo.read_blob(pending.digest) == whole
+    with pytest.raises(IntegrityError):
+        repo.begin_upload_ranges(ranges, len(whole) + 1)
+    assert [p.name for p in (tmp_path / "layout" / "blobs" / "sha256").iterdir()] == [pending.digest[7:]]
+
+
+def test_layout_upload_of_ranges_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel cannot copy between the files (EXDEV, ENOSYS) the bytes go through Python."""
+    import errno
+
+    from obdconv.registry.layout import OCILayoutRepository
+
+    calls = 0
+
+    def refuse(*_: object) -> int:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    part = tmp_path / "a"
+    part.write_bytes(os.urandom(3 << 20))
+    repo = OCILayoutRepository(tmp_path / "layout")
+    pending = repo.begin_upload_ranges([[part, 0, 3 << 20], [part, 5, 100]], (3 << 20) + 100)
+    pending.commit()
+    assert calls == 2
+    assert repo.read_blob(pending.digest) == part.read_bytes() + part.read_bytes()[5:105]
