@@ -3,13 +3,17 @@
 Every module's `register` adds its parser and sets `func` (args -> exit code). Errors derived from
 `ObdconvError` are printed as one clear line and mapped to their class's exit code. Ctrl-C exits
 130, SIGTERM 143 and SIGHUP 129, each after the command's cleanup (obdconv/termination.py).
+SIGUSR1 prints the stack of every thread to stderr and carries on: a run that seems stuck can be
+looked at without stopping it (Celery's worker installs its own SIGUSR1 dump, which replaces this).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
+import signal
 import sys
 
 from obdconv.errors import ObdconvError
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         with terminate_as_interrupt():  # SIGTERM/SIGHUP: the same cleanup as Ctrl-C
             return int(args.func(args) or 0)

@@ -49,6 +49,15 @@ def wait_for_prepares(proc: subprocess.Popen[bytes], work: Path) -> list[psutil.
     return children
 
 
+def stacks_of(proc: subprocess.Popen[bytes]) -> str:
+    """The stack of every thread of a live `obdconv` (SIGUSR1: obdconv/cli/main.py), then it is killed."""
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(1)
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    return err.decode(errors="replace")
+
+
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     out = []
     for p in processes:
@@ -96,7 +105,10 @@ def test_sigterm_cleans_up_and_exits_143(to_group: bool, tmp_path: Path) -> None
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)  # EOF on both pipes: nothing else holds them
+        try:
+            _, err = proc.communicate(timeout=30)  # EOF on both pipes: nothing else holds them
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no exit 30 s after SIGTERM; where it was stuck:\n{stacks_of(proc)}")
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
@@ -126,7 +138,9 @@ def test_sigkill_leaves_no_process_and_the_next_run_cleans_up(tmp_path: Path) ->
             proc.wait()
     assert wait_gone(children, 5) == []
     left = leftovers(work)
-    assert any(".obdconv-run-" in p for p in left) and any("/.prep-" in p for p in left), left
+    # The run's record, and in the spool a prepare under way (`.prep-*`) or, when the workers finished
+    # one in the moment between the runner's death and theirs, its result: both are the next run's to remove.
+    assert any(".obdconv-run-" in p for p in left) and any(p.startswith("spool/") for p in left), left
     # the next run in the same --dir converts, and removes what the killed one left
     again = start(lay, work)
     _, err = again.communicate(timeout=300)
@@ -174,3 +188,20 @@ def test_partial_uploads_of_dead_writers_are_removed_live_ones_kept(tmp_path: Pa
         for w in writers:
             w.kill()
             w.wait()
+
+
+def test_sigusr1_prints_every_thread_s_stack_and_the_run_goes_on(tmp_path: Path) -> None:
+    lay = big_image(tmp_path / "src")
+    proc = start(lay, tmp_path / "work")
+    try:
+        wait_for_prepares(proc, tmp_path / "work")
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    text = err.decode()
+    assert "Current thread" in text and text.count("Thread 0x") >= 2, text  # the main thread and its helpers
+    assert "obdconv/pipeline/runner.py" in text
