@@ -301,11 +301,7 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--scale", type=float, default=1.0)
     args = ap.parse_args()
-    summary = build(args.cache, args.scale)
-    print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=1))
-    for layer in summary["layers"]:
-        print(f"  {layer['name']:6s} {layer['digest'][:19]} gz {layer['size'] / 2**20:8.1f} MiB  "
-              f"tar {layer['uncompressed_size'] / 2**20:8.1f} MiB  {layer['members']:6d} entries")
+    build_image.print_summary(build(args.cache, args.scale))
     return 0
 
 

@@ -321,12 +321,16 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--min-bytes", type=int, default=1 << 30)
     args = ap.parse_args()
-    summary = build(args.cache, args.min_bytes)
+    print_summary(build(args.cache, args.min_bytes))
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """What a build made: the image's figures, then a line per layer."""
     print(json.dumps({k: v for k, v in summary.items() if k != "layers"}, indent=1))
     for layer in summary["layers"]:
         print(f"  {layer['name']:12s} {layer['digest'][:19]} gz {layer['size'] / 2**20:8.1f} MiB  "
               f"tar {layer['uncompressed_size'] / 2**20:8.1f} MiB  {layer['members']:6d} entries")
-    return 0
 
 
 if __name__ == "__main__":
