@@ -18,7 +18,7 @@ import ctypes
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -58,6 +58,21 @@ def terminate_as_interrupt() -> Iterator[None]:
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def signal_when_parent_dies(signum: int) -> Callable[[], None]:
+    """A `preexec_fn` for `subprocess.Popen`: the child (after exec too) gets `signum` from the kernel
+    when this process dies, even by SIGKILL (PR_SET_PDEATHSIG; strictly, when the thread that started
+    it ends: start children from the main thread). The C function is looked up here, before the fork,
+    so the child only calls it; a parent already gone by then makes the child exit at once."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -1,6 +1,7 @@
 """A whole fleet on this machine, for `obdconv fleet` and demos: Redis, the database (SQLite
 file, or the MySQL/MariaDB named by the settings), N workers and Flower, each a child process
-with its own log file in the fleet directory, stopped by pid in reverse order.
+with its own log file in the fleet directory, stopped by pid in reverse order. If the fleet's own
+process dies without stopping them (SIGKILL, a crash), the kernel sends each child SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from obdconv.errors import NetworkError, UsageError
 from obdconv.interpreter import python_command
+from obdconv.termination import signal_when_parent_dies
 
 
 def free_port() -> int:
@@ -78,7 +80,7 @@ class LocalFleet:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=self.directory, env={**os.environ, **self.env()},
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=signal_when_parent_dies(signal.SIGTERM))
         child = Child(name, proc, log_path)
         self.children.append(child)
         if ready_port is not None:
