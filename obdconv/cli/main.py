@@ -10,8 +10,10 @@ looked at without stopping it (Celery's worker installs its own SIGUSR1 dump, wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import importlib
+import io
 import logging
 import signal
 import sys
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Not when stderr is no file (main() called in-process with its output captured: tests).
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         with terminate_as_interrupt():  # SIGTERM/SIGHUP: the same cleanup as Ctrl-C
             return int(args.func(args) or 0)
