@@ -270,12 +270,9 @@ def build(cache: Path | None = None, scale: float = 1.0) -> dict:
     layers_dir = cache / "layers"
     for d in (blobs, layers_dir):
         d.mkdir(parents=True, exist_ok=True)
+    if (summary := build_image.cached_summary(cache)) is not None:
+        return summary
     summary_path = cache / "image.json"
-    if summary_path.exists() and (layout / "index.json").exists():
-        summary = json.loads(summary_path.read_text())
-        if all((blobs / layer["digest"].split(":", 1)[1]).exists() for layer in summary["layers"]):
-            log(f"cached image at {layout}")
-            return summary
     log("generating corpora")
     data = corpora(SEED)
     rng = random.Random(SEED + 1)

@@ -285,6 +285,23 @@ def write_layout(layout: Path, layers: list[LayerInfo], tag: str = TAG) -> dict:
     return {"manifest_digest": manifest_digest, "config_digest": config_digest}
 
 
+def cached_summary(cache: Path) -> dict | None:
+    """The summary of the image cached under `cache`, if it is whole; its paths are where the cache
+    is now (a checkout may have moved since it was built)."""
+    layout = cache / "image"
+    summary_path = cache / "image.json"
+    if not (summary_path.exists() and (layout / "index.json").exists()):
+        return None
+    summary = json.loads(summary_path.read_text())
+    blobs = layout / "blobs" / "sha256"
+    if not all((blobs / layer["digest"].split(":", 1)[1]).exists() for layer in summary["layers"]):
+        return None
+    summary["layout"] = str(layout)
+    summary["ref"] = f"oci:{layout}:{summary['tag']}"
+    log(f"cached image at {layout}")
+    return summary
+
+
 def build(cache: Path, min_bytes: int) -> dict:
     work = cache / "work"
     layout = cache / "image"
@@ -292,12 +309,9 @@ def build(cache: Path, min_bytes: int) -> dict:
     layers_dir = cache / "layers"
     for d in (work, blobs, layers_dir):
         d.mkdir(parents=True, exist_ok=True)
+    if (summary := cached_summary(cache)) is not None:
+        return summary
     summary_path = cache / "image.json"
-    if summary_path.exists() and (layout / "index.json").exists():
-        summary = json.loads(summary_path.read_text())
-        if all((blobs / layer["digest"].split(":", 1)[1]).exists() for layer in summary["layers"]):
-            log(f"cached image at {layout}")
-            return summary
     rootfs, origin = build_debian_rootfs(work)
     trees: list[tuple[str, Path]] = [("debian", rootfs)]
     for name, packages in PIP_LAYERS:
