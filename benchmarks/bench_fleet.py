@@ -12,7 +12,7 @@
 
     .venv/bin/python benchmarks/bench_fleet.py [--images 6] [--layers 3] [--many-layers 12] [--mib 4]
     .venv/bin/python benchmarks/bench_fleet.py --workers 1,2,3 --json   # what capacity_model.py --validate takes
-    .venv/bin/python benchmarks/bench_fleet.py --sections ten,big [--ten-mib 32] [--big-scale 0.25]
+    .venv/bin/python benchmarks/bench_fleet.py --sections ten,big [--ten-mib 32] [--repeat 5] [--big-scale 0.25]
 
 Each configuration gets a fresh fleet (Redis, SQLite, its own spool), so nothing is reused
 between runs; images are `oci:` layouts (no registry in the way, no dedup). The ratios are the
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -168,11 +169,17 @@ def section_ten(args: argparse.Namespace, scratch: Path) -> None:
     build_sample_image(source, "warmup", layers=2, file_bytes=1 << 20, seed=11)
     print(f"ten: 10 layers of {args.ten_mib} MiB random + {args.ten_mib} MiB text, each worker pinned to one CPU; "
           f"load {load_average()}")
-    one, one_cpu = ten_layers(1, source, scratch)
-    two, two_cpu = ten_layers(2, source, scratch)
-    print(f"  1 worker : {one:6.2f} s (workers' CPU {one_cpu:6.2f} s)")
-    print(f"  2 workers: {two:6.2f} s (workers' CPU {two_cpu:6.2f} s)")
-    print(f"  speed-up x{one / two:.2f} (target >= 1.7); load {load_average()}")
+    speedups = []
+    for run in range(args.repeat):
+        one, one_cpu = ten_layers(1, source, scratch / f"run{run}")
+        two, two_cpu = ten_layers(2, source, scratch / f"run{run}")
+        speedups.append(one / two)
+        print(f"  1 worker : {one:6.2f} s (workers' CPU {one_cpu:6.2f} s)")
+        print(f"  2 workers: {two:6.2f} s (workers' CPU {two_cpu:6.2f} s)")
+        print(f"  speed-up x{one / two:.2f} (target >= 1.7); load {load_average()}")
+    if args.repeat > 1:
+        print(f"  median speed-up of {args.repeat} runs x{statistics.median(speedups):.2f} "
+              f"(min x{min(speedups):.2f}, max x{max(speedups):.2f})")
 
 
 # ---------------------------------------------------------------------------------------------- one big layer
@@ -228,6 +235,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="throughput: fleet sizes to measure, the first is the baseline")
     parser.add_argument("--json", action="store_true", help="throughput: also print {workers: [batch s, many-layer s]}")
     parser.add_argument("--ten-mib", type=int, default=32, help="random MiB per layer of the 10-layer image")
+    parser.add_argument("--repeat", type=int, default=1, help="ten: runs of 1 and 2 workers (the median is printed)")
     parser.add_argument("--big-scale", type=float, default=0.25,
                         help="scale of the 3 GB benchmark image for the big section (1 = the whole image)")
     args = parser.parse_args()
