@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +54,41 @@ def _repo(name: str, options: RegistryOptions | None) -> Any:
     if repo is None:
         repo = process_repositories[name] = open_repository(name, options)
     return repo
+
+
+class ProgressDrain:
+    """The runner's end of the pool's progress queue: a thread that emits the workers' events.
+
+    Stopped by an event, never by a sentinel put through the queue: a put takes the queue's write
+    lock (shared with the workers), which a worker killed while writing (Ctrl-C, SIGTERM, an OOM
+    kill) holds for ever. The runner's feeder thread would wait for it, and the interpreter, which
+    joins that thread at exit, would never exit."""
+
+    POLL_SECONDS = 0.1  # how soon a stop is noticed
+
+    def __init__(self, progress_queue: Any, emit: Callable[[ProgressEvent], None]) -> None:
+        self._queue = progress_queue
+        self._emit = emit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-drain", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5) -> None:
+        """Emit what has arrived, until nothing more comes for a moment, then end the thread."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                event = self._queue.get(timeout=self.POLL_SECONDS)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except (EOFError, OSError):
+                return
+            self._emit(event)
 
 
 def _report(event: ProgressEvent) -> None:

@@ -55,6 +55,7 @@ from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
 from obdconv.pipeline.pool import (
     InlineExecutor,
+    ProgressDrain,
     init_worker,
     process_repositories,
     run_all,
@@ -439,8 +440,7 @@ class _Run:
         self.native = any(p.format == "native" for p in self.profiles)
         self.turbo = any(p.format == "turbo" for p in self.profiles)
         workers = self.options.workers or os.cpu_count() or 1
-        progress_queue: Any = None
-        drain: threading.Thread | None = None
+        drain: ProgressDrain | None = None
         # Uploads run in threads of this process, not in the pool: an upload mostly waits for the
         # registry (it hashes and sends with the GIL released), and in a pool worker it would hold
         # a slot that a prepare or build could use meanwhile. Threads share this process's
@@ -459,8 +459,7 @@ class _Run:
             progress_queue = ctx.Queue()
             pool: Executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                                                  initargs=(progress_queue, os.getpid()))
-            drain = threading.Thread(target=self._drain_progress, args=(progress_queue,), daemon=True)
-            drain.start()
+            drain = ProgressDrain(progress_queue, self.emit)
         else:
             process_repositories.update(_repos_in_process)
             init_worker(_DirectQueue(self))
@@ -490,10 +489,8 @@ class _Run:
                     thread.join()
 
             def stop_progress() -> None:
-                if progress_queue is not None:
-                    progress_queue.put(None)
-                    if drain is not None:
-                        drain.join(5)
+                if drain is not None:
+                    drain.stop()
                 if workers <= 1:
                     init_worker(None)
                     for name in _repos_in_process:
@@ -591,18 +588,6 @@ class _Run:
                     out = outputs[fmt]
                     out.root_digest, out.root_media_type, out.root_size = desc["digest"], desc["mediaType"], desc["size"]
                 self.emit(ProgressEvent("index", manifest=index.digest, format=fmt, finished=True))
-
-    def _drain_progress(self, q: Any) -> None:
-        while True:
-            try:
-                event = q.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            except (EOFError, OSError):
-                return
-            if event is None:
-                return
-            self.emit(event)
 
 
 class _DirectQueue:
