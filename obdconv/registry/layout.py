@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -291,16 +291,11 @@ class OCILayoutRepository(Repository):
 
     def _write_temp(self, chunks: Iterable[bytes], expected_digest: str | None,
                     expected_size: int | None) -> tuple[str, str, int, int]:
-        """(temp file, digest, size, lock) of `chunks` written beside the blobs and checked; the temp
-        file is removed again if anything fails. `lock` holds the temp file's flock (marking it as
-        in use, not left over) until released."""
-        directory = self.root / "blobs" / "sha256"
-        hasher = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
-        lock: int | None = None
-        try:
-            lock = hold(tmp_name)
+        """`_temp_blob` of `chunks`, hashed as written and checked against what was expected."""
+
+        def fill(fd: int) -> tuple[str, int]:
+            hasher = hashlib.sha256()
+            size = 0
             with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
                     hasher.update(chunk)
@@ -314,20 +309,14 @@ class OCILayoutRepository(Repository):
                 raise IntegrityError(f"{what} for {self.name}: {size} bytes, expected {expected_size}")
             if expected_digest is not None and digest != expected_digest:
                 raise IntegrityError(f"blob for {self.name}: content has digest {digest}, expected {expected_digest}")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            release(lock)
-            raise
-        return tmp_name, digest, size, lock
+            return digest, size
+
+        return self._temp_blob(fill)
 
     def _copy_temp(self, ranges: Sequence[Sequence[Any]], size: int) -> tuple[str, str, int, int]:
-        """`_write_temp` of byte ranges of files, copied in the kernel and hashed by a helper thread."""
-        directory = self.root / "blobs" / "sha256"
-        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=directory)
-        lock: int | None = None
-        try:
-            lock = hold(tmp_name)
+        """`_temp_blob` of byte ranges of files, copied in the kernel and hashed by a helper thread."""
+
+        def fill(fd: int) -> tuple[str, int]:
             with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
                 hashed = hasher.submit(ranges_sha256, ranges)
                 with os.fdopen(fd, "wb", buffering=0) as out:
@@ -336,6 +325,19 @@ class OCILayoutRepository(Repository):
                 digest, hashed_size = hashed.result()
             if written != size or hashed_size != size:
                 raise IntegrityError(f"blob for {self.name}: {written} bytes, expected {size}")
+            return digest, size
+
+        return self._temp_blob(fill)
+
+    def _temp_blob(self, fill: Callable[[int], tuple[str, int]]) -> tuple[str, str, int, int]:
+        """(temp file, digest, size, lock): a temp file beside the blobs, written and checked by
+        `fill(fd)` (which returns its digest and size), and removed again if anything fails. `lock`
+        holds the temp file's flock (marking it as in use, not left over) until released."""
+        fd, tmp_name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=self.root / "blobs" / "sha256")
+        lock: int | None = None
+        try:
+            lock = hold(tmp_name)
+            digest, size = fill(fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
