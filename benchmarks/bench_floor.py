@@ -30,6 +30,7 @@ Usage: .venv/bin/python benchmarks/bench_floor.py [--images big,small] [--format
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -96,13 +97,11 @@ class Clock:
 
 
 def _chunks(path: Path, clock: Clock | None = None) -> Iterator[bytes]:
+    timed = clock or contextlib.nullcontext()
     with open(path, "rb") as f:
         while True:
-            if clock is None:
+            with timed:
                 chunk = f.read(READ_CHUNK)
-            else:
-                with clock:
-                    chunk = f.read(READ_CHUNK)
             if not chunk:
                 return
             yield chunk
@@ -110,14 +109,12 @@ def _chunks(path: Path, clock: Clock | None = None) -> Iterator[bytes]:
 
 def _inflated(path: Path, make: Callable[[], Any], clock: Clock | None = None) -> Iterator[bytes]:
     """The layer's tar, piece by piece; `clock` (if given) times the reads and the inflate."""
+    timed = clock or contextlib.nullcontext()
     d = make()
     for chunk in _chunks(path, clock):
         while chunk:
-            if clock is None:
+            with timed:
                 out = d.decompress(chunk)
-            else:
-                with clock:
-                    out = d.decompress(chunk)
             if out:
                 yield out
             chunk = d.unused_data if d.eof else b""
