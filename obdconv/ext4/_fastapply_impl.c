@@ -541,7 +541,7 @@ long obd_mkdir(uintptr_t fsp, uint32_t parent, const char *name, int name_len, u
     return obd_finish_dir(fsp, ino, mode, uid, gid, mtime_ns, res);
 }
 
-/* The directory-times pass of LayerApply.run: read, fields.set_times, write. */
+/* The directory-times pass of LayerApply.finish: read, fields.set_times, write. */
 long obd_set_times(uintptr_t fsp, uint32_t ino, int64_t mtime_ns, struct obd_result *res)
 {
     ext2_filsys fs = (ext2_filsys)fsp;

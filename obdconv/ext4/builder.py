@@ -29,13 +29,13 @@ from operator import add, itemgetter
 from pathlib import Path
 from typing import Protocol
 
-from obdconv.entries import EntryType, LayerEntry
+from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, ObdconvError, UnsupportedError
 from obdconv.ext4 import libext2fs as L
 from obdconv.ext4.capture import WriteCapture
 from obdconv.ext4.dirs import DirIndex
 from obdconv.ext4.filedata import regular_file_data, subtract
-from obdconv.ext4.layer import _TYPE_OF, LayerApply
+from obdconv.ext4.layer import LayerApply
 from obdconv.ext4.mkfs import FAKE_TIME, data_blocks, mkfs
 from obdconv.ext4.segment import BLOCK_SIZE, Extent, LayerMetadata
 from obdconv.ext4.validate import validate_entries
@@ -297,11 +297,8 @@ class LayerSession:
         self.entries.extend(entries)
 
         def step() -> None:
-            if self.layer is None:
-                track = self.track_touched
-                if track is None:
-                    track = EntryType.OPAQUE in map(_TYPE_OF, entries)
-                self.layer = LayerApply(self.fs, self.builder._dirs, self.entries, track_touched=track)
+            if self.layer is None:  # (None: LayerApply decides from the first part, then the only one)
+                self.layer = LayerApply(self.fs, self.builder._dirs, self.entries, track_touched=self.track_touched)
             self.layer.apply_range(start, len(self.entries))
 
         self._run(step)

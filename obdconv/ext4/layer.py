@@ -77,10 +77,6 @@ class LayerApply:
         self.where = ""
 
     # --- driver ---
-    def run(self) -> None:
-        self.apply_range(0, len(self.entries))
-        self.finish()
-
     def apply_range(self, start: int, end: int) -> None:
         """Apply entries [start, end) (`entries` may grow between calls: a layer applied in parts)."""
         # A new pass, or a part after others (perhaps another builder's) ran in between: the C
@@ -556,13 +552,9 @@ class LayerApply:
             name, (ino, ftype) = item
             base = name.decode("utf-8", "surrogateescape")
             child = f"{path}/{base}" if path else base
-            if not path and base == LOST_FOUND:
-                # mkfs's directory stays (e2fsck expects it; faithful.LOST_FOUND_ADDED), but what
-                # lower layers put in it is hidden like everything else.
-                if ftype == L.EXT2_FT_DIR:
-                    stack.append((child, iter(list(self.dirs.names(ino).items())), ino))
-                continue
-            if child in self.touched or child in self.touched_parents:
+            # Kept: what this layer touched, and mkfs's lost+found (e2fsck expects it;
+            # faithful.LOST_FOUND_ADDED); what lower layers put in them is hidden all the same.
+            if (not path and base == LOST_FOUND) or child in self.touched or child in self.touched_parents:
                 if ftype == L.EXT2_FT_DIR:
                     stack.append((child, iter(list(self.dirs.names(ino).items())), ino))
                 continue

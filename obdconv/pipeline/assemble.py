@@ -55,7 +55,7 @@ from obdconv.pipeline.layout import (
 from obdconv.pipeline.mapping import native_runs, turbo_runs, verify_runs
 from obdconv.pipeline.metadata import AppliedLayer
 from obdconv.pipeline.prepare import PreparedLayer
-from obdconv.registry.repository import ChunkSource, PendingBlob, iter_ranges_chunks
+from obdconv.registry.repository import ChunkSource, PendingBlob
 from obdconv.request import ConversionProfile
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,14 @@ def _store(target_repo: Any, chunks: Iterable[bytes], upload: bool, size: int) -
     if upload:
         return target_repo.upload_blob(chunks, size=size)
     digest, written = _Hashing(chunks).drain()
-    if written != size:
-        raise BadInputError(f"blob {digest}: {written} bytes, planned {size}")
+    _check_planned(digest, written, size)
     return digest, written
+
+
+def _check_planned(digest: str, size: int, planned: int) -> None:
+    """A blob hashed without uploading (--no-upload) came out at the size its plan said."""
+    if size != planned:
+        raise BadInputError(f"blob {digest}: {size} bytes, planned {planned}")
 
 
 def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
@@ -182,9 +187,6 @@ class BuiltLayer:
         whole = [[path, 0, os.path.getsize(path)] for path in (self.head_path, self.body_path) if path]
         tail = [[self.tail_path, 0, os.path.getsize(self.tail_path)]] if self.tail_path else []
         return [*whole, *self.body_ranges, *tail]
-
-    def chunks(self) -> Iterator[bytes]:
-        return iter_ranges_chunks(self.ranges())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -408,8 +410,7 @@ def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> Pend
     if upload:
         return target_repo.begin_upload_ranges(built.ranges(), built.size)  # type: ignore[no-any-return]
     digest, size = ranges_sha256(built.ranges())
-    if size != built.size:
-        raise BadInputError(f"blob {digest}: {size} bytes, planned {built.size}")
+    _check_planned(digest, size, built.size)
     return PendingBlob(digest, size, lambda: None, lambda: None)
 
 
