@@ -248,9 +248,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bs <= 0:
         raise UsageError(f"--bs {args.bs}: expected KiB, 4..32")
     validate_request(request)  # fail on bad flags before anything heavy is imported or opened
-    if args.workers != 1:
-        from obdconv.pipeline.forkserver import start_early
+    from obdconv.pipeline.forkserver import pool_size, start_early
 
+    if pool_size(args.workers) > 1:
         start_early()  # the pool's fork server imports the pipeline while this process does
     from obdconv.pipeline.runner import RunnerOptions, convert
 

@@ -1,5 +1,5 @@
 """Bytes objects whose memory C code fills in place (the ZFile reader decodes into them, the gzip
-index builder inflates into them), handed to Python code without a copy."""
+index builder inflates into them), handed to Python code without a copy; flat byte views of buffers."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 
 def uninitialised_bytes(n: int) -> bytes:
     return _new_bytes(None, n) if n > 1 else bytes(n)  # 0/1-byte bytes may be shared singletons
+
+
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """`data` as a flat view of unsigned bytes: the view itself when it already is one (what the
+    tar scanner passes), else a cast (no copy either way)."""
+    if isinstance(data, memoryview) and data.format == "B" and data.ndim == 1:
+        return data
+    return memoryview(data).cast("B")

@@ -8,12 +8,19 @@ conversion's critical path. Started first, the server imports while the command 
 
 from __future__ import annotations
 
+import os
+
 from obdconv.interpreter import start_forkserver
 
 # What the server preloads: multiprocessing's default ("__main__") and the runner, whose import
 # brings in every stage the workers run. The runner asks for the same list (it has no effect once
 # the server runs).
 PRELOAD = ["__main__", "obdconv.pipeline.runner"]
+
+
+def pool_size(workers: int) -> int:
+    """The runner's pool processes for `workers` (0: one per CPU); 1 runs inline, with no pool."""
+    return workers or os.cpu_count() or 1
 
 
 def start_early() -> None:

@@ -53,6 +53,7 @@ import zstandard
 from obdconv.entries import LayerEntry
 from obdconv.errors import BadInputError, IntegrityError, UnsupportedError
 from obdconv.formats.gzindex import GzipIndexBuilder, MultiMemberGzip
+from obdconv.formats.rawbytes import byte_view
 from obdconv.formats.zfile import BlockStream
 from obdconv.gcpause import gc_paused
 from obdconv.leftovers import hold, release
@@ -254,7 +255,7 @@ class DataAreaBlocks:
             self.view[fill : fill + n] = data
             self.fill = fill + n
             return
-        mv = data if isinstance(data, memoryview) and mv_is_bytes(data) else memoryview(data).cast("B")
+        mv = byte_view(data)
         n = len(mv)
         batch = self.batch
         if fill:
@@ -309,11 +310,6 @@ class DataAreaBlocks:
             lengths.byteswap()
         with open(path, "wb") as f:
             lengths.tofile(f)
-
-
-def mv_is_bytes(mv: memoryview) -> bool:
-    """A flat view of unsigned bytes (what TarScanner passes), usable without a cast."""
-    return mv.format == "B" and mv.ndim == 1
 
 
 def _inflater(kind: str, gzip_index: GzipIndexBuilder | None

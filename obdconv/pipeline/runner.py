@@ -49,7 +49,7 @@ from obdconv.pipeline.baselayer import push_base_layer, resolve_base_layer, with
 from obdconv.pipeline.entrystream import streamed_entries
 from obdconv.pipeline.feasibility import Refusal, deliverable, refusals
 from obdconv.pipeline.flatten import encode_ranges
-from obdconv.pipeline.forkserver import PRELOAD
+from obdconv.pipeline.forkserver import PRELOAD, pool_size
 from obdconv.pipeline.metadata import MetadataPass, encode_metadata
 from obdconv.pipeline.parents import read_back_parents
 from obdconv.pipeline.plan import ImagePlan, ManifestPlan, resolve_image
@@ -439,7 +439,7 @@ class _Run:
             outputs[fmt].error = refusal.to_dict()
         self.native = any(p.format == "native" for p in self.profiles)
         self.turbo = any(p.format == "turbo" for p in self.profiles)
-        workers = self.options.workers or os.cpu_count() or 1
+        workers = pool_size(self.options.workers)
         drain: ProgressDrain | None = None
         # Uploads run in threads of this process, not in the pool: an upload mostly waits for the
         # registry (it hashes and sends with the GIL released), and in a pool worker it would hold

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
+from obdconv.formats.rawbytes import byte_view
 from obdconv.formats.zfile.codec import (
     _compress_packed,
     _shared_pool,
@@ -145,7 +146,7 @@ class BlockStream:
             raise ValueError("submit to a closed BlockStream")
         if self._error is not None:
             raise self._error
-        mv = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+        mv = byte_view(data)
         self.raw_size += len(mv)
         if self._pool is None:
             self._emit(*self._compress(mv, done))
