@@ -28,7 +28,7 @@ from obdconv.errors import BadInputError
 from obdconv.pipeline.assemble import upload_built
 from obdconv.pipeline.flatten import build_flat_layer, decode_ranges
 from obdconv.pipeline.metadata import decode_metadata
-from obdconv.pipeline.prepare import PreparedLayer, load_prepared, spool_key
+from obdconv.pipeline.prepare import PreparedLayer, reuse_prepared, spool_key
 from tasks.base import FleetTask
 from tasks.claims import held_claims
 from tasks.context import open_repository, spool_dir
@@ -76,7 +76,7 @@ def _prepared_here(task: Any, job: dict[str, Any], layer: dict[str, Any], holder
         if not spool.is_dir():
             continue  # another machine's spool
         stack.enter_context(layer_in_use(spool, key))
-        prepared = load_prepared(spool, layer["digest"], request.algorithm, request.block_size)
+        prepared = reuse_prepared(spool, layer["digest"], request.algorithm, request.block_size)
         if prepared is not None and prepared.native:
             return prepared
     log.warning("layer %s is not in a spool %s can read: preparing it again here", layer["digest"], node)
