@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import oras.container
-import oras.provider
 import oras.utils
 import requests
 
@@ -48,6 +47,11 @@ MANIFEST_BLOB_UNKNOWN_DELAYS = (0.2, 0.5, 1.0, 2.0)
 MAX_MANIFEST_BYTES = 4 << 20  # distribution's own limit for a manifest body
 STREAM_MERGE_BELOW = 256 << 10  # streamed uploads merge pieces smaller than this (fewer tiny HTTP chunks)
 _ACCEPT_MANIFESTS = ", ".join(MANIFEST_MEDIA_TYPES)
+
+
+def _range_starts_at(response: requests.Response, offset: int) -> bool:
+    """A 206 answer's Content-Range begins at `offset` (the byte the request asked for)."""
+    return response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0] == str(offset)
 
 
 def _container(endpoint: str, repository: str) -> oras.container.Container:
@@ -204,8 +208,7 @@ class RegistryRepository(Repository):
         response = self._registry.do_request(self._url("blobs", digest), "GET", stream=True,
                                              headers={"Range": f"bytes={offset}-"})
         if response.status_code == 206:
-            start = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
-            if start == str(offset):
+            if _range_starts_at(response, offset):
                 return RawSource(response, what)
             response.close()
             raise NetworkError(f"{what}: resuming at byte {offset}, the registry answered with range "
@@ -239,8 +242,7 @@ class RegistryRepository(Repository):
             if response.status_code == 416:  # starts at or beyond the end
                 return b""
             if response.status_code == 206:
-                start = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
-                if start != str(offset):
+                if not _range_starts_at(response, offset):
                     raise NetworkError(f"{what}: the registry answered with range "
                                        f"{response.headers.get('Content-Range')!r}")
                 return RawSource(response, what).read()[:length]

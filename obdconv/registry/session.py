@@ -13,9 +13,7 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
-import oras.container
 import oras.provider
-import oras.utils
 import requests
 from requests.adapters import HTTPAdapter
 
