@@ -124,17 +124,18 @@ class MetadataPass:
         # Loading a big entry list and building its placements allocate ~10 objects per entry and
         # make no cycles: the cyclic GC would rescan the growing heap again and again (a third of
         # this pass on the benchmark image). Paused as `Ext4Builder.apply` pauses it.
+        # One part, all the layer: whether its paths need tracking is known (opaque markers only).
         with gc_paused():
-            entries = prepared.load_entries()
-            warn_out_of_range_times(prepared.source_digest, entries)
-            return AppliedLayer.of(entries, self.builder.apply(entries))
+            return self.apply_parts([prepared.load_entries()], prepared.source_digest, track_touched=None)
 
-    def apply_parts(self, parts: Iterable[Sequence[LayerEntry]], layer_digest: str = "") -> AppliedLayer:
+    def apply_parts(self, parts: Iterable[Sequence[LayerEntry]], layer_digest: str = "", *,
+                    track_touched: bool | None = True) -> AppliedLayer:
         """`apply` of layer `layer_digest` whose entries come in parts, each applied as it comes
         (e.g. `entrystream.streamed_entries`, while the layer is still being prepared): the same
-        result. `busy_seconds` grows by the time spent applying, not waiting for parts."""
+        result. `busy_seconds` grows by the time spent applying, not waiting for parts.
+        `track_touched`: as `Ext4Builder.begin_layer`."""
         with gc_paused():
-            session = self.builder.begin_layer()
+            session = self.builder.begin_layer(track_touched=track_touched)
             try:
                 for part in parts:
                     t = time.monotonic()
