@@ -39,11 +39,12 @@ from typing import Any
 
 from obdconv.errors import BadInputError
 from obdconv.formats.lsmt import commit_header, commit_tail
-from obdconv.formats.tarwrap import wrap_prefix, wrap_suffix
-from obdconv.formats.zfile import BlockCompressor, compress_zfile, zfile_parts
+from obdconv.formats.tarwrap import PREFIX_SIZE, wrap_prefix, wrap_suffix
+from obdconv.formats.zfile import HEADER_SPACE, BlockCompressor, compress_zfile, zfile_parts
 from obdconv.oci import mediatypes
 from obdconv.oci.digests import chain_id_to_uuid, ranges_sha256
 from obdconv.pipeline.annotations import descriptor, layer_annotations, layer_media_type
+from obdconv.pipeline.inplace import finish_in_place
 from obdconv.pipeline.layout import (
     FS_BLOCK,
     LSMT_HEADER_SIZE,
@@ -137,20 +138,24 @@ def _check_planned(digest: str, size: int, planned: int) -> None:
         raise BadInputError(f"blob {digest}: {size} bytes, planned {planned}")
 
 
-def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
+def _file_chunks(path: str | os.PathLike[str], offset: int, length: int) -> Iterator[bytes]:
     with open(path, "rb") as f:
-        while chunk := f.read(STREAM_CHUNK):
+        f.seek(offset)
+        while length > 0 and (chunk := f.read(min(STREAM_CHUNK, length))):
+            length -= len(chunk)
             yield chunk
 
 
 @dataclass(slots=True)
 class BlobParts:
-    """A layer blob as `head` + the bytes of file `body_path` (if any) + `tail`."""
+    """A layer blob as `head` + `body_size` bytes of file `body_path` (if any) from `body_offset`
+    + `tail`."""
 
     head: bytes
     body_path: str
     body_size: int
     tail: bytes
+    body_offset: int = 0
 
     @property
     def size(self) -> int:
@@ -159,16 +164,16 @@ class BlobParts:
     def chunks(self) -> Iterator[bytes]:
         yield self.head
         if self.body_path:
-            yield from _file_chunks(self.body_path)
+            yield from _file_chunks(self.body_path, self.body_offset, self.body_size)
         yield self.tail
 
 
 @dataclass(slots=True)
 class BuiltLayer:
     """A layer blob built by `build_layer`, waiting for `upload_built`: its bytes are the file
-    `head_path`, then `body_path` (the prepared blocks, verbatim; "" for turbo), then each
-    `[path, offset, length]` of `body_ranges` (pieces of several spools: a flattened layer, see
-    flatten.py), then `tail_path`."""
+    `head_path`, then `body_size` bytes of `body_path` from `body_offset` (the prepared blocks,
+    verbatim; "" for turbo), then each `[path, offset, length]` of `body_ranges` (pieces of several
+    spools: a flattened layer, see flatten.py), then `tail_path`."""
 
     format: str
     head_path: str
@@ -180,13 +185,16 @@ class BuiltLayer:
     source_size: int
     target_media_type: str  # turbo annotation; "" for native
     body_ranges: list[list[Any]] = field(default_factory=list)
+    body_offset: int = 0
+    body_size: int = 0
 
     def ranges(self) -> list[list[Any]]:
         """The blob as `[path, offset, length]` byte ranges of files, in order (what an upload
         copies, see `Repository.begin_upload_ranges`)."""
-        whole = [[path, 0, os.path.getsize(path)] for path in (self.head_path, self.body_path) if path]
+        head = [[self.head_path, 0, os.path.getsize(self.head_path)]] if self.head_path else []
+        body = [[self.body_path, self.body_offset, self.body_size]] if self.body_path else []
         tail = [[self.tail_path, 0, os.path.getsize(self.tail_path)]] if self.tail_path else []
-        return [*whole, *self.body_ranges, *tail]
+        return [*head, *body, *self.body_ranges, *tail]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,31 +236,44 @@ def plan_native_blob(prepared: PreparedLayer, metadata: AppliedLayer, profile: C
     layout = NativeLayout(bs, prepared.data_area_size, len(ordered))
     verify_runs(runs, local_lo=data_start // SECTOR, local_hi=layout.index_offset // SECTOR, virtual_size=vsize)
     uuid, parent_uuid = _uuid(chain_id), _uuid(parent_chain_id)
-    header = commit_header(vsize, uuid, parent_uuid)
-    head_region = header + bytes(data_start - len(header))
     tail = commit_tail(runs, layout.index_offset, vsize, uuid, parent_uuid)
     tail_region = b"".join(data for _, data in ordered) + tail
     lsmt_size = layout.index_offset + len(tail)
-    compressor = BlockCompressor(profile.algorithm, bs)
-    head_blocks = compressor.compress(head_region)
-    tail_blocks = compressor.compress(tail_region)
+    head_blocks = _native_head_blocks(profile, chain_id, parent_chain_id)
+    tail_blocks = BlockCompressor(profile.algorithm, bs).compress(tail_region)
     lengths = [len(b) for b in head_blocks] + prepared.block_lengths() + [len(b) for b in tail_blocks]
     zheader, ztail = zfile_parts(lengths, lsmt_size, profile.algorithm, bs)
     zfile_size = len(zheader) + sum(lengths) + len(ztail)
     return NativeBlobPlan(zheader, head_blocks, tail_blocks, ztail, zfile_size, lsmt_size)
 
 
+def _native_head_blocks(profile: ConversionProfile, chain_id: str, parent_chain_id: str) -> list[bytes]:
+    """The ZFile block(s) of the LSMT header region (the header, zeros up to the data area)."""
+    header = commit_header(profile.vsize_gb << 30, _uuid(chain_id), _uuid(parent_chain_id))
+    head_region = header + bytes(data_area_start(profile.block_size) - len(header))
+    return BlockCompressor(profile.algorithm, profile.block_size).compress(head_region)
+
+
+def native_head_size(profile: ConversionProfile, chain_id: str, parent_chain_id: str) -> int:
+    """Bytes of a native blob before its prepared blocks (tar prefix, ZFile header, the LSMT header's
+    block): known before the layer is prepared, so prepare can leave this much room in front of
+    the blocks for the blob to be finished in place (inplace.py)."""
+    return PREFIX_SIZE + HEADER_SPACE + sum(map(len, _native_head_blocks(profile, chain_id, parent_chain_id)))
+
+
 def native_blob_parts(prepared: PreparedLayer, plan: NativeBlobPlan) -> BlobParts:
     """The blob's bytes in order: tar prefix, ZFile (prepared blocks streamed from the spool), suffix."""
-    body_size = os.path.getsize(prepared.blocks_path)
+    body_size = prepared.compressed_size
     expected = plan.zfile_size - len(plan.zheader) - len(plan.ztail) - sum(len(b) for b in plan.head_blocks) \
         - sum(len(b) for b in plan.tail_blocks)
-    if body_size != expected:
-        raise BadInputError(f"layer {prepared.source_digest}: prepared blocks are {body_size} bytes, "
-                            f"their lengths add up to {expected}")
+    file_size = os.path.getsize(prepared.blocks_path)
+    if body_size != expected or file_size < prepared.blocks_offset + body_size:
+        raise BadInputError(f"layer {prepared.source_digest}: prepared blocks are {body_size} bytes "
+                            f"({file_size} in the file from byte {prepared.blocks_offset}), their lengths "
+                            f"add up to {expected}")
     return BlobParts(wrap_prefix(plan.zfile_size) + plan.zheader + b"".join(plan.head_blocks),
                      str(prepared.blocks_path), body_size,
-                     b"".join(plan.tail_blocks) + plan.ztail + wrap_suffix(plan.zfile_size))
+                     b"".join(plan.tail_blocks) + plan.ztail + wrap_suffix(plan.zfile_size), prepared.blocks_offset)
 
 
 def native_blob_chunks(prepared: PreparedLayer, plan: NativeBlobPlan) -> Iterator[bytes]:
@@ -401,13 +422,19 @@ def build_layer(prepared: PreparedLayer, metadata: AppliedLayer, profile: Conver
     head.write_bytes(parts.head)
     tail.write_bytes(parts.tail)
     return BuiltLayer(profile.format, str(head), parts.body_path, str(tail), parts.size, diff_id,
-                      prepared.source_digest, prepared.source_size, target_type)
+                      prepared.source_digest, prepared.source_size, target_type,
+                      body_offset=parts.body_offset, body_size=parts.body_size)
 
 
 def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> PendingBlob:
     """The heavy half of an upload: a built layer's bytes sent (or, with `upload` False, only
     hashed), not yet a blob in `target_repo` until `commit_built`."""
     if upload:
+        if built.body_offset and built.body_path:
+            pending = finish_in_place(built.body_path, built.head_path, built.body_offset, built.body_size,
+                                      built.tail_path, built.size, target_repo)
+            if pending is not None:
+                return pending
         return target_repo.begin_upload_ranges(built.ranges(), built.size)  # type: ignore[no-any-return]
     digest, size = ranges_sha256(built.ranges())
     _check_planned(digest, size, built.size)

@@ -99,9 +99,9 @@ def _report(event: ProgressEvent) -> None:
 
 def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, Any], spool_dir: str,
                  native: bool, turbo: bool, algorithm: str, block_size: int, index: int,
-                 entry_stream: str = "") -> tuple[dict[str, Any], float]:
+                 entry_stream: str = "", head_room: int = 0) -> tuple[dict[str, Any], float]:
     """Prepare one layer; its entries also go to the file `entry_stream` as they are found, when
-    given (the runner's metadata pass follows it: entrystream.py)."""
+    given (the runner's metadata pass follows it: entrystream.py). `head_room`: see prepare_layer."""
     start = time.monotonic()
     last = [0.0]
 
@@ -113,7 +113,7 @@ def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, 
 
     prepared = prepare_layer(_repo(source, options), layer, spool_dir, native=native, turbo=turbo,
                              algorithm=algorithm, block_size=block_size, progress=progress,
-                             entry_stream=entry_stream or None)
+                             entry_stream=entry_stream or None, head_room=head_room)
     _report(ProgressEvent("prepare", index, layer["digest"], prepared.source_size, prepared.source_size,
                           finished=True))
     return prepared.to_dict(), time.monotonic() - start

@@ -25,7 +25,8 @@ Spool files:
     prepared.json       the `PreparedLayer` (without `spool`), sealed with its own sha256; `files`
                         lists the small files below with size and sha256
     entries.json.zst    [LayerEntry.to_list(), ...] (zstd-compressed JSON)
-    blocks.bin          native: the compressed ZFile blocks of the data area, each + its CRC32C
+    blocks.bin          native: the compressed ZFile blocks of the data area, each + its CRC32C,
+                        from byte `blocks_offset` (room for the output blob's head: inplace.py)
     lengths.u32         native: little-endian u32 length of each block in blocks.bin
     gzip.meta           turbo + gzip source: the gzip random-access index
 """
@@ -62,6 +63,7 @@ from obdconv.oci.tarscan import TarScanner
 from obdconv.pipeline import spoolcheck
 from obdconv.pipeline.entrystream import EntryRows, EntryStreamWriter, decode_rows
 from obdconv.pipeline.fanout import Fanout, ReadAhead
+from obdconv.pipeline.writeback import WritebackFile
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,9 @@ GZIP_INDEX_SPAN = 1 << 20  # the access-point spacing turboOCI-apply uses (spec 
 GZIP_INDEX_LEVEL = 1
 # Bump when the spool layout or a spooled file's bytes change, so old spools are not misread or
 # reused into different output (2: gzip.meta windows at GZIP_INDEX_LEVEL 1 instead of 6; 3:
-# prepared.json sealed and listing the files' sizes and hashes, checked before reuse).
-SPOOL_FORMAT = 3
+# prepared.json sealed and listing the files' sizes and hashes, checked before reuse; 4: blocks.bin
+# may start with room for the output blob's head, `blocks_offset`).
+SPOOL_FORMAT = 4
 PREP_PREFIX = ".prep-"  # a spool being written (flock'ed by its writer)
 OLD_PREFIX = ".old-"  # a replaced spool being removed
 
@@ -100,9 +103,10 @@ class PreparedLayer:
     block_size: int
     data_area_size: int  # padded to block_size
     block_count: int
-    compressed_size: int  # bytes in blocks.bin
+    compressed_size: int  # bytes of blocks in blocks.bin
     spool: str = ""
     spool_format: int = SPOOL_FORMAT
+    blocks_offset: int = 0  # where the blocks start in blocks.bin (the room left in front: inplace.py)
     files: dict[str, list[Any]] = field(default_factory=dict)  # spool file -> [size, sha256] (not blocks.bin)
 
     @property
@@ -190,7 +194,8 @@ def check_prepared(prepared: PreparedLayer) -> str | None:
             lengths = prepared.block_lengths()
         except (OSError, EOFError) as e:
             return f"lengths.u32: {e}"
-        problem = spoolcheck.check_blocks(prepared.blocks_path, lengths, prepared.compressed_size)
+        problem = spoolcheck.check_blocks(prepared.blocks_path, lengths, prepared.compressed_size,
+                                          prepared.blocks_offset)
     return problem
 
 
@@ -334,11 +339,14 @@ def prepare_layer(
     block_size: int = 4096,
     progress: ProgressFn | None = None,
     entry_stream: str | os.PathLike[str] | None = None,
+    head_room: int = 0,
 ) -> PreparedLayer:
     """Prepare one layer (or reuse its spool). Raises IntegrityError on a digest mismatch (nothing
     is left in the spool), UnsupportedError for a zstd layer asked for turbo. With `entry_stream`
     the entries also go to that file as the scan finds them (see entrystream.py; nothing is
-    written there when the spool is reused)."""
+    written there when the spool is reused). `head_room` > 0 (native): the blocks start that far
+    into blocks.bin, leaving room for the output blob's head, and go to disk as they are written,
+    so that the blob can be finished in place and stored without a copy (inplace.py)."""
     digest = layer_descriptor["digest"]
     spool_dir = Path(spool_dir)
     existing = reuse_prepared(spool_dir, digest, algorithm, block_size)
@@ -354,7 +362,8 @@ def prepare_layer(
     lock = hold(tmp)  # marks it as being written: a later run removes it only once this process is gone
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
-                           block_size=block_size, progress=progress, entry_stream=entry_stream)
+                           block_size=block_size, progress=progress, entry_stream=entry_stream,
+                           head_room=head_room if native else 0)
         save_prepared(tmp, prepared)
         _install(tmp, final)
     except BaseException:
@@ -420,7 +429,7 @@ def prepare_threads() -> int:
 
 def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
             block_size: int, progress: ProgressFn | None,
-            entry_stream: str | os.PathLike[str] | None = None) -> PreparedLayer:
+            entry_stream: str | os.PathLike[str] | None = None, head_room: int = 0) -> PreparedLayer:
     """The pass over one blob. With more than one thread: this thread reads and inflates; the
     tar's sha256 and the tar scan each run in a thread of their own (`Fanout`: the inflated bytes
     are shared, not copied) and the scan's data area is compressed on a pool (`BlockStream`).
@@ -429,7 +438,7 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
     try:
         with gc_paused():  # the entries: many objects, no cycles (gcpause.py)
             prepared, rows = _pass(repo, desc, tmp, native=native, turbo=turbo, algorithm=algorithm,
-                                   block_size=block_size, progress=progress, stream=stream)
+                                   block_size=block_size, progress=progress, stream=stream, head_room=head_room)
     except BaseException:
         if stream is not None:
             stream.discard()
@@ -444,14 +453,19 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
 
 def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
           block_size: int, progress: ProgressFn | None,
-          stream: EntryStreamWriter | None) -> tuple[PreparedLayer, EntryRows]:
+          stream: EntryStreamWriter | None, head_room: int = 0) -> tuple[PreparedLayer, EntryRows]:
     digest = desc["digest"]
     total = int(desc.get("size") or 0)
     tar_hash = hashlib.sha256()
     source_size = 0
     threads = prepare_threads()
-    with open(tmp / "blocks.bin", "wb") as blocks_out, repo.open_blob(digest) as blob, \
+    with open(tmp / "blocks.bin", "wb") as blocks_file, repo.open_blob(digest) as blob, \
             contextlib.ExitStack() as stack:
+        blocks_out: BinaryIO = blocks_file
+        if head_room:
+            blocks_file.truncate(head_room)  # a hole, also when no block follows (an empty layer)
+            blocks_file.seek(head_room)
+            blocks_out = WritebackFile(blocks_file)
         head = blob.read(READ_CHUNK)
         # The blob's reads (and the digest check they include) run beside the inflate.
         read = stack.enter_context(ReadAhead(blob, READ_CHUNK)).read if threads > 1 \
@@ -544,4 +558,5 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
         data_area_size=data_area,
         block_count=len(sink.lengths) if sink is not None else 0,
         compressed_size=sink.compressed_size if sink is not None else 0,
+        blocks_offset=head_room,
     ), rows

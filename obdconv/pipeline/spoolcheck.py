@@ -84,16 +84,20 @@ def read_lengths(path: Path, count: int) -> list[int]:
     return lengths.tolist()
 
 
-def check_blocks(blocks: Path, lengths: list[int], compressed_size: int) -> str | None:
-    """`blocks.bin` is the blocks `lengths` describe, each ending with its valid CRC32C."""
+def check_blocks(blocks: Path, lengths: list[int], compressed_size: int, offset: int = 0) -> str | None:
+    """`blocks.bin` from `offset` is the blocks `lengths` describe, each ending with its valid
+    CRC32C. A file with room in front of its blocks may also hold a blob's head and tail around
+    them (finished in place, see inplace.py); without room it holds the blocks alone."""
     total = sum(lengths)
     try:
         actual = blocks.stat().st_size
     except OSError as e:
         return f"blocks.bin: {e.strerror or e}"
-    if total != compressed_size or actual != total:
-        return f"blocks.bin is {actual} bytes, its block lengths add up to {total}, prepare wrote {compressed_size}"
+    if total != compressed_size or actual < offset + total or (not offset and actual != total):
+        return (f"blocks.bin is {actual} bytes, its block lengths add up to {total} from byte {offset}, "
+                f"prepare wrote {compressed_size}")
     with open(blocks, "rb") as f:
+        f.seek(offset)
         k = 0  # next block
         carry = b""
         while k < len(lengths):

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -248,6 +249,34 @@ class OCILayoutRepository(Repository):
         Python, about half the CPU of reading and writing them) while a thread hashes them."""
         self._ensure_layout()
         return self._pending(*self._copy_temp(ranges, size))
+
+    adopts_files = True
+
+    def adopt_file(self, path: str, size: int, lock: int) -> PendingBlob | None:
+        """The file becomes the blob by a hard link beside the blobs (no copy), once hashed and
+        fsynced (both at once); None when it cannot be linked here (another filesystem)."""
+        self._ensure_layout()
+        tmp_name = str(self.root / "blobs" / "sha256" / f"{UPLOAD_PREFIX}{secrets.token_hex(8)}")
+        try:
+            os.link(path, tmp_name)
+        except OSError:
+            return None
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
+                hashed = hasher.submit(ranges_sha256, [[tmp_name, 0, size + 1]])
+                fd = os.open(tmp_name, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                digest, hashed_size = hashed.result()
+            if hashed_size != size:
+                raise IntegrityError(f"blob for {self.name}: {path} is {hashed_size} bytes, expected {size}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+            raise
+        return self._pending(tmp_name, digest, size, lock)
 
     def _pending(self, tmp_name: str, digest: str, written: int, lock: int) -> PendingBlob:
         def commit() -> None:

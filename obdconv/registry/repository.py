@@ -222,6 +222,16 @@ class Repository(ABC):
         beside the copy."""
         return self.begin_upload(ChunkSource(partial(iter_ranges_chunks, ranges)), size=size)
 
+    adopts_files = False  # whether `adopt_file` can take files (then it still may not, for some)
+
+    def adopt_file(self, path: str, size: int, lock: int) -> PendingBlob | None:
+        """`begin_upload` of the whole file `path` (`size` bytes) by taking the file itself rather
+        than its bytes, or None when this repository cannot (a registry never can; an OCI layout
+        on another filesystem cannot), for the caller to send the bytes instead. The caller
+        promises the file never changes again; `lock` (an fd holding its flock) is the caller's
+        until None is returned, else released when the blob is committed or cancelled."""
+        return None
+
     @abstractmethod
     def push_blob(self, f: BinaryIO, digest: str, size: int) -> None:
         """Store a blob of known digest and size from `f` (skipped if already present)."""

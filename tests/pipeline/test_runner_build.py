@@ -117,11 +117,22 @@ def test_layers_sent_before_a_late_corrupt_layer_are_cancelled(tmp_path: Path,
     victim.write_bytes(bytes(data))
     before = tree_hash(lay.root)
     events: list[tuple[str, str]] = []
-    original = OCILayoutRepository.begin_upload_ranges
+    ways: set[str] = set()
 
-    def recording_begin_upload(self: OCILayoutRepository, ranges: object, size: int) -> object:
-        pending = original(self, ranges, size)  # type: ignore[arg-type]
-        events.append(("sent", pending.digest))
+    def recording(method: str) -> object:
+        original = getattr(OCILayoutRepository, method)
+
+        def begin(self: OCILayoutRepository, *args: object) -> object:
+            pending = original(self, *args)
+            if pending is not None:  # adopt_file: None when the file cannot be taken
+                record_pending(method, pending)
+            return pending
+
+        return begin
+
+    def record_pending(method: str, pending: object) -> None:
+        events.append(("sent", pending.digest))  # type: ignore[attr-defined]
+        ways.add(method)
         commit, cancel = pending._commit, pending._cancel
 
         def record(what: str, fn: object) -> object:
@@ -130,10 +141,12 @@ def test_layers_sent_before_a_late_corrupt_layer_are_cancelled(tmp_path: Path,
                 fn()  # type: ignore[operator]
             return call
 
-        pending._commit, pending._cancel = record("commit", commit), record("cancel", cancel)  # type: ignore[assignment]
-        return pending
+        pending._commit, pending._cancel = record("commit", commit), record("cancel", cancel)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(OCILayoutRepository, "begin_upload_ranges", recording_begin_upload)
+    # Both ways a layout takes a blob: copied ranges, and (native blobs finished in their spool
+    # file, inplace.py) the file itself.
+    monkeypatch.setattr(OCILayoutRepository, "begin_upload_ranges", recording("begin_upload_ranges"))
+    monkeypatch.setattr(OCILayoutRepository, "adopt_file", recording("adopt_file"))
     request = ConversionRequest(repository=f"oci:{lay.root}", input_tag="v1", overlaybd_tag="obd",
                                 workdir=str(tmp_path / "work"))
     with pytest.raises(BadInputError):
@@ -142,4 +155,5 @@ def test_layers_sent_before_a_late_corrupt_layer_are_cancelled(tmp_path: Path,
     assert sent, "no layer was sent before the corrupt one failed (the test's timing assumption broke)"
     assert sorted(d for what, d in events if what == "cancel") == sorted(sent)
     assert not [e for e in events if e[0] == "commit"]
+    assert "adopt_file" in ways, "no native blob was finished in place"
     assert tree_hash(lay.root) == before
