@@ -310,11 +310,12 @@ def _body(prepared: Sequence[PreparedLayer], kept: Sequence[_Kept], partial: dic
         if not k.ranges:
             continue
         stored = p.block_lengths()
-        offsets = [0, *itertools.accumulate(stored)]
+        offsets = list(itertools.accumulate(stored, initial=p.blocks_offset))  # in the file (inplace.py)
         blocks_path = str(p.blocks_path)
-        if offsets[-1] != os.path.getsize(blocks_path):
+        if offsets[-1] - p.blocks_offset != p.compressed_size or offsets[-1] > os.path.getsize(blocks_path):
             raise BadInputError(f"layer {p.source_digest}: prepared blocks are {os.path.getsize(blocks_path)} "
-                                f"bytes, their lengths add up to {offsets[-1]}")
+                                f"bytes from byte {p.blocks_offset} (prepare wrote {p.compressed_size}), "
+                                f"their lengths add up to {offsets[-1] - p.blocks_offset}")
         with open(blocks_path, "rb") as f:
             for first, end in k.ranges:
                 if end > len(stored):

@@ -28,11 +28,13 @@ def _native_layers(root: Path, tag: str) -> list[dict[str, object]]:
     return manifest(root, Layout(root).resolve(tag)["digest"])["layers"]  # type: ignore[no-any-return]
 
 
-def _convert(root: Path, tag: str, work: Path, spool: Path | None = None) -> str:
-    request = ConversionRequest(repository=f"oci:{root}", input_tag=tag, overlaybd_tag=f"{tag}-obd", workdir=str(work))
+def _convert(root: Path, tag: str, work: Path, spool: Path | None = None, *, flatten: bool = False) -> str:
+    out = f"{tag}-{'flat' if flatten else 'obd'}"
+    request = ConversionRequest(repository=f"oci:{root}", input_tag=tag, overlaybd_tag=out, workdir=str(work),
+                                flatten=flatten)
     options = RunnerOptions(workers=2, spool_dir=str(spool) if spool else "", keep_spool=spool is not None)
     convert(request, options=options)
-    return Layout(root).resolve(f"{tag}-obd")["digest"]  # type: ignore[no-any-return]
+    return Layout(root).resolve(out)["digest"]  # type: ignore[no-any-return]
 
 
 def _intact(root: Path, layers: list[dict[str, object]]) -> None:
@@ -165,3 +167,11 @@ def test_prepared_blocks_start_after_the_room(source: Path, tmp_path: Path) -> N
         assert prepared is not None
         offsets.add(prepared.blocks_offset)
     assert min(offsets) > 1536 + 512  # the tar prefix, the ZFile header and the LSMT header's block
+
+
+def test_flatten_reads_blocks_after_the_room(source: Path, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    _convert(source, "a", tmp_path / "w1", spool)  # spools with room, kept
+    fresh_root = copy_layout(source, tmp_path / "fresh")
+    assert _convert(source, "a", tmp_path / "w2", spool, flatten=True) == \
+        _convert(fresh_root, "a", tmp_path / "w3", flatten=True)
