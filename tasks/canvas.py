@@ -58,7 +58,7 @@ from celery.canvas import Signature
 
 from obdconv.dedup.claims import ClaimTimeoutError
 from obdconv.pipeline import push as push_stage
-from obdconv.pipeline.assemble import ConvertedLayer
+from obdconv.pipeline.assemble import ConvertedLayer, native_head_room
 from obdconv.pipeline.baselayer import (
     BaseLayer,
     base_layer_of,
@@ -126,11 +126,17 @@ def manifest_canvas(job: dict[str, Any]) -> Signature:
     """prepare chord -> metadata -> schedule_assemble, for the layers of the manifest in
     `job["manifest"]` from `job["reuse"]["start"]` on (the ones below are dedup hits)."""
     slim = {"request_id": job["request_id"], "request": job["request"], "reuse": job.get("reuse") or {}}
-    layers = job["manifest"]["layers"][start_of(job):]
+    start = start_of(job)
+    layers = job["manifest"]["layers"][start:]
     rid, digest = job["request_id"], job["manifest"]["descriptor"]["digest"]
-    prepares = [prepare_layer_task.signature(kwargs={"job": slim, "layer": layer},
-                                             kwargsrepr=compact_repr(request_id=rid, layer=layer["digest"]))
-                for layer in layers]
+    request = request_of(job)
+    # A native blob assembled into an OCI layout is finished in its spool file (inplace.py).
+    target, chain_ids, profiles = _target_repo(request), job["manifest"]["chain_ids"], request.profiles()
+    prepares = [prepare_layer_task.signature(
+                    kwargs={"job": slim, "layer": layer,
+                            "head_room": native_head_room(profiles, not request.no_upload, target, chain_ids, i)},
+                    kwargsrepr=compact_repr(request_id=rid, layer=layer["digest"]))
+                for i, layer in enumerate(layers, start)]
     return chain(chord(prepares, build_metadata_task.signature(
                      kwargs={"job": job}, kwargsrepr=compact_repr(request_id=rid, manifest=digest))),
                  schedule_assemble_task.signature(kwargs={"job": job},

@@ -110,9 +110,12 @@ def _spool_space_named(node: str, what: str) -> Iterator[None]:
 
 
 def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: str,
-                  lock: tuple[Any, str, str, int] | None = None, stage: str = "prepare") -> PreparedLayer:
+                  lock: tuple[Any, str, str, int] | None = None, stage: str = "prepare",
+                  head_room: int = 0) -> PreparedLayer:
     """Prepare into this node's spool. `lock` = (redis client, key, owner, ttl): kept alive while
-    bytes flow, so a long prepare is not mistaken for a dead one by tasks waiting for it."""
+    bytes flow, so a long prepare is not mistaken for a dead one by tasks waiting for it.
+    `head_room`: see `prepare_layer` (0 when the layer is prepared again at assemble: it is then
+    copied into an OCI layout, not finished in place)."""
     request = request_of(job)
     native, turbo = _formats(request)
     repo = open_repository(request.repository, request.access)
@@ -129,15 +132,17 @@ def _prepare_here(task: Any, job: dict[str, Any], layer: dict[str, Any], node: s
 
     with _spool_space_named(node, f"preparing layer {layer['digest']}"):
         prepared = prepare_layer(repo, layer, spool_dir(node), native=native, turbo=turbo,
-                                 algorithm=request.algorithm, block_size=request.block_size, progress=progress)
+                                 algorithm=request.algorithm, block_size=request.block_size, progress=progress,
+                                 head_room=head_room)
     reporter.done(prepared.source_size)
     metrics.count_bytes_read(stage, prepared.source_size)
     return prepared
 
 
 @app.task(bind=True, base=FleetTask, name=TASK_PREPARE_LAYER)
-def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
-    """-> {"node": nodename holding the spool, "prepared": PreparedLayer dict, "entries_key": key}."""
+def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any], head_room: int = 0) -> dict[str, Any]:
+    """-> {"node": nodename holding the spool, "prepared": PreparedLayer dict, "entries_key": key}.
+    `head_room` (the canvas's `native_head_room`): see `prepare_layer`."""
     request = request_of(job)
     native, turbo = _formats(request)
     key = spool_key(layer["digest"], request.algorithm, request.block_size)
@@ -159,7 +164,7 @@ def prepare_layer_task(self: Any, *, job: dict[str, Any], layer: dict[str, Any])
         mark_stage(job, "prepare")
         with metrics.stage_timer("prepare"), held_claims(job), layer_in_use(spool_dir(node), key):
             prepared = _prepare_here(self, job, layer, node,
-                                     (client, lock, me, lease) if client is not None else None)
+                                     (client, lock, me, lease) if client is not None else None, head_room=head_room)
             _count_run("prepare", layer["digest"])
             log.info("prepared layer %s for %s on %s", layer["digest"], job["request_id"], node)
             entries_key = put_bytes("entries:" + key, prepared.entries_path.read_bytes())

@@ -32,7 +32,7 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +261,18 @@ def native_head_size(profile: ConversionProfile, chain_id: str, parent_chain_id:
     return PREFIX_SIZE + HEADER_SPACE + sum(map(len, _native_head_blocks(profile, chain_id, parent_chain_id)))
 
 
+def native_head_room(profiles: Iterable[ConversionProfile], upload: bool, target_repo: Any, chain_ids: Sequence[str],
+                     index: int) -> int:
+    """The room prepare should leave in front of layer `index`'s blocks (`prepare_layer(head_room=)`):
+    its native blob's head size when that blob can be finished in place (a layered native output,
+    uploaded to a target that takes files: inplace.py), else 0. Sized for this chain: the same
+    layer under another chain (another head) is copied instead."""
+    native = next((p for p in profiles if p.format == "native" and not p.flatten), None)
+    if native is None or not upload or not target_repo.adopts_files:
+        return 0
+    return native_head_size(native, chain_ids[index], chain_ids[index - 1] if index else "")
+
+
 def native_blob_parts(prepared: PreparedLayer, plan: NativeBlobPlan) -> BlobParts:
     """The blob's bytes in order: tar prefix, ZFile (prepared blocks streamed from the spool), suffix."""
     body_size = prepared.compressed_size
@@ -289,8 +301,23 @@ def _native_converted(digest: str, size: int, oci: bool) -> ConvertedLayer:
 def assemble_native(prepared: PreparedLayer, metadata: AppliedLayer, profile: ConversionProfile, chain_id: str,
                     parent_chain_id: str, target_repo: Any, upload: bool = True, *, oci: bool = False) -> ConvertedLayer:
     parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
+    pending = _in_place(parts, target_repo) if upload else None
+    if pending is not None:
+        try:
+            pending.commit()
+        except BaseException:
+            pending.cancel()
+            raise
+        return _native_converted(pending.digest, pending.size, oci)
     digest, size = _store(target_repo, ChunkSource(parts.chunks), upload, parts.size)
     return _native_converted(digest, size, oci)
+
+
+def _in_place(parts: BlobParts, target_repo: Any) -> PendingBlob | None:
+    """`finish_in_place` of a native blob whose blocks have room in front of them."""
+    if not parts.body_offset:
+        return None
+    return finish_in_place(parts.body_path, parts.head, parts.body_offset, parts.body_size, parts.tail, target_repo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,9 +458,11 @@ def send_built(built: BuiltLayer, target_repo: Any, upload: bool = True) -> Pend
     hashed), not yet a blob in `target_repo` until `commit_built`."""
     if upload:
         if built.body_offset and built.body_path:
-            pending = finish_in_place(built.body_path, built.head_path, built.body_offset, built.body_size,
-                                      built.tail_path, built.size, target_repo)
+            parts = BlobParts(Path(built.head_path).read_bytes(), built.body_path, built.body_size,
+                              Path(built.tail_path).read_bytes(), built.body_offset)
+            pending = _in_place(parts, target_repo)
             if pending is not None:
+                _check_planned(pending.digest, pending.size, built.size)
                 return pending
         return target_repo.begin_upload_ranges(built.ranges(), built.size)  # type: ignore[no-any-return]
     digest, size = ranges_sha256(built.ranges())

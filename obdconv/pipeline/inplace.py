@@ -18,7 +18,6 @@ conversion of the same spool (another chain, so another head) copies, as without
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from obdconv.leftovers import hold, release
 from obdconv.registry.repository import PendingBlob, Repository
@@ -31,14 +30,13 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def finish_in_place(body_path: str, head_path: str, body_offset: int, body_size: int, tail_path: str,
-                    size: int, target_repo: Repository) -> PendingBlob | None:
-    """The blob (file `head_path` + `body_size` bytes of `body_path` from `body_offset` + file
-    `tail_path`, `size` bytes in all) finished in `body_path` and sent to `target_repo` as that
-    whole file; None when it cannot be (the target takes no files, the room is not the head's
-    size, the file is busy or already published), for the caller to copy the ranges instead."""
-    head = Path(head_path).read_bytes()
-    if len(head) != body_offset:
+def finish_in_place(body_path: str, head: bytes, body_offset: int, body_size: int, tail: bytes,
+                    target_repo: Repository) -> PendingBlob | None:
+    """The blob `head` + `body_size` bytes of `body_path` from `body_offset` + `tail`, finished in
+    `body_path` and sent to `target_repo` as that whole file; None when it cannot be (the target
+    takes no files, the room is not the head's size, the file is busy or already published), for
+    the caller to send the bytes instead."""
+    if not target_repo.adopts_files or len(head) != body_offset:
         return None
     try:
         lock = hold(body_path)
@@ -47,10 +45,7 @@ def finish_in_place(body_path: str, head_path: str, body_offset: int, body_size:
     pending: PendingBlob | None = None
     try:
         if os.fstat(lock).st_nlink == 1:
-            tail = Path(tail_path).read_bytes()
             end = body_offset + body_size
-            if end + len(tail) != size:
-                raise ValueError(f"{body_path}: head, body and tail are {end + len(tail)} bytes, planned {size}")
             fd = os.open(body_path, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 _pwrite_all(fd, head, 0)
@@ -58,7 +53,7 @@ def finish_in_place(body_path: str, head_path: str, body_offset: int, body_size:
                 _pwrite_all(fd, tail, end)
             finally:
                 os.close(fd)
-            pending = target_repo.adopt_file(body_path, size, lock)
+            pending = target_repo.adopt_file(body_path, end + len(tail), lock)
     finally:
         if pending is None:
             release(lock)

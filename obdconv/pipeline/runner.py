@@ -44,7 +44,7 @@ from obdconv.errors import BadInputError, ObdconvError
 from obdconv.gcpause import gc_paused
 from obdconv.interpreter import start_forkserver
 from obdconv.leftovers import RunRecord, remove_leftovers
-from obdconv.pipeline.assemble import ConvertedLayer, native_head_size
+from obdconv.pipeline.assemble import ConvertedLayer, native_head_room
 from obdconv.pipeline.baselayer import push_base_layer, resolve_base_layer, with_base
 from obdconv.pipeline.entrystream import streamed_entries
 from obdconv.pipeline.feasibility import Refusal, deliverable, refusals
@@ -132,15 +132,6 @@ class _Run:
         return self.request.overlaybd_tag if profile.format == "native" else self.request.turbo_tag
 
     # -- stages
-    def head_room(self, m: ManifestPlan, i: int) -> int:
-        """Room for layer i's native blob head in front of its prepared blocks, so that the blob can
-        be finished in place and stored without a copy (inplace.py): only for a target that takes
-        files, and sized for this manifest's chain (a layer shared with another chain is copied)."""
-        native = next((p for p in self.profiles if p.format == "native" and not p.flatten), None)
-        if native is None or not self.upload or not self.target_repo.adopts_files:
-            return 0
-        return native_head_size(native, m.chain_ids[i], m.chain_ids[i - 1] if i else "")
-
     def ensure_prepares(self, pool: Executor, m: ManifestPlan, start: int) -> None:
         """Submit a prepare for each layer of `m` from `start` not submitted yet (one per distinct
         digest, shared by every manifest of the run)."""
@@ -162,7 +153,8 @@ class _Run:
                 self.entry_streams[digest] = stream
                 self.prepare_futures[digest] = pool.submit(
                     task_prepare, self.source_name, self.registry, layer, str(self.spool_dir),
-                    self.native, self.turbo, r.algorithm, r.block_size, i, stream, self.head_room(m, k))
+                    self.native, self.turbo, r.algorithm, r.block_size, i, stream,
+                    native_head_room(self.profiles, self.upload, self.target_repo, m.chain_ids, k))
 
     def entry_parts(self, digest: str) -> Iterator[list[LayerEntry]]:
         """The layer's entries in parts, as its prepare finds them (see entrystream.py)."""

@@ -34,6 +34,13 @@ def test_fleet_command_converts_and_verifies_then_stops(tmp_path: Path) -> None:
     tags = {e["annotations"]["org.opencontainers.image.ref.name"]: e
             for e in json.loads((tmp_path / "images" / "index.json").read_text())["manifests"]}
     assert tags["sample-obd"]["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    # Each native layer blob was finished in the spool file its worker prepared (inplace.py): one
+    # inode, not a copy.
+    blobs = tmp_path / "images" / "blobs" / "sha256"
+    manifest = json.loads((blobs / tags["sample-obd"]["digest"].split(":")[1]).read_text())
+    spool_files = {os.stat(p).st_ino for p in (tmp_path / "spool").rglob("blocks.bin")}
+    assert manifest["layers"] and {os.stat(blobs / d["digest"].split(":")[1]).st_ino
+                                   for d in manifest["layers"]} <= spool_files
     if shutil.which("skopeo"):  # installed by scripts/setup.sh; it skips Docker-typed entries of a layout
         subprocess.run(["skopeo", "inspect", f"oci:{tmp_path / 'images'}:sample-obd"], check=True,
                        capture_output=True, timeout=60)

@@ -85,32 +85,29 @@ def test_a_published_blob_never_changes_when_its_spool_is_used_again(source: Pat
     _intact(source, _native_layers(source, "b-obd"))
 
 
-def _parts(tmp_path: Path, head: bytes, body: bytes, tail: bytes, room: int) -> tuple[Path, Path, Path]:
+def _body_file(tmp_path: Path, body: bytes, room: int) -> Path:
     body_path = tmp_path / "blocks.bin"
     with open(body_path, "wb") as f:
         f.truncate(room)
         f.seek(room)
         f.write(body)
-    head_path, tail_path = tmp_path / "head", tmp_path / "tail"
-    head_path.write_bytes(head)
-    tail_path.write_bytes(tail)
-    return body_path, head_path, tail_path
+    return body_path
 
 
 def test_finish_commit_and_cancel(tmp_path: Path) -> None:
     head, body, tail = b"H" * 100, os.urandom(50_000), b"T" * 300
-    body_path, head_path, tail_path = _parts(tmp_path, head, body, tail, len(head))
+    body_path = _body_file(tmp_path, body, len(head))
     repo = OCILayoutRepository(tmp_path / "layout")
     size = len(head + body + tail)
-    pending = finish_in_place(str(body_path), str(head_path), len(head), len(body), str(tail_path), size, repo)
-    assert pending is not None and pending.digest == "sha256:" + hashlib.sha256(head + body + tail).hexdigest()
+    pending = finish_in_place(str(body_path), head, len(head), len(body), tail, repo)
+    assert pending is not None and pending.size == size and pending.digest == "sha256:" + hashlib.sha256(head + body + tail).hexdigest()
     assert os.stat(body_path).st_nlink == 2
     with pytest.raises(BlockingIOError):  # held until committed or cancelled
         release(hold(body_path))
     pending.cancel()
     assert os.stat(body_path).st_nlink == 1 and not list((tmp_path / "layout" / "blobs" / "sha256").iterdir())
     release(hold(body_path))
-    pending = finish_in_place(str(body_path), str(head_path), len(head), len(body), str(tail_path), size, repo)
+    pending = finish_in_place(str(body_path), head, len(head), len(body), tail, repo)
     assert pending is not None
     pending.commit()
     blob = blob_path(tmp_path / "layout", pending.digest)
@@ -120,13 +117,12 @@ def test_finish_commit_and_cancel(tmp_path: Path) -> None:
 
 def test_the_file_is_copied_instead_when_it_cannot_be_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     head, body, tail = b"H" * 100, os.urandom(50_000), b"T" * 300
-    body_path, head_path, tail_path = _parts(tmp_path, head, body, tail, len(head))
+    body_path = _body_file(tmp_path, body, len(head))
     original = body_path.read_bytes()
     repo = OCILayoutRepository(tmp_path / "layout")
-    size = len(head + body + tail)
 
     def attempt(room: int = len(head)) -> object:
-        return finish_in_place(str(body_path), str(head_path), room, len(body), str(tail_path), size, repo)
+        return finish_in_place(str(body_path), head, room, len(body), tail, repo)
 
     assert attempt(room=len(head) + 1) is None  # room for another head
     lock = hold(body_path)
