@@ -345,7 +345,7 @@ def convert(layout: Path, tag: str, fmt: str, workdir: Path, python: str | None 
 
 def stage_cpu(layout: Path, tag: str, fmt: str, workdir: Path) -> dict[str, float]:
     """CPU seconds of each stage, run one after the other in this process."""
-    from obdconv.pipeline.assemble import build_layer, native_head_size, send_built
+    from obdconv.pipeline.assemble import build_layer, native_head_room, send_built
     from obdconv.pipeline.metadata import MetadataPass
     from obdconv.pipeline.plan import resolve_image
     from obdconv.pipeline.prepare import prepare_layer
@@ -364,11 +364,12 @@ def stage_cpu(layout: Path, tag: str, fmt: str, workdir: Path) -> dict[str, floa
         out[stage] = out.get(stage, 0.0) + time.process_time() - c
         return result
 
-    def head_room(i: int) -> int:  # as the runner leaves it for an OCI layout target (inplace.py)
-        return native_head_size(profile, m.chain_ids[i], m.chain_ids[i - 1] if i else "") if fmt == "native" else 0
+    def head_room(i: int) -> int:  # as the runner leaves it (inplace.py)
+        return native_head_room([profile], True, repo, m.chain_ids, i)
 
     prepared = [timed("prepare", lambda d=d, i=i: prepare_layer(repo, d, workdir / "spool", native=fmt == "native",
-                                                                turbo=fmt == "turbo", head_room=head_room(i)))
+                                                                turbo=fmt == "turbo", head_room=head_room(i),
+                                                                early_writeback=True))
                 for i, d in enumerate(m.layers)]
     with MetadataPass(64, m.chain_ids, workdir / "meta") as metadata_pass:
         applied = [timed("metadata", lambda p=p: metadata_pass.apply(p)) for p in prepared]

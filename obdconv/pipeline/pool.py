@@ -113,7 +113,11 @@ def task_prepare(source: str, options: RegistryOptions | None, layer: dict[str, 
 
     prepared = prepare_layer(_repo(source, options), layer, spool_dir, native=native, turbo=turbo,
                              algorithm=algorithm, block_size=block_size, progress=progress,
-                             entry_stream=entry_stream or None, head_room=head_room)
+                             entry_stream=entry_stream or None, head_room=head_room,
+                             # The runner stores each blob as soon as its layer is done: its disk
+                             # may as well work during the prepare (a fleet's prepares do not,
+                             # see prepare_layer).
+                             early_writeback=head_room > 0)
     _report(ProgressEvent("prepare", index, layer["digest"], prepared.source_size, prepared.source_size,
                           finished=True))
     return prepared.to_dict(), time.monotonic() - start

@@ -340,13 +340,16 @@ def prepare_layer(
     progress: ProgressFn | None = None,
     entry_stream: str | os.PathLike[str] | None = None,
     head_room: int = 0,
+    early_writeback: bool = False,
 ) -> PreparedLayer:
     """Prepare one layer (or reuse its spool). Raises IntegrityError on a digest mismatch (nothing
     is left in the spool), UnsupportedError for a zstd layer asked for turbo. With `entry_stream`
     the entries also go to that file as the scan finds them (see entrystream.py; nothing is
     written there when the spool is reused). `head_room` > 0 (native): the blocks start that far
-    into blocks.bin, leaving room for the output blob's head, and go to disk as they are written,
-    so that the blob can be finished in place and stored without a copy (inplace.py)."""
+    into blocks.bin, leaving room for the output blob's head, so that the blob can be finished in
+    place and stored without a copy (inplace.py). `early_writeback` (with `head_room`): the blocks
+    go to disk as they are written (writeback.py), for a caller that stores the blob right after
+    this prepare, so that its fsync finds little left to write."""
     digest = layer_descriptor["digest"]
     spool_dir = Path(spool_dir)
     existing = reuse_prepared(spool_dir, digest, algorithm, block_size)
@@ -363,7 +366,7 @@ def prepare_layer(
     try:
         prepared = _stream(repo, layer_descriptor, tmp, native=native, turbo=turbo, algorithm=algorithm,
                            block_size=block_size, progress=progress, entry_stream=entry_stream,
-                           head_room=head_room if native else 0)
+                           head_room=head_room if native else 0, early_writeback=early_writeback)
         save_prepared(tmp, prepared)
         _install(tmp, final)
     except BaseException:
@@ -429,7 +432,8 @@ def prepare_threads() -> int:
 
 def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
             block_size: int, progress: ProgressFn | None,
-            entry_stream: str | os.PathLike[str] | None = None, head_room: int = 0) -> PreparedLayer:
+            entry_stream: str | os.PathLike[str] | None = None, head_room: int = 0,
+            early_writeback: bool = False) -> PreparedLayer:
     """The pass over one blob. With more than one thread: this thread reads and inflates; the
     tar's sha256 and the tar scan each run in a thread of their own (`Fanout`: the inflated bytes
     are shared, not copied) and the scan's data area is compressed on a pool (`BlockStream`).
@@ -438,7 +442,8 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
     try:
         with gc_paused():  # the entries: many objects, no cycles (gcpause.py)
             prepared, rows = _pass(repo, desc, tmp, native=native, turbo=turbo, algorithm=algorithm,
-                                   block_size=block_size, progress=progress, stream=stream, head_room=head_room)
+                                   block_size=block_size, progress=progress, stream=stream, head_room=head_room,
+                                   early_writeback=early_writeback)
     except BaseException:
         if stream is not None:
             stream.discard()
@@ -453,7 +458,8 @@ def _stream(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: 
 
 def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bool, algorithm: str,
           block_size: int, progress: ProgressFn | None,
-          stream: EntryStreamWriter | None, head_room: int = 0) -> tuple[PreparedLayer, EntryRows]:
+          stream: EntryStreamWriter | None, head_room: int = 0,
+          early_writeback: bool = False) -> tuple[PreparedLayer, EntryRows]:
     digest = desc["digest"]
     total = int(desc.get("size") or 0)
     tar_hash = hashlib.sha256()
@@ -465,7 +471,8 @@ def _pass(repo: Any, desc: dict[str, Any], tmp: Path, *, native: bool, turbo: bo
         if head_room:
             blocks_file.truncate(head_room)  # a hole, also when no block follows (an empty layer)
             blocks_file.seek(head_room)
-            blocks_out = WritebackFile(blocks_file)
+            if early_writeback:
+                blocks_out = WritebackFile(blocks_file)
         head = blob.read(READ_CHUNK)
         # The blob's reads (and the digest check they include) run beside the inflate.
         read = stack.enter_context(ReadAhead(blob, READ_CHUNK)).read if threads > 1 \
