@@ -5,8 +5,10 @@ the head's room in front of the blocks (`prepare_layer(head_room=native_head_siz
 head and tail can be written around the blocks in blocks.bin itself, and a target that can take a
 whole file (`adopt_file`: an OCI layout on the same filesystem) stores that file by a hard link.
 The blocks of a large layer (1.7 GB for the benchmark's 2.7 GiB layer) are then written to disk
-once, while they are prepared (`WritebackFile`), instead of being copied and fsynced again at the
-end.
+once instead of being copied and written again at the end; the local runner also has them go to
+disk while they are prepared (`prepare_layer(early_writeback=True)`, writeback.py), so that the
+final fsync finds little left. Only the head's length must be right: its bytes are the real head
+computed at assemble, whatever was guessed at prepare.
 
 The blocks themselves never change, so the spool stays reusable. Once linked, the file is a
 published blob and must not change again, so the head and tail are written only while the file
