@@ -133,7 +133,8 @@ def _store(target_repo: Any, chunks: Iterable[bytes], upload: bool, size: int) -
 
 
 def _check_planned(digest: str, size: int, planned: int) -> None:
-    """A blob hashed without uploading (--no-upload) came out at the size its plan said."""
+    """A blob hashed without uploading (--no-upload), or finished in place, came out at the size its
+    plan said."""
     if size != planned:
         raise BadInputError(f"blob {digest}: {size} bytes, planned {planned}")
 
@@ -303,11 +304,7 @@ def assemble_native(prepared: PreparedLayer, metadata: AppliedLayer, profile: Co
     parts = native_blob_parts(prepared, plan_native_blob(prepared, metadata, profile, chain_id, parent_chain_id))
     pending = _in_place(parts, target_repo) if upload else None
     if pending is not None:
-        try:
-            pending.commit()
-        except BaseException:
-            pending.cancel()
-            raise
+        pending.commit()  # a failed commit cleans up after itself (cancel() would then do nothing)
         return _native_converted(pending.digest, pending.size, oci)
     digest, size = _store(target_repo, ChunkSource(parts.chunks), upload, parts.size)
     return _native_converted(digest, size, oci)
