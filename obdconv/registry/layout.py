@@ -21,8 +21,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from obdconv.errors import BadInputError, FormatError, IntegrityError, NotFoundError
 from obdconv.leftovers import hold, release, remove_leftovers
@@ -47,6 +48,7 @@ OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_FILE = "index.json"
 LOCK_FILE = ".obdconv-index.lock"
 UPLOAD_PREFIX = ".upload-"
+T = TypeVar("T")
 
 
 def _guess_media_type(data: bytes) -> str:
@@ -262,14 +264,7 @@ class OCILayoutRepository(Repository):
         except OSError:
             return None
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
-                hashed = hasher.submit(ranges_sha256, [[tmp_name, 0, size + 1]])
-                fd = os.open(tmp_name, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                digest, hashed_size = hashed.result()
+            digest, hashed_size, _ = _hashed_beside([[tmp_name, 0, size + 1]], partial(_fsync_path, tmp_name))
             if hashed_size != size:
                 raise IntegrityError(f"blob for {self.name}: {path} is {hashed_size} bytes, expected {size}")
         except BaseException:
@@ -346,12 +341,13 @@ class OCILayoutRepository(Repository):
         """`_temp_blob` of byte ranges of files, copied in the kernel and hashed by a helper thread."""
 
         def fill(fd: int) -> tuple[str, int]:
-            with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
-                hashed = hasher.submit(ranges_sha256, ranges)
+            def copy() -> int:
                 with os.fdopen(fd, "wb", buffering=0) as out:
                     written = sum(_copy_range(out, path, offset, length) for path, offset, length in ranges)
                     os.fsync(out.fileno())
-                digest, hashed_size = hashed.result()
+                return written
+
+            digest, hashed_size, written = _hashed_beside(ranges, copy)
             if written != size or hashed_size != size:
                 raise IntegrityError(f"blob for {self.name}: {written} bytes, expected {size}")
             return digest, size
@@ -382,6 +378,25 @@ class OCILayoutRepository(Repository):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+
+
+
+def _hashed_beside(ranges: Sequence[Sequence[Any]], work: Callable[[], T]) -> tuple[str, int, T]:
+    """(digest, size, `work()`'s result) of the `[path, offset, length]` ranges, hashed in a
+    helper thread (`ranges_sha256`) while `work` (a copy, an fsync) runs in this one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="layout-hash") as hasher:
+        hashed = hasher.submit(ranges_sha256, ranges)
+        result = work()
+        digest, size = hashed.result()
+    return digest, size, result
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_range(out: BinaryIO, path: str | os.PathLike[str], offset: int, length: int) -> int:
